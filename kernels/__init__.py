@@ -1,0 +1,1 @@
+"""Triton kernels with autograd wrappers, installed as `megacpt.kernels`."""
