@@ -1,0 +1,306 @@
+"""Typed configuration tree: one dataclass per concern, validated in `__post_init__`.
+
+`Config` holds `model`, `parallel`, `data`, `optim`, `training`, `checkpoint` and `logging`.
+Every run saves its resolved config as JSON (`Config.to_dict`); `Config.from_dict` reads it
+back. The CLI (`megacpt.arguments`) is a thin layer with Megatron's flag names.
+
+This module does not import torch.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from megacpt import sizes
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message says which field and what to change."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass
+class ModelConfig:
+    """Shape and numerics of the LLaMA2 decoder."""
+
+    num_layers: int = 2
+    """Transformer layers (`--num-layers`)."""
+    hidden_size: int = 64
+    """Model width (`--hidden-size`)."""
+    ffn_hidden_size: int = 176
+    """SwiGLU inner width (`--ffn-hidden-size`)."""
+    num_attention_heads: int = 4
+    """Query heads (`--num-attention-heads`)."""
+    num_query_groups: int | None = None
+    """Key/value heads for grouped-query attention; None means one per query head (MHA)."""
+    vocab_size: int = 256
+    """The tokenizer's vocabulary size (unpadded); the embedding is padded (see below)."""
+    make_vocab_size_divisible_by: int = 128
+    """Pad the vocabulary to a multiple of this (independent of tensor parallelism)."""
+    seq_length: int = 128
+    """Training sequence length (`--seq-length`)."""
+    max_position_embeddings: int | None = None
+    """Longest position the rotary table covers; None means seq_length."""
+    rotary_base: float = 10000.0
+    """Rotary embedding base (LLaMA2: 10000)."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    init_method_std: float = 0.02
+    """Std of the normal init; output projections use std / sqrt(2 * num_layers)."""
+    attention_backend: str = "auto"
+    """One of auto, flash_attn, sdpa, eager; auto picks the fastest available."""
+    use_kernels: bool | None = None
+    """Use the Triton RMSNorm/SwiGLU kernels; None means: when they can run on the device."""
+    recompute_activations: bool = False
+    """Activation checkpointing of whole transformer layers."""
+    name: str | None = None
+    """Registry size name this shape came from ("1393M", "tiny"), if any."""
+
+    def __post_init__(self):
+        if self.num_query_groups is None:
+            self.num_query_groups = self.num_attention_heads
+        if self.max_position_embeddings is None:
+            self.max_position_embeddings = self.seq_length
+        for f in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                  "num_query_groups", "vocab_size", "seq_length", "make_vocab_size_divisible_by"):
+            _check(getattr(self, f) > 0, f"model.{f} must be > 0, got {getattr(self, f)}")
+        _check(self.hidden_size % self.num_attention_heads == 0,
+               f"model.hidden_size ({self.hidden_size}) must be divisible by "
+               f"num_attention_heads ({self.num_attention_heads})")
+        _check(self.num_attention_heads % self.num_query_groups == 0,
+               f"model.num_attention_heads ({self.num_attention_heads}) must be divisible by "
+               f"num_query_groups ({self.num_query_groups})")
+        _check(self.max_position_embeddings >= self.seq_length,
+               f"model.max_position_embeddings ({self.max_position_embeddings}) must be >= "
+               f"seq_length ({self.seq_length})")
+        _check(self.attention_backend in ("auto", "flash_attn", "sdpa", "eager"),
+               f"model.attention_backend must be auto|flash_attn|sdpa|eager, "
+               f"got {self.attention_backend!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return sizes.pad_vocab_size(self.vocab_size, self.make_vocab_size_divisible_by)
+
+    def num_parameters(self, include_embeddings: bool = True) -> int:
+        """Parameter count (see `megacpt.sizes.param_count`), at the padded vocabulary."""
+        return sizes.param_count(self.hidden_size, self.ffn_hidden_size, self.num_layers,
+                                 self.num_attention_heads, self.num_query_groups,
+                                 self.padded_vocab_size, include_embeddings)
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token (see `megacpt.sizes.flops_per_token`)."""
+        return sizes.flops_per_token(self.hidden_size, self.ffn_hidden_size, self.num_layers,
+                                     self.num_attention_heads, self.num_query_groups,
+                                     self.padded_vocab_size, self.seq_length)
+
+    @classmethod
+    def from_size(cls, name: str, **overrides) -> "ModelConfig":
+        """A config with the registered shape `name` ("1393M", "tiny") and any overrides."""
+        shape = sizes.get_size(name)
+        kw = dict(num_layers=shape.num_layers, hidden_size=shape.hidden_size,
+                  ffn_hidden_size=shape.ffn_hidden_size,
+                  num_attention_heads=shape.num_attention_heads,
+                  num_query_groups=shape.num_query_groups, name=name)
+        kw.update(overrides)
+        return cls(**kw)
+
+
+@dataclass
+class ParallelConfig:
+    """How the model and batch are split over ranks (tp ranks adjacent, then dp, then pp)."""
+
+    tensor_model_parallel_size: int = 1
+    """Tensor-parallel ranks (`--tensor-model-parallel-size`)."""
+    pipeline_model_parallel_size: int = 1
+    """Pipeline stages (`--pipeline-model-parallel-size`)."""
+    sequence_parallel: bool = False
+    """Shard norms/activations along the sequence over tp ranks (`--sequence-parallel`)."""
+    use_distributed_optimizer: bool = False
+    """ZeRO-1: shard fp32 master weights and Adam state over dp (`--use-distributed-optimizer`)."""
+    grad_bucket_size_mb: float = 25.0
+    """Size of gradient all-reduce buckets in MiB."""
+    distributed_backend: str | None = None
+    """nccl or gloo; None: nccl with CUDA, else gloo."""
+    distributed_timeout_minutes: float = 10.0
+    """Collectives give up after this long (a dead rank ends the job instead of hanging)."""
+
+    def __post_init__(self):
+        _check(self.tensor_model_parallel_size >= 1, "parallel.tensor_model_parallel_size must be >= 1")
+        _check(self.pipeline_model_parallel_size >= 1, "parallel.pipeline_model_parallel_size must be >= 1")
+        _check(self.distributed_backend in (None, "nccl", "gloo"),
+               f"parallel.distributed_backend must be nccl or gloo, got {self.distributed_backend!r}")
+
+
+@dataclass
+class DataConfig:
+    """Where samples come from."""
+
+    data_path: list[str] = field(default_factory=list)
+    """`--data-path` words: weight/prefix pairs (`0.7 zh 0.3 en`) or prefixes alone."""
+    split: str = "969,30,1"
+    """Train/valid/test split of each training prefix, by documents."""
+    valid_data_path: dict[str, str] = field(default_factory=dict)
+    """Named held-out sets (`--valid-data-path zh=PREFIX en=PREFIX`) for per-language loss."""
+    tokenizer_model: str | None = None
+    """SentencePiece model (`--tokenizer-model`); sets the vocabulary size."""
+    data_cache_path: str | None = None
+    """Where sample/shuffle indices are cached; default: beside the data."""
+    num_workers: int = 1
+    """DataLoader worker processes."""
+    target: str | None = None
+    """Name of the target-language dataset (for metrics headers); default: first in the blend."""
+
+    def __post_init__(self):
+        parts = self.split.replace("/", ",").split(",")
+        try:
+            vals = [float(p) for p in parts]
+        except ValueError:
+            raise ConfigError(f"data.split must be comma-separated numbers like 969,30,1, "
+                              f"got {self.split!r}") from None
+        _check(len(vals) <= 3 and sum(vals) > 0 and min(vals) >= 0,
+               f"data.split must have up to 3 non-negative parts, got {self.split!r}")
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW and the learning-rate schedule (defaults: the paper's recipe)."""
+
+    lr: float = 2e-4
+    """Peak learning rate (`--lr`); the paper uses 2e-4."""
+    min_lr: float = 2e-5
+    """Floor of the decay (`--min-lr`)."""
+    lr_warmup_fraction: float | None = 0.05
+    """Fraction of training spent in linear warm-up (`--lr-warmup-fraction`); paper: 5%."""
+    lr_warmup_iters: int = 0
+    """Warm-up steps when no fraction is given (`--lr-warmup-iters`)."""
+    lr_decay_style: str = "cosine"
+    """cosine, linear or constant (`--lr-decay-style`)."""
+    lr_decay_iters: int | None = None
+    """Steps over which to decay; None means train_iters."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay on matrices (not norms) (`--weight-decay`)."""
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+    adam_beta2: float = 0.95
+    """Adam beta2."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clip (`--clip-grad`); 0 disables."""
+
+    def __post_init__(self):
+        _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        _check(0 <= self.min_lr <= self.lr, f"optim.min_lr ({self.min_lr}) must be in [0, lr={self.lr}]")
+        _check(self.lr_decay_style in ("cosine", "linear", "constant"),
+               f"optim.lr_decay_style must be cosine|linear|constant, got {self.lr_decay_style!r}")
+        if self.lr_warmup_fraction is not None:
+            _check(0 <= self.lr_warmup_fraction < 1,
+                   f"optim.lr_warmup_fraction must be in [0, 1), got {self.lr_warmup_fraction}")
+        _check(self.clip_grad >= 0, f"optim.clip_grad must be >= 0, got {self.clip_grad}")
+
+
+@dataclass
+class TrainingConfig:
+    """Batch, length of training, numerics and evaluation."""
+
+    micro_batch_size: int = 2
+    """Sequences per rank per forward pass (`--micro-batch-size`)."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step over all dp ranks (`--global-batch-size`)."""
+    train_iters: int | None = None
+    """Optimizer steps (`--train-iters`); or derive from train_tokens / tokens_per_param."""
+    train_tokens: int | None = None
+    """Tokens to train on (`--train-tokens`); sets train_iters."""
+    tokens_per_param: float | None = None
+    """Train tokens = this x parameters (`--tokens-per-param`; the paper uses 20)."""
+    seed: int = 1234
+    """Seed for init, data order and dropout-free RNG state (`--seed`)."""
+    bf16: bool = False
+    """bf16 parameters and activations with fp32 master weights and grads (`--bf16`)."""
+    eval_interval: int = 100
+    """Validate every this many steps (`--eval-interval`); also at the end."""
+    eval_iters: int = 10
+    """Validation micro-batches per named set (`--eval-iters`)."""
+    exit_interval: int | None = None
+    """Save and exit after this step (`--exit-interval`)."""
+    device: str | None = None
+    """cuda or cpu; None picks cuda when available."""
+    max_nonfinite_steps: int = 5
+    """Stop after this many consecutive steps with non-finite loss or grad norm."""
+
+    def __post_init__(self):
+        _check(self.micro_batch_size > 0, "training.micro_batch_size must be > 0")
+        _check(self.global_batch_size > 0, "training.global_batch_size must be > 0")
+        _check(self.global_batch_size % self.micro_batch_size == 0,
+               f"training.global_batch_size ({self.global_batch_size}) must be a multiple of "
+               f"micro_batch_size ({self.micro_batch_size})")
+
+
+@dataclass
+class CheckpointConfig:
+    """Saving, resuming and initialising from other checkpoints."""
+
+    save: str | None = None
+    """Directory to save checkpoints to (`--save`)."""
+    load: str | None = None
+    """Directory to resume from exactly (`--load`)."""
+    save_interval: int | None = None
+    """Save every this many steps (`--save-interval`); also at the end when save is set."""
+    init_from: str | None = None
+    """Weights-only start (`--init-from`): our checkpoint in any layout or a HuggingFace
+    LLaMA directory; fresh optimizer, iteration 0, LR re-warm-up (the paper's CPT)."""
+    no_save_optim: bool = False
+    """Leave optimizer state out of saved checkpoints."""
+
+
+@dataclass
+class LoggingConfig:
+    """Console and file logging."""
+
+    log_dir: str | None = None
+    """Directory for metrics.jsonl, the resolved config and TensorBoard (`--log-dir`)."""
+    log_interval: int = 10
+    """Console line every this many steps (`--log-interval`)."""
+    tensorboard: bool = True
+    """Also write TensorBoard events when tensorboard is installed."""
+    run_kind: str | None = None
+    """scratch or cpt in the metrics header; None: cpt when init_from is set."""
+
+
+@dataclass
+class Config:
+    """The whole resolved configuration of a run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimizerConfig = field(default_factory=OptimizerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Config":
+        """Inverse of `to_dict`; unknown fields are an error naming the section."""
+        sections = {"model": ModelConfig, "parallel": ParallelConfig, "data": DataConfig,
+                    "optim": OptimizerConfig, "training": TrainingConfig,
+                    "checkpoint": CheckpointConfig, "logging": LoggingConfig}
+        parts = {}
+        for name, sub_cls in sections.items():
+            sub = d.get(name, {})
+            unknown = set(sub) - {g.name for g in dataclasses.fields(sub_cls)}
+            _check(not unknown, f"config section {name!r} has unknown fields {sorted(unknown)}")
+            parts[name] = sub_cls(**sub)
+        return cls(**parts)

@@ -1,0 +1,214 @@
+"""LLaMA2 decoder written like single-device code; parallelism comes from the layers it uses.
+
+Pre-norm RMSNorm, rotary embeddings (base 10000, rotate-half), grouped-query attention with a
+fused per-group QKV projection, SwiGLU MLP with a fused gate-up projection, untied output
+layer, no biases. Activations inside the stack are `[s, b, h]` (`[s/tp, b, h]` with sequence
+parallelism). Parameter names are global and listed in `megacpt.parallel.sharding`.
+
+A pipeline stage holds the layers `ctx.stage_layers(num_layers)`; the first stage also holds
+the embedding, the last the final norm and output layer. `forward(x, labels)` takes token
+ids `[b, s]` on the first stage or the previous stage's hidden states otherwise, and returns
+hidden states (not last stage), per-token loss `[b, s]` (labels given) or logits
+`[b, s, vocab_size]` (no labels; gathered over tp, vocabulary padding removed).
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.utils.checkpoint
+from torch import nn
+
+from megacpt.config import ModelConfig
+from megacpt.model.attention import apply_rotary, attention, resolve_backend, rotary_tables
+from megacpt.parallel import comm, sharding
+from megacpt.parallel.context import ParallelContext
+from megacpt.parallel.layers import (ColumnParallelLinear, RowParallelLinear,
+                                     VocabParallelEmbedding, vocab_parallel_cross_entropy)
+
+log = logging.getLogger(__name__)
+
+
+def resolve_use_kernels(requested: bool | None, device: torch.device) -> bool:
+    """Whether the Triton kernels run: on by default on CUDA when they can; an error if asked
+    for where they can't (the message says why)."""
+    from megacpt.kernels import kernels_available
+
+    ok, why = kernels_available(device)
+    if requested is None:
+        return ok and device.type == "cuda"
+    if requested and not ok:
+        raise RuntimeError(f"--use-kernels was requested but the Triton kernels can't run on "
+                           f"{device}: {why}")
+    return bool(requested)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden: int, eps: float, use_kernels: bool, sequence_parallel: bool,
+                 dtype, device):
+        super().__init__()
+        self.eps, self.use_kernels = eps, use_kernels
+        self.weight = nn.Parameter(torch.ones(hidden, dtype=dtype, device=device))
+        # grads of a norm weight under sequence parallelism are partial over tp ranks
+        self.weight.sequence_parallel = sequence_parallel
+
+    def forward(self, x):
+        if self.use_kernels:
+            from megacpt.kernels import rms_norm
+
+            return rms_norm(x, self.weight, self.eps)
+        from megacpt.kernels import rms_norm_ref
+
+        return rms_norm_ref(x, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, backend: str, dtype, device):
+        super().__init__()
+        tp, sp = ctx.tp, ctx.sequence_parallel
+        self.head_dim = cfg.head_dim
+        self.groups = cfg.num_query_groups // tp  # local query groups
+        self.per_group = cfg.num_attention_heads // cfg.num_query_groups
+        self.backend = backend
+        qkv_out = (cfg.num_attention_heads + 2 * cfg.num_query_groups) * cfg.head_dim
+        self.qkv = ColumnParallelLinear(cfg.hidden_size, qkv_out, ctx.tp_group, sp,
+                                        dtype=dtype, device=device)
+        self.proj = RowParallelLinear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size,
+                                      ctx.tp_group, sp, dtype=dtype, device=device)
+
+    def forward(self, x, cos, sin):  # x: [s(/tp), b, h]
+        qkv = self.qkv(x)  # [s, b, ng_l * (per + 2) * d]
+        s, b = qkv.shape[:2]
+        qkv = qkv.view(s, b, self.groups, self.per_group + 2, self.head_dim).transpose(0, 1)
+        q = qkv[:, :, :, : self.per_group].reshape(b, s, -1, self.head_dim)  # [b, s, nh_l, d]
+        k = qkv[:, :, :, self.per_group]  # [b, s, ng_l, d]
+        v = qkv[:, :, :, self.per_group + 1].contiguous()
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = attention(q, k, v, self.backend)  # [b, s, nh_l, d]
+        out = out.transpose(0, 1).reshape(s, b, -1)  # [s, b, nh_l * d]
+        return self.proj(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, use_kernels: bool, dtype, device):
+        super().__init__()
+        sp = ctx.sequence_parallel
+        self.use_kernels = use_kernels
+        self.gate_up = ColumnParallelLinear(cfg.hidden_size, 2 * cfg.ffn_hidden_size,
+                                            ctx.tp_group, sp, dtype=dtype, device=device)
+        self.down = RowParallelLinear(cfg.ffn_hidden_size, cfg.hidden_size, ctx.tp_group, sp,
+                                      dtype=dtype, device=device)
+
+    def forward(self, x):  # x: [s(/tp), b, h]
+        y = self.gate_up(x)  # [s, b, 2 ffn/tp] = [gate_r | up_r]
+        if self.use_kernels:
+            from megacpt.kernels import swiglu_fused
+
+            y = swiglu_fused(y)  # [s, b, ffn/tp]
+        else:
+            from megacpt.kernels import swiglu_fused_ref
+
+            y = swiglu_fused_ref(y)
+        return self.down(y)
+
+
+class TransformerLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, backend: str, use_kernels: bool,
+                 dtype, device):
+        super().__init__()
+        sp = ctx.sequence_parallel
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, use_kernels, sp, dtype, device)
+        self.attention = Attention(cfg, ctx, backend, dtype, device)
+        self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, use_kernels, sp,
+                                           dtype, device)
+        self.mlp = MLP(cfg, ctx, use_kernels, dtype, device)
+
+    def forward(self, x, cos, sin):  # [s(/tp), b, h]
+        x = x + self.attention(self.input_norm(x), cos, sin)
+        return x + self.mlp(self.post_attention_norm(x))
+
+
+class LlamaModel(nn.Module):
+    """One pipeline stage of the LLaMA2 decoder (the whole model when pp = 1)."""
+
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext | None = None,
+                 dtype: torch.dtype = torch.float32, device=None, seed: int | None = 1234):
+        super().__init__()
+        ctx = ctx or ParallelContext.single(device)
+        device = torch.device(device) if device is not None else ctx.device
+        ctx.check_model(cfg)
+        self.cfg, self.ctx = cfg, ctx
+        self.backend = resolve_backend(cfg.attention_backend, device, dtype)
+        self.use_kernels = resolve_use_kernels(cfg.use_kernels, device)
+        self.pre_process, self.post_process = ctx.is_first_stage, ctx.is_last_stage
+        sp, tpg = ctx.sequence_parallel, ctx.tp_group
+        if self.pre_process:
+            self.embedding = VocabParallelEmbedding(cfg.padded_vocab_size, cfg.hidden_size, tpg,
+                                                    sp, dtype=dtype, device=device)
+        self.layers = nn.ModuleDict({
+            str(i): TransformerLayer(cfg, ctx, self.backend, self.use_kernels, dtype, device)
+            for i in ctx.stage_layers(cfg.num_layers)})
+        if self.post_process:
+            self.final_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, self.use_kernels, sp,
+                                      dtype, device)
+            self.output = ColumnParallelLinear(cfg.hidden_size, cfg.padded_vocab_size, tpg, sp,
+                                               dtype=dtype, device=device)
+        cos, sin = rotary_tables(cfg.max_position_embeddings, cfg.head_dim, cfg.rotary_base,
+                                 device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        if seed is not None:
+            init_weights(self, seed)
+
+    def describe(self) -> str:
+        """One line saying what runs: layout, attention backend, kernels."""
+        return (f"LLaMA {self.cfg.name or ''} layers {list(self.layers)[0]}-"
+                f"{list(self.layers)[-1]} on {self.ctx.layout}, attention={self.backend}, "
+                f"triton kernels={'on' if self.use_kernels else 'off'}")
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self.pre_process:
+            x = self.embedding(x)  # [b, s] -> [s(/tp), b, h]
+        s = x.shape[0] * (self.ctx.tp if self.ctx.sequence_parallel else 1)
+        if s > self.rope_cos.shape[0]:
+            raise ValueError(f"sequence of {s} tokens is longer than max_position_embeddings "
+                             f"{self.rope_cos.shape[0]}")
+        cos, sin = self.rope_cos[:s], self.rope_sin[:s]
+        for layer in self.layers.values():
+            if self.cfg.recompute_activations and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin)
+        if not self.post_process:
+            return x
+        logits = self.output(self.final_norm(x))  # [s, b, v/tp]
+        if labels is not None:
+            loss = vocab_parallel_cross_entropy(logits, labels.t(), self.ctx.tp_group,
+                                                self.cfg.vocab_size)  # [s, b]
+            return loss.t()  # [b, s]
+        logits = comm.gather_from_tp(logits, self.ctx.tp_group)  # [s, b, V_padded]
+        return logits.transpose(0, 1)[..., : self.cfg.vocab_size]  # [b, s, V]
+
+
+@torch.no_grad()
+def init_weights(model: nn.Module, seed: int) -> None:
+    """Layout-independent init: each full tensor is drawn from a generator seeded by the run
+    seed and the parameter's global name, then this rank keeps its shard. Normal(0, std) for
+    matrices, std / sqrt(2 * num_layers) for the output projections (attention proj, MLP
+    down), ones for norms."""
+    cfg, ctx = model.cfg, model.ctx
+    for name, p in model.named_parameters():
+        kind = sharding.shard_kind(name)
+        if kind == sharding.REPLICATED:
+            p.fill_(1.0)
+            continue
+        std = cfg.init_method_std
+        if name.endswith(("proj.weight", "down.weight")):
+            std /= math.sqrt(2.0 * cfg.num_layers)
+        gen_device = p.device if p.device.type == "cuda" else "cpu"
+        gen = torch.Generator(device=gen_device).manual_seed(sharding.param_seed(seed, name))
+        shape = sharding.full_shape(name, p.shape, ctx.tp)
+        full = torch.empty(shape, dtype=torch.float32, device=gen_device).normal_(
+            0.0, std, generator=gen)
+        p.copy_(sharding.shard(name, full, ctx.tp_rank, ctx.tp))

@@ -1,0 +1,236 @@
+"""The explicit parallel context: one object built at start-up from named axes (tp, pp, dp).
+
+Rank order follows Megatron's default (tp-dp-pp): tensor-parallel ranks are adjacent, then
+data-parallel, then pipeline stages:
+
+    global_rank = tp_rank + tp * (dp_rank + dp * pp_rank)
+
+No module-level globals: the context is passed to the layers and schedules that need a group.
+With tp = pp = dp = 1 (`ParallelContext.single()`) every group is None and all communication
+is the identity, so the model is plain single-device PyTorch.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from megacpt.config import ConfigError, ModelConfig
+
+
+@dataclass
+class ParallelContext:
+    """Process groups and coordinates of this rank along each axis."""
+
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    rank: int = 0
+    world_size: int = 1
+    sequence_parallel: bool = False
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    tp_group: object = None
+    pp_group: object = None
+    dp_group: object = None
+    #: groups of the ranks holding the first and last pipeline stage of one model replica
+    #: (embedding/output), used for the global grad norm and loss broadcast
+    mp_group: object = None
+
+    # ----- coordinates -----
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp
+
+    @property
+    def dp_rank(self) -> int:
+        return (self.rank // self.tp) % self.dp
+
+    @property
+    def pp_rank(self) -> int:
+        return self.rank // (self.tp * self.dp)
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+    def global_rank(self, tp_rank: int, dp_rank: int, pp_rank: int) -> int:
+        return tp_rank + self.tp * (dp_rank + self.dp * pp_rank)
+
+    @property
+    def next_stage_rank(self) -> int:
+        return self.global_rank(self.tp_rank, self.dp_rank, (self.pp_rank + 1) % self.pp)
+
+    @property
+    def prev_stage_rank(self) -> int:
+        return self.global_rank(self.tp_rank, self.dp_rank, (self.pp_rank - 1) % self.pp)
+
+    @property
+    def layout(self) -> str:
+        """Short name of the layout, e.g. tp2pp2dp1."""
+        return f"tp{self.tp}pp{self.pp}dp{self.dp}"
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    # ----- construction -----
+    @classmethod
+    def single(cls, device: str | torch.device | None = None) -> "ParallelContext":
+        """One process, no communication."""
+        dev = torch.device(device) if device is not None else default_device()
+        return cls(device=dev)
+
+    @classmethod
+    def build(cls, tp: int = 1, pp: int = 1, sequence_parallel: bool = False,
+              device: str | torch.device | None = None) -> "ParallelContext":
+        """Build groups over the already-initialised default process group.
+
+        dp is derived as world_size / (tp * pp); the product must match the world size.
+        Every rank must call this (group creation is collective).
+        """
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        if tp < 1 or pp < 1 or world % (tp * pp) != 0:
+            raise ConfigError(
+                f"tensor-model-parallel-size ({tp}) x pipeline-model-parallel-size ({pp}) must "
+                f"divide the world size ({world}); launch {tp * pp * max(1, world // (tp * pp))} "
+                f"ranks or change --tensor-model-parallel-size/--pipeline-model-parallel-size")
+        dp = world // (tp * pp)
+        dev = torch.device(device) if device is not None else default_device()
+        ctx = cls(tp=tp, pp=pp, dp=dp, rank=rank, world_size=world,
+                  sequence_parallel=sequence_parallel and tp > 1, device=dev)
+        assert ctx.tp * ctx.pp * ctx.dp == ctx.world_size
+        if world > 1:
+            ctx._make_groups()
+        return ctx
+
+    def _make_groups(self) -> None:
+        tp, pp, dp = self.tp, self.pp, self.dp
+        g = self.global_rank
+        # every rank creates every group, in the same order (new_group is collective)
+        for p in range(pp):
+            for d in range(dp):
+                ranks = [g(t, d, p) for t in range(tp)]
+                grp = dist.new_group(ranks)
+                if self.rank in ranks:
+                    self.tp_group = grp
+        for p in range(pp):
+            for t in range(tp):
+                ranks = [g(t, d, p) for d in range(dp)]
+                grp = dist.new_group(ranks)
+                if self.rank in ranks:
+                    self.dp_group = grp
+        for d in range(dp):
+            for t in range(tp):
+                ranks = [g(t, d, p) for p in range(pp)]
+                grp = dist.new_group(ranks)
+                if self.rank in ranks:
+                    self.pp_group = grp
+        for d in range(dp):
+            ranks = [g(t, d, p) for p in range(pp) for t in range(tp)]
+            grp = dist.new_group(ranks)
+            if self.rank in ranks:
+                self.mp_group = grp
+        # size-1 groups behave like None: no communication
+        if tp == 1:
+            self.tp_group = None
+        if dp == 1:
+            self.dp_group = None
+        if pp == 1:
+            self.pp_group = None
+        if tp * pp == 1:
+            self.mp_group = None
+
+    # ----- model-shape checks -----
+    def check_model(self, cfg: ModelConfig) -> None:
+        """Divisibility of the model by this layout, with errors that say what to change."""
+        t = self.tp
+        checks = [
+            (cfg.num_attention_heads, "--num-attention-heads"),
+            (cfg.num_query_groups, "--num-query-groups"),
+            (cfg.ffn_hidden_size, "--ffn-hidden-size"),
+            (cfg.padded_vocab_size, "the padded vocabulary (--make-vocab-size-divisible-by)"),
+        ]
+        for value, name in checks:
+            if value % t:
+                raise ConfigError(
+                    f"{name} = {value} is not divisible by --tensor-model-parallel-size {t}; "
+                    f"choose a tensor-parallel size that divides it")
+        if self.sequence_parallel and cfg.seq_length % t:
+            raise ConfigError(f"--seq-length {cfg.seq_length} must be divisible by "
+                              f"--tensor-model-parallel-size {t} with --sequence-parallel")
+        if cfg.num_layers < self.pp:
+            raise ConfigError(f"--num-layers {cfg.num_layers} is smaller than "
+                              f"--pipeline-model-parallel-size {self.pp}")
+
+    def stage_layers(self, num_layers: int, pp_rank: int | None = None) -> range:
+        """Global layer indices held by a pipeline stage (uneven splits: earlier stages +1)."""
+        r = self.pp_rank if pp_rank is None else pp_rank
+        return stage_layer_range(num_layers, self.pp, r)
+
+
+def stage_layer_range(num_layers: int, pp: int, pp_rank: int) -> range:
+    """Layers of stage `pp_rank` out of `pp`: contiguous, sizes differ by at most one."""
+    base, extra = divmod(num_layers, pp)
+    start = pp_rank * base + min(pp_rank, extra)
+    return range(start, start + base + (1 if pp_rank < extra else 0))
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        return torch.device("cuda", local % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def init_distributed(backend: str | None = None, timeout_minutes: float = 10.0) -> None:
+    """Initialise torch.distributed from torchrun's env:// variables or from MPI.
+
+    Under `mpiexec` (no RANK in the environment but an MPI launcher's variables), mpi4py gives
+    rank, size and local rank; rank 0's host becomes MASTER_ADDR. Does nothing for a single
+    process without a launcher.
+    """
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        if not _from_mpi():
+            return
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    dist.init_process_group(backend=backend, init_method="env://",
+                            timeout=datetime.timedelta(minutes=timeout_minutes))
+
+
+_MPI_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS", "HYDI_CONTROL_FD")
+
+
+def _from_mpi() -> bool:
+    """Fill RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from MPI; False if not under MPI."""
+    if not any(v in os.environ for v in _MPI_VARS):
+        return False
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        raise RuntimeError("launched under mpiexec but mpi4py is not installed: "
+                           "pip install 'megacpt[mpi]' (mpi4py + mpich)") from None
+    comm = MPI.COMM_WORLD
+    if comm.Get_size() == 1:
+        return False
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    master = comm.bcast(MPI.Get_processor_name() if comm.Get_rank() == 0 else None, root=0)
+    os.environ.setdefault("MASTER_ADDR", master if master else "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    os.environ["RANK"] = str(comm.Get_rank())
+    os.environ["WORLD_SIZE"] = str(comm.Get_size())
+    os.environ["LOCAL_RANK"] = str(local.Get_rank())
+    os.environ["LOCAL_WORLD_SIZE"] = str(local.Get_size())
+    return True
