@@ -28,7 +28,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7", "transformers>=4.40", "megatron-core>=0.8", "optuna>=3.0",
-                 "matplotlib>=3.6", "triton>=3.0"],
+                 "matplotlib>=3.6", "triton>=3.0", "mpi4py>=3.1", "mpich"],
         "triton": ["triton>=3.0"],
         "mpi": ["mpi4py>=3.1", "mpich"],
         "plots": ["matplotlib>=3.6"],

@@ -38,6 +38,8 @@ class ModelConfig:
     """Query heads (`--num-attention-heads`)."""
     num_query_groups: int | None = None
     """Key/value heads for grouped-query attention; None means one per query head (MHA)."""
+    kv_channels: int | None = None
+    """Head dim (`--kv-channels`); None means hidden_size / num_attention_heads."""
     vocab_size: int = 256
     """The tokenizer's vocabulary size (unpadded); the embedding is padded (see below)."""
     make_vocab_size_divisible_by: int = 128
@@ -69,9 +71,9 @@ class ModelConfig:
         for f in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                   "num_query_groups", "vocab_size", "seq_length", "make_vocab_size_divisible_by"):
             _check(getattr(self, f) > 0, f"model.{f} must be > 0, got {getattr(self, f)}")
-        _check(self.hidden_size % self.num_attention_heads == 0,
+        _check(self.kv_channels is not None or self.hidden_size % self.num_attention_heads == 0,
                f"model.hidden_size ({self.hidden_size}) must be divisible by "
-               f"num_attention_heads ({self.num_attention_heads})")
+               f"num_attention_heads ({self.num_attention_heads}), or set kv_channels")
         _check(self.num_attention_heads % self.num_query_groups == 0,
                f"model.num_attention_heads ({self.num_attention_heads}) must be divisible by "
                f"num_query_groups ({self.num_query_groups})")
@@ -84,7 +86,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
 
     @property
     def padded_vocab_size(self) -> int:
@@ -94,13 +96,14 @@ class ModelConfig:
         """Parameter count (see `megacpt.sizes.param_count`), at the padded vocabulary."""
         return sizes.param_count(self.hidden_size, self.ffn_hidden_size, self.num_layers,
                                  self.num_attention_heads, self.num_query_groups,
-                                 self.padded_vocab_size, include_embeddings)
+                                 self.padded_vocab_size, include_embeddings, self.head_dim)
 
     def flops_per_token(self) -> float:
         """Training FLOPs per token (see `megacpt.sizes.flops_per_token`)."""
         return sizes.flops_per_token(self.hidden_size, self.ffn_hidden_size, self.num_layers,
                                      self.num_attention_heads, self.num_query_groups,
-                                     self.padded_vocab_size, self.seq_length)
+                                     self.padded_vocab_size, self.seq_length,
+                                     head_dim=self.head_dim)
 
     @classmethod
     def from_size(cls, name: str, **overrides) -> "ModelConfig":
@@ -109,7 +112,8 @@ class ModelConfig:
         kw = dict(num_layers=shape.num_layers, hidden_size=shape.hidden_size,
                   ffn_hidden_size=shape.ffn_hidden_size,
                   num_attention_heads=shape.num_attention_heads,
-                  num_query_groups=shape.num_query_groups, name=name)
+                  num_query_groups=shape.num_query_groups, kv_channels=shape.kv_channels,
+                  name=name)
         kw.update(overrides)
         return cls(**kw)
 

@@ -24,6 +24,8 @@ class ModelShape:
     num_attention_heads: int
     num_layers: int
     num_query_groups: int | None = None
+    #: head dim when hidden_size is not a multiple of the head count (Megatron's kv_channels)
+    kv_channels: int | None = None
     #: the parameter count the paper's table gives, in millions (None for debug sizes)
     paper_params_m: int | None = None
 
@@ -52,7 +54,11 @@ def _parse_paper_table() -> dict[str, ModelShape]:
         if not fields:
             continue
         params, hidden, ffn, heads, layers = (int(v) for v in fields)
-        sizes[f"{params}M"] = ModelShape(hidden, ffn, heads, layers, paper_params_m=params)
+        # 4016M (2688 wide, 22 heads) is the one row whose width is not a multiple of its head
+        # count; we keep the shape as given and use the table's usual head dim of 128
+        kv = None if hidden % heads == 0 else 128
+        sizes[f"{params}M"] = ModelShape(hidden, ffn, heads, layers, kv_channels=kv,
+                                         paper_params_m=params)
     return sizes
 
 
@@ -99,6 +105,7 @@ def param_count(
     num_query_groups: int | None,
     vocab_size: int,
     include_embeddings: bool = True,
+    head_dim: int | None = None,
 ) -> int:
     """Parameters of our LLaMA2 model.
 
@@ -109,7 +116,7 @@ def param_count(
     allocated) vocabulary size. No biases exist.
     """
     groups = num_query_groups or num_attention_heads
-    head_dim = hidden_size // num_attention_heads
+    head_dim = head_dim or hidden_size // num_attention_heads
     qkv = hidden_size * (num_attention_heads + 2 * groups) * head_dim
     proj = num_attention_heads * head_dim * hidden_size
     mlp = 3 * hidden_size * ffn_hidden_size
@@ -129,17 +136,21 @@ def flops_per_token(
     vocab_size: int,
     seq_length: int,
     causal: bool = True,
+    head_dim: int | None = None,
 ) -> float:
     """Training FLOPs per token (forward + backward = 3x forward): 6N plus the attention term.
 
     N is the non-embedding matmul parameters plus the output layer (the input embedding is a
     lookup, not a matmul). The attention term counts QK^T and AV: forward 2 * 2 * s * h per
-    layer per token, halved for causal masking (the work a causal kernel actually does), so
-    training adds 6 * num_layers * seq_length * hidden_size * (1 if causal else 2).
+    layer per token (h = heads * head_dim), halved for causal masking (the work a causal
+    kernel actually does), so training adds 6 * num_layers * seq_length * h * (1 if causal
+    else 2).
     """
+    head_dim = head_dim or hidden_size // num_attention_heads
     n_matmul = param_count(
         hidden_size, ffn_hidden_size, num_layers, num_attention_heads, num_query_groups,
-        vocab_size, include_embeddings=False,
+        vocab_size, include_embeddings=False, head_dim=head_dim,
     ) - (2 * num_layers + 1) * hidden_size + vocab_size * hidden_size
-    attn = 6 * num_layers * seq_length * hidden_size * (1 if causal else 2)
+    attn_width = num_attention_heads * head_dim
+    attn = 6 * num_layers * seq_length * attn_width * (1 if causal else 2)
     return 6.0 * n_matmul + attn
