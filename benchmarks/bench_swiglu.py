@@ -1,0 +1,135 @@
+"""Benchmark SwiGLU fwd / bwd / fwd+bwd: megacpt Triton vs torch eager, torch.compile, Liger.
+
+    python benchmarks/bench_swiglu.py                    # GPU: rows {4096,16384} x ffn from the
+                                                         # paper's table, bf16
+    python benchmarks/bench_swiglu.py --quick --out /tmp/s.json    # CPU smoke run (interpreter)
+
+Two ops are measured:
+- "swiglu": silu(gate) * up with separate gate, up [rows, ffn] (impls megacpt, torch,
+  compile, liger);
+- "swiglu_fused": the same on one gate_up [rows, 2 * ffn] tensor, gate | up halves
+  (impls megacpt, torch, compile; Liger has no fused-input op).
+
+Result rows (benchmarks/common.write_results("swiglu", rows)), "hidden" holding ffn:
+    {"op": "swiglu" | "swiglu_fused", "pass": "fwd" | "bwd" | "fwd+bwd", "rows": int,
+     "hidden": int, "dtype": "bfloat16", "impl": "megacpt" | "torch" | "compile" | "liger",
+     "ms": float, "gbps": float, "frac_of_copy_bw": float, "timer": "graph" | "events" | "cpu"}
+gbps counts the bytes of the ideal fused op: fwd reads gate, up and writes out (3 x rows x ffn
+elements); bwd reads gate, up, dout and writes dgate, dup (5 x); fwd+bwd is the sum (8 x).
+Timing and the per-implementation inputs work as in bench_rmsnorm.py, whose helpers it uses.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.bench_rmsnorm import (DTYPES, PASSES, check_against_reference,  # noqa: E402
+                                      compile_static, measure, print_row, setup_device)
+
+PAPER_FFN = [4608, 7168, 9728, 11264, 14848]  # paper Appendix D sizes (137M .. 4.2B models)
+
+
+def _impls(names: list[str]) -> dict:
+    """{(op, impl): fn}; swiglu fns take (gate, up), swiglu_fused fns take (gate_up,)."""
+    from megacpt.kernels import swiglu, swiglu_fused, swiglu_fused_ref, swiglu_ref
+
+    table = {("swiglu", "megacpt"): swiglu, ("swiglu", "torch"): swiglu_ref,
+             ("swiglu_fused", "megacpt"): swiglu_fused, ("swiglu_fused", "torch"): swiglu_fused_ref}
+    if "compile" in names:
+        table[("swiglu", "compile")] = compile_static(lambda g, u: swiglu_ref(g, u))
+        table[("swiglu_fused", "compile")] = compile_static(lambda gu: swiglu_fused_ref(gu))
+    if "liger" in names:
+        try:
+            from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+        except ImportError as exc:
+            print(f"liger skipped: {exc}")
+        else:
+            table[("swiglu", "liger")] = LigerSiLUMulFunction.apply
+    return {key: fn for key, fn in table.items() if key[1] in names}
+
+
+def _inputs(op: str, n_rows: int, ffn: int, dtype, device: str) -> tuple[list, object]:
+    import torch
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    width = 2 * ffn if op == "swiglu_fused" else ffn
+    n_in = 1 if op == "swiglu_fused" else 2
+    inputs = [(2 * torch.randn(n_rows, width, device=device, generator=gen)).to(dtype)
+              .requires_grad_() for _ in range(n_in)]
+    dout = torch.randn(n_rows, ffn, device=device, generator=gen).to(dtype)
+    return inputs, dout
+
+
+def ideal_bytes(rows: int, ffn: int, elem: int) -> dict:
+    fwd = 3 * rows * ffn * elem  # gate, up -> out
+    bwd = 5 * rows * ffn * elem  # gate, up, dout -> dgate, dup
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rows", type=int, nargs="+", default=[4096, 16384])
+    p.add_argument("--ffn", type=int, nargs="+", default=PAPER_FFN)
+    p.add_argument("--ops", nargs="+", choices=["swiglu", "swiglu_fused"],
+                   default=["swiglu", "swiglu_fused"])
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--impls", nargs="+", choices=["megacpt", "torch", "compile", "liger"],
+                   default=None, help="default: all four on GPU, megacpt and torch with --quick")
+    p.add_argument("--timer", choices=["graph", "events"], default="graph")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--quick", action="store_true", help="tiny CPU-capable smoke run")
+    p.add_argument("--out", default=None, help="result JSON path (default benchmarks/results/)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.rows, args.ffn, args.warmup, args.iters = [3], [72], 1, 2
+        args.impls = args.impls or ["megacpt", "torch"]
+    args.impls = args.impls or ["megacpt", "torch", "compile", "liger"]
+    return args
+
+
+def main(argv=None) -> str:
+    args = parse_args(argv)
+    device = setup_device(args.quick)
+    import torch
+    from tqdm import tqdm
+
+    from benchmarks.common import copy_bandwidth_gbps, write_results
+    from megacpt.kernels import swiglu_fused_ref, swiglu_ref
+
+    refs = {"swiglu": swiglu_ref, "swiglu_fused": swiglu_fused_ref}
+
+    timer = args.timer if device == "cuda" else "cpu"
+    dtype = getattr(torch, DTYPES[args.dtype])
+    copy_bw = copy_bandwidth_gbps(1 << 30 if device == "cuda" else 1 << 22)
+    print(f"copy bandwidth: {copy_bw:.1f} GB/s on {device}")
+    impls = _impls(args.impls)
+    configs = [(op, r, f, name) for op in args.ops for r in args.rows for f in args.ffn
+               for (op_, name) in impls if op_ == op]
+    rows_out = []
+    for op, n_rows, ffn, name in tqdm(configs, desc="swiglu", unit="cfg"):
+        fn = impls[(op, name)]
+        inputs, dout = _inputs(op, n_rows, ffn, dtype, device)
+        if name == "megacpt":
+            check_against_reference(fn, refs[op], inputs, dout, f"{op} {n_rows}x{ffn}")
+        times = measure(fn, inputs, dout, timer, args.warmup, args.iters)
+        nbytes = ideal_bytes(n_rows, ffn, inputs[0].element_size())
+        for pas in PASSES:
+            ms, used = times[pas]
+            gbps = nbytes[pas] / (ms * 1e-3) / 1e9
+            row = {"op": op, "pass": pas, "rows": n_rows, "hidden": ffn,
+                   "dtype": str(dtype).replace("torch.", ""), "impl": name, "ms": ms,
+                   "gbps": gbps, "frac_of_copy_bw": gbps / copy_bw, "timer": used}
+            rows_out.append(row)
+            print_row(row)
+        del inputs, dout, times
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return write_results("swiglu", rows_out, out=args.out)
+
+
+if __name__ == "__main__":
+    main()
