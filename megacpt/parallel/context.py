@@ -35,8 +35,8 @@ class ParallelContext:
     tp_group: object = None
     pp_group: object = None
     dp_group: object = None
-    #: groups of the ranks holding the first and last pipeline stage of one model replica
-    #: (embedding/output), used for the global grad norm and loss broadcast
+    #: all tp x pp ranks of one data-parallel replica (model-parallel group): the global
+    #: gradient norm is summed over it
     mp_group: object = None
 
     # ----- coordinates -----
@@ -89,11 +89,13 @@ class ParallelContext:
 
     @classmethod
     def build(cls, tp: int = 1, pp: int = 1, sequence_parallel: bool = False,
-              device: str | torch.device | None = None) -> "ParallelContext":
+              device: str | torch.device | None = None,
+              dp: int | None = None) -> "ParallelContext":
         """Build groups over the already-initialised default process group.
 
-        dp is derived as world_size / (tp * pp); the product must match the world size.
-        Every rank must call this (group creation is collective).
+        dp is derived as world_size / (tp * pp) unless given, in which case tp * pp * dp must
+        equal the world size. Every rank must call this (group creation is collective); it
+        may be called again over the same default group for another layout.
         """
         world = dist.get_world_size() if dist.is_initialized() else 1
         rank = dist.get_rank() if dist.is_initialized() else 0
@@ -102,6 +104,11 @@ class ParallelContext:
                 f"tensor-model-parallel-size ({tp}) x pipeline-model-parallel-size ({pp}) must "
                 f"divide the world size ({world}); launch {tp * pp * max(1, world // (tp * pp))} "
                 f"ranks or change --tensor-model-parallel-size/--pipeline-model-parallel-size")
+        if dp is not None and tp * pp * dp != world:
+            raise ConfigError(
+                f"tensor ({tp}) x pipeline ({pp}) x data ({dp}) parallel sizes = {tp * pp * dp} "
+                f"but the world has {world} ranks; launch {tp * pp * dp} ranks or change the "
+                f"sizes so that their product is {world}")
         dp = world // (tp * pp)
         dev = torch.device(device) if device is not None else default_device()
         ctx = cls(tp=tp, pp=pp, dp=dp, rank=rank, world_size=world,

@@ -155,4 +155,7 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, tp_
     """
     if vocab_size is None:
         vocab_size = logits.shape[-1] * _tp_size(tp_group)
+    if _tp_size(tp_group) == 1:  # one rank: exactly the plain model's loss, at its speed
+        flat = logits[..., :vocab_size].float().reshape(-1, vocab_size)  # [n, V]
+        return F.cross_entropy(flat, target.reshape(-1), reduction="none").view(target.shape)
     return _VocabParallelCE.apply(logits, target, tp_group, vocab_size)

@@ -1,0 +1,329 @@
+"""Command line of `python -m megacpt.train`: Megatron's flag names -> a resolved `Config`.
+
+Flags not given take the defaults of `megacpt.config` (the paper's LR recipe: cosine from
+2e-4, 5% warm-up). The model shape comes from `--model-size NAME` (the registry in
+`megacpt.sizes`) or from `--num-layers/--hidden-size/--ffn-hidden-size/--num-attention-heads`;
+shape flags given with `--model-size` must agree with it. The vocabulary comes from
+`--tokenizer-model` (or `--vocab-size`). The length of training is exactly one of
+`--train-iters`, `--train-tokens` or `--tokens-per-param` (x total parameters); the latter two
+are turned into `training.train_iters` (rounded up to whole global batches).
+
+The resolved config file (`config.json`, written into `--log-dir` and, by the checkpoint
+module, into checkpoints) is `Config.to_dict()` plus a `"run"` section holding the
+`RunOptions` below: options of this invocation that are not part of the model/data/optimizer
+config. `Config.from_dict` ignores the extra section; `load_config` reads both.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass
+
+from megacpt import sizes
+from megacpt.config import (CheckpointConfig, Config, ConfigError, DataConfig, LoggingConfig,
+                            ModelConfig, OptimizerConfig, ParallelConfig, TrainingConfig)
+
+CONFIG_FILE = "config.json"
+_SHAPE_FLAGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                "num_query_groups", "kv_channels")
+
+
+@dataclass
+class RunOptions:
+    """Options of one invocation that are not part of `Config`."""
+
+    mock_data: bool = False
+    """Random tokens instead of `--data-path` (tests, benchmarks); vocabulary from --vocab-size."""
+    override_opt_param_scheduler: bool = False
+    """On `--load`, use this run's LR schedule settings instead of requiring the checkpoint's."""
+    data_check_tokens: int = 1 << 26
+    """Scan up to this many tokens per data file for ids outside the vocabulary before training."""
+
+
+def _d(section, name):
+    """Default of a config field (so the CLI and the dataclasses never disagree)."""
+    return {f.name: f for f in dataclasses.fields(section)}[name].default
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m megacpt.train",
+        description="Pretraining and continual pre-training of LLaMA2 models (Megatron flags).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--model-size", help=f"registered shape, e.g. 1393M or tiny "
+                   f"(one of {len(sizes.SIZES)} in megacpt.sizes)")
+    for flag in _SHAPE_FLAGS:
+        g.add_argument("--" + flag.replace("_", "-"), type=int)
+    g.add_argument("--group-query-attention", action="store_true",
+                   help="accepted for Megatron compatibility; --num-query-groups sets GQA")
+    g.add_argument("--seq-length", type=int, default=_d(ModelConfig, "seq_length"))
+    g.add_argument("--max-position-embeddings", type=int)
+    g.add_argument("--vocab-size", type=int, help="vocabulary size when there is no "
+                   "--tokenizer-model (e.g. --mock-data); must cover the tokenizer's")
+    g.add_argument("--make-vocab-size-divisible-by", type=int,
+                   default=_d(ModelConfig, "make_vocab_size_divisible_by"))
+    g.add_argument("--rotary-base", type=float, default=_d(ModelConfig, "rotary_base"))
+    g.add_argument("--norm-epsilon", type=float, default=_d(ModelConfig, "norm_eps"))
+    g.add_argument("--init-method-std", type=float, default=_d(ModelConfig, "init_method_std"))
+    g.add_argument("--attention-backend", default="auto",
+                   choices=["auto", "flash_attn", "sdpa", "eager"])
+    g.add_argument("--use-kernels", action=argparse.BooleanOptionalAction, default=None,
+                   help="Triton RMSNorm/SwiGLU (default: on when they can run)")
+    g.add_argument("--recompute-activations", action="store_true")
+
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--grad-bucket-size-mb", type=float,
+                   default=_d(ParallelConfig, "grad_bucket_size_mb"))
+    g.add_argument("--distributed-backend", choices=["nccl", "gloo"])
+    g.add_argument("--distributed-timeout-minutes", type=float,
+                   default=_d(ParallelConfig, "distributed_timeout_minutes"))
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", nargs="+", default=[],
+                   help="weight/prefix pairs (0.7 zh 0.3 en) or prefixes alone")
+    g.add_argument("--mock-data", action="store_true", help="random tokens (needs --vocab-size)")
+    g.add_argument("--split", default=_d(DataConfig, "split"))
+    g.add_argument("--valid-data-path", nargs="+", default=[], metavar="NAME=PREFIX",
+                   help="named held-out sets for per-language validation loss")
+    g.add_argument("--tokenizer-model")
+    g.add_argument("--data-cache-path")
+    g.add_argument("--num-workers", type=int, default=_d(DataConfig, "num_workers"))
+    g.add_argument("--target", help="target-language dataset name (default: first in blend)")
+    g.add_argument("--data-check-tokens", type=int, default=RunOptions.data_check_tokens)
+
+    g = p.add_argument_group("optimizer and learning rate")
+    g.add_argument("--min-lr", type=float, help="floor of the decay (default: lr / 10, the "
+                   "config's 2e-5 for lr 2e-4)")
+    for flag, field in (("--lr", "lr"),
+                        ("--weight-decay", "weight_decay"), ("--adam-beta1", "adam_beta1"),
+                        ("--adam-beta2", "adam_beta2"), ("--adam-eps", "adam_eps"),
+                        ("--clip-grad", "clip_grad")):
+        g.add_argument(flag, type=float, default=_d(OptimizerConfig, field))
+    g.add_argument("--lr-warmup-fraction", type=float,
+                   default=_d(OptimizerConfig, "lr_warmup_fraction"))
+    g.add_argument("--lr-warmup-iters", type=int, default=0,
+                   help="warm-up steps; used instead of the fraction when given")
+    g.add_argument("--lr-decay-style", default="cosine", choices=["cosine", "linear", "constant"])
+    g.add_argument("--lr-decay-iters", type=int)
+    g.add_argument("--override-opt-param-scheduler", action="store_true")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=int, default=_d(TrainingConfig, "micro_batch_size"))
+    g.add_argument("--global-batch-size", type=int,
+                   default=_d(TrainingConfig, "global_batch_size"))
+    g.add_argument("--train-iters", type=int)
+    g.add_argument("--train-tokens", type=int)
+    g.add_argument("--tokens-per-param", type=float,
+                   help="train tokens = this x total parameters (the paper: 20)")
+    g.add_argument("--seed", type=int, default=_d(TrainingConfig, "seed"))
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--fp16", action="store_true", help="not supported; use --bf16")
+    g.add_argument("--eval-interval", type=int, default=_d(TrainingConfig, "eval_interval"))
+    g.add_argument("--eval-iters", type=int, default=_d(TrainingConfig, "eval_iters"))
+    g.add_argument("--exit-interval", type=int)
+    g.add_argument("--device", choices=["cuda", "cpu"])
+    g.add_argument("--max-nonfinite-steps", type=int,
+                   default=_d(TrainingConfig, "max_nonfinite_steps"))
+
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("--save")
+    g.add_argument("--load")
+    g.add_argument("--save-interval", type=int)
+    g.add_argument("--init-from", help="weights only (CPT): our checkpoint in any layout or a "
+                   "HuggingFace LLaMA directory; fresh optimizer, iteration 0, LR re-warm-up")
+    g.add_argument("--no-save-optim", action="store_true")
+
+    g = p.add_argument_group("logging")
+    g.add_argument("--log-dir")
+    g.add_argument("--log-interval", type=int, default=_d(LoggingConfig, "log_interval"))
+    g.add_argument("--no-tensorboard", action="store_true")
+    g.add_argument("--run-kind", choices=["scratch", "cpt"])
+    return p
+
+
+def _model_config(a: argparse.Namespace, vocab_size: int) -> ModelConfig:
+    given = {f: getattr(a, f) for f in _SHAPE_FLAGS if getattr(a, f) is not None}
+    common = dict(vocab_size=vocab_size, seq_length=a.seq_length,
+                  max_position_embeddings=a.max_position_embeddings,
+                  make_vocab_size_divisible_by=a.make_vocab_size_divisible_by,
+                  rotary_base=a.rotary_base, norm_eps=a.norm_epsilon,
+                  init_method_std=a.init_method_std, attention_backend=a.attention_backend,
+                  use_kernels=a.use_kernels, recompute_activations=a.recompute_activations)
+    if a.model_size:
+        try:
+            cfg = ModelConfig.from_size(a.model_size, **common)
+        except KeyError as e:
+            raise ConfigError(str(e.args[0])) from None
+        for f, v in given.items():
+            if getattr(cfg, f) != v:
+                raise ConfigError(f"--{f.replace('_', '-')} {v} contradicts --model-size "
+                                  f"{a.model_size} (which has {f} = {getattr(cfg, f)}); "
+                                  f"drop one of them")
+        return cfg
+    missing = [f for f in _SHAPE_FLAGS[:4] if f not in given]
+    if missing:
+        raise ConfigError("give --model-size or all of " + ", ".join(
+            "--" + f.replace("_", "-") for f in missing) + " (missing)")
+    return ModelConfig(**given, **common)
+
+
+def tokenizer_vocab_size(path: str) -> int:
+    """Vocabulary size of a SentencePiece model file (clear error if missing or unreadable)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"--tokenizer-model {path}: file not found")
+    from megacpt.data.tokenizer import SentencePieceTokenizer
+
+    try:
+        return SentencePieceTokenizer(path).vocab_size
+    except (RuntimeError, OSError, ValueError) as e:
+        raise ConfigError(f"--tokenizer-model {path}: not a SentencePiece model ({e})") from None
+
+
+def _vocab_size(a: argparse.Namespace) -> int:
+    tok = tokenizer_vocab_size(a.tokenizer_model) if a.tokenizer_model else None
+    if a.vocab_size is not None and tok is not None and tok > a.vocab_size:
+        raise ConfigError(f"the tokenizer {a.tokenizer_model} has {tok} tokens, more than "
+                          f"--vocab-size {a.vocab_size}; drop --vocab-size or raise it")
+    if a.vocab_size is not None:
+        return a.vocab_size
+    if tok is not None:
+        return tok
+    raise ConfigError("the vocabulary size is unknown: give --tokenizer-model or --vocab-size")
+
+
+def _valid_paths(words: list[str]) -> dict[str, str]:
+    out = {}
+    for w in words:
+        name, sep, prefix = w.partition("=")
+        if not sep:
+            name, prefix = os.path.basename(w.rstrip("/")), w
+        if not name or not prefix:
+            raise ConfigError(f"--valid-data-path expects NAME=PREFIX words, got {w!r}")
+        if name in out:
+            raise ConfigError(f"--valid-data-path names the set {name!r} twice")
+        out[name] = prefix
+    return out
+
+
+def resolve_train_iters(cfg: Config) -> int:
+    """Set `training.train_iters` from tokens or tokens-per-parameter; exactly one is needed."""
+    t = cfg.training
+    given = [n for n, v in (("--train-iters", t.train_iters), ("--train-tokens", t.train_tokens),
+                            ("--tokens-per-param", t.tokens_per_param)) if v is not None]
+    if len(given) != 1:
+        raise ConfigError(f"give exactly one of --train-iters, --train-tokens, "
+                          f"--tokens-per-param (got {', '.join(given) or 'none'})")
+    tokens_per_iter = t.global_batch_size * cfg.model.seq_length
+    if t.train_tokens is not None:
+        tokens = t.train_tokens
+    elif t.tokens_per_param is not None:
+        tokens = t.tokens_per_param * cfg.model.num_parameters(include_embeddings=True)
+    else:
+        tokens = None
+    if tokens is not None:
+        t.train_iters = max(1, math.ceil(tokens / tokens_per_iter))
+    if t.train_iters < 1:
+        raise ConfigError(f"--train-iters must be >= 1, got {t.train_iters}")
+    return t.train_iters
+
+
+def config_from_args(a: argparse.Namespace) -> tuple[Config, RunOptions]:
+    """Build and validate the resolved config from parsed flags."""
+    if a.fp16:
+        raise ConfigError("--fp16 is not supported (no loss scaling); use --bf16")
+    if not a.mock_data and not a.data_path:
+        raise ConfigError("no training data: give --data-path PREFIX [...] (or --mock-data)")
+    model = _model_config(a, _vocab_size(a))
+    cfg = Config(
+        model=model,
+        parallel=ParallelConfig(
+            tensor_model_parallel_size=a.tensor_model_parallel_size,
+            pipeline_model_parallel_size=a.pipeline_model_parallel_size,
+            sequence_parallel=a.sequence_parallel,
+            use_distributed_optimizer=a.use_distributed_optimizer,
+            grad_bucket_size_mb=a.grad_bucket_size_mb, distributed_backend=a.distributed_backend,
+            distributed_timeout_minutes=a.distributed_timeout_minutes),
+        data=DataConfig(data_path=list(a.data_path), split=a.split,
+                        valid_data_path=_valid_paths(a.valid_data_path),
+                        tokenizer_model=a.tokenizer_model, data_cache_path=a.data_cache_path,
+                        num_workers=a.num_workers, target=a.target),
+        optim=OptimizerConfig(
+            lr=a.lr, min_lr=_min_lr(a), lr_warmup_fraction=(
+                None if a.lr_warmup_iters else a.lr_warmup_fraction),
+            lr_warmup_iters=a.lr_warmup_iters, lr_decay_style=a.lr_decay_style,
+            lr_decay_iters=a.lr_decay_iters, weight_decay=a.weight_decay,
+            adam_beta1=a.adam_beta1, adam_beta2=a.adam_beta2, adam_eps=a.adam_eps,
+            clip_grad=a.clip_grad),
+        training=TrainingConfig(
+            micro_batch_size=a.micro_batch_size, global_batch_size=a.global_batch_size,
+            train_iters=a.train_iters, train_tokens=a.train_tokens,
+            tokens_per_param=a.tokens_per_param, seed=a.seed, bf16=a.bf16,
+            eval_interval=a.eval_interval, eval_iters=a.eval_iters,
+            exit_interval=a.exit_interval, device=a.device,
+            max_nonfinite_steps=a.max_nonfinite_steps),
+        checkpoint=CheckpointConfig(save=a.save, load=a.load, save_interval=a.save_interval,
+                                    init_from=a.init_from, no_save_optim=a.no_save_optim),
+        logging=LoggingConfig(log_dir=a.log_dir, log_interval=a.log_interval,
+                              tensorboard=not a.no_tensorboard, run_kind=a.run_kind),
+    )
+    for name in ("eval_interval", "eval_iters", "max_nonfinite_steps"):
+        if getattr(cfg.training, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+    if cfg.logging.log_interval < 1:
+        raise ConfigError("--log-interval must be >= 1")
+    resolve_train_iters(cfg)
+    opts = RunOptions(mock_data=a.mock_data,
+                      override_opt_param_scheduler=a.override_opt_param_scheduler,
+                      data_check_tokens=a.data_check_tokens)
+    return cfg, opts
+
+
+def _min_lr(a: argparse.Namespace) -> float:
+    if a.min_lr is not None:
+        return a.min_lr
+    return _d(OptimizerConfig, "min_lr") * a.lr / _d(OptimizerConfig, "lr")
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[Config, RunOptions]:
+    """Parse the command line into the resolved (Config, RunOptions)."""
+    return config_from_args(build_parser().parse_args(argv))
+
+
+def config_dict(cfg: Config, opts: RunOptions) -> dict:
+    return {**cfg.to_dict(), "run": dataclasses.asdict(opts)}
+
+
+def save_config(cfg: Config, opts: RunOptions, directory: str) -> str:
+    """Write `directory/config.json` atomically; returns its path."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, CONFIG_FILE)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(config_dict(cfg, opts), f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def load_config(path: str) -> tuple[Config, RunOptions]:
+    """Read a config.json written by `save_config` (a file or a directory holding one)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, CONFIG_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read the run config ({e})") from None
+    run = d.get("run", {})
+    unknown = set(run) - {f.name for f in dataclasses.fields(RunOptions)}
+    if unknown:
+        raise ConfigError(f"{path}: section 'run' has unknown fields {sorted(unknown)}")
+    return Config.from_dict(d), RunOptions(**run)

@@ -1,0 +1,274 @@
+"""The checkpoint directory layout (the one place it is defined) and small helpers around it.
+
+    SAVE_DIR/
+      latest_checkpointed_iteration.txt    the newest complete iteration, e.g. "100"; written
+                                           last, atomically (temp file + os.replace)
+      tokenizer.model                      the SentencePiece model the run uses (when known)
+      iter_0000100/                        one complete checkpoint (written as
+                                           iter_0000100.tmp/ and renamed when complete)
+        meta.json                          see below
+        mp_rank_{tp:02d}_{pp:03d}/         one per (tensor, pipeline) rank of the layout
+          model.safetensors                this shard's parameters under their GLOBAL names
+                                           (`layers.5.attention.qkv.weight`), split over tp
+                                           exactly as `megacpt.parallel.sharding` says
+          optimizer.safetensors            optimizer state tensors of this shard, named
+                                           "{param name}/{key}" (key: exp_avg, exp_avg_sq,
+                                           master, ...); each has its parameter's shard shape
+                                           and is split over tp like the parameter (the
+                                           distributed optimizer's dp shards are gathered
+                                           first, so the file does not depend on dp)
+          optimizer.pt                     everything else of `optimizer.state_dict()`
+                                           (step, param_groups, non-tensor per-param state):
+                                           torch.save of plain types, loaded weights_only
+        rng/rank_{r}.pt                    per-global-rank RNG state (`state["rng"]`); absent
+                                           after a layout conversion
+
+`meta.json`:
+
+    {"format": "megacpt-checkpoint", "version": 1, "iteration": int,
+     "layout": {"tp": int, "pp": int, "dp": int},
+     "dtype": "float32" | "bfloat16" | ...,       # of the parameters in model.safetensors
+     "has_optimizer": bool,
+     "config": Config.to_dict(),                   # the run's resolved config
+     "state": {"scheduler": {...}, "data": {...}, "counters": {...}, ...}}   # JSON values
+
+Only dp-rank-0 ranks write model/optimizer shards; every rank writes its RNG file; global
+rank 0 writes meta.json, renames the directory and updates the tracker after a barrier, so a
+crash mid-save leaves the previous checkpoint (and the tracker pointing at it) intact.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+
+from megacpt.config import Config, ModelConfig
+from megacpt.parallel import sharding
+from megacpt.parallel.context import stage_layer_range
+
+FORMAT_NAME, FORMAT_VERSION = "megacpt-checkpoint", 1
+TRACKER = "latest_checkpointed_iteration.txt"
+META = "meta.json"
+MODEL_FILE = "model.safetensors"
+OPTIM_TENSORS = "optimizer.safetensors"
+OPTIM_REST = "optimizer.pt"
+RNG_DIR = "rng"
+TOKENIZER = "tokenizer.model"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete or does not fit the model; the message says which
+    file, which field and what was expected."""
+
+
+def iter_dirname(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def shard_dirname(tp_rank: int, pp_rank: int) -> str:
+    return f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+
+
+def rng_filename(rank: int) -> str:
+    return os.path.join(RNG_DIR, f"rank_{rank}.pt")
+
+
+# ----- parameter names and shapes of a model config -----
+
+LAYER_PARAMS = ("input_norm.weight", "attention.qkv.weight", "attention.proj.weight",
+                "post_attention_norm.weight", "mlp.gate_up.weight", "mlp.down.weight")
+
+
+def layer_param_names(i: int) -> list[str]:
+    return [f"layers.{i}.{p}" for p in LAYER_PARAMS]
+
+
+def param_names(cfg: ModelConfig) -> list[str]:
+    """Every global parameter name, in model order (embedding, layers, final norm, output)."""
+    names = ["embedding.weight"]
+    for i in range(cfg.num_layers):
+        names += layer_param_names(i)
+    return names + ["final_norm.weight", "output.weight"]
+
+
+def full_shape(cfg: ModelConfig, name: str) -> tuple[int, ...]:
+    """Shape of the full (unsharded) tensor of a parameter (the table in `sharding`)."""
+    h, d = cfg.hidden_size, cfg.head_dim
+    leaf = name.split(".", 2)[-1] if name.startswith("layers.") else name
+    shapes = {
+        "embedding.weight": (cfg.padded_vocab_size, h), "output.weight": (cfg.padded_vocab_size, h),
+        "final_norm.weight": (h,), "input_norm.weight": (h,), "post_attention_norm.weight": (h,),
+        "attention.qkv.weight": ((cfg.num_attention_heads + 2 * cfg.num_query_groups) * d, h),
+        "attention.proj.weight": (h, cfg.num_attention_heads * d),
+        "mlp.gate_up.weight": (2 * cfg.ffn_hidden_size, h),
+        "mlp.down.weight": (h, cfg.ffn_hidden_size),
+    }
+    try:
+        return shapes[leaf]
+    except KeyError:
+        raise CheckpointError(f"unknown parameter name {name!r}") from None
+
+
+def local_shape(cfg: ModelConfig, name: str, tp: int) -> tuple[int, ...]:
+    """Shape of one tp rank's shard."""
+    shape = list(full_shape(cfg, name))
+    kind = sharding.shard_kind(name)
+    if kind in (sharding.ROW, sharding.GATE_UP):
+        shape[0] //= tp
+    elif kind == sharding.COL:
+        shape[1] //= tp
+    return tuple(shape)
+
+
+def stage_param_names(cfg: ModelConfig, pp: int, pp_rank: int) -> list[str]:
+    """The global names one pipeline stage holds (same split as `ParallelContext`)."""
+    names = ["embedding.weight"] if pp_rank == 0 else []
+    for i in stage_layer_range(cfg.num_layers, pp, pp_rank):
+        names += layer_param_names(i)
+    if pp_rank == pp - 1:
+        names += ["final_norm.weight", "output.weight"]
+    return names
+
+
+def check_layout(cfg: ModelConfig, tp: int, pp: int, what: str = "target layout") -> None:
+    """Raise CheckpointError if the model cannot be split tp x pp (says what to change)."""
+    if tp < 1 or pp < 1:
+        raise CheckpointError(f"{what}: tensor/pipeline parallel sizes must be >= 1, got "
+                              f"tp={tp} pp={pp}")
+    for value, field in ((cfg.num_attention_heads, "num_attention_heads"),
+                         (cfg.num_query_groups, "num_query_groups"),
+                         (cfg.ffn_hidden_size, "ffn_hidden_size"),
+                         (cfg.padded_vocab_size, "padded vocabulary size")):
+        if value % tp:
+            raise CheckpointError(f"{what} tp{tp}pp{pp}: the model's {field} = {value} is not "
+                                  f"divisible by tensor-parallel size {tp}")
+    if cfg.num_layers < pp:
+        raise CheckpointError(f"{what} tp{tp}pp{pp}: the model has {cfg.num_layers} layers, "
+                              f"fewer than pipeline-parallel size {pp}")
+
+
+SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                "num_query_groups", "head_dim", "vocab_size", "padded_vocab_size")
+
+
+def check_same_model(have: ModelConfig, want: ModelConfig, source: str) -> None:
+    """The checkpoint's model shape must equal the model being filled."""
+    diffs = [f"{f}: checkpoint {getattr(have, f)} vs model {getattr(want, f)}"
+             for f in SHAPE_FIELDS if getattr(have, f) != getattr(want, f)]
+    if diffs:
+        raise CheckpointError(f"{source} holds a different model shape than the one being "
+                              f"loaded into: " + "; ".join(diffs))
+
+
+# ----- locating and reading checkpoints -----
+
+def read_tracker(save_dir: str) -> int | None:
+    path = os.path.join(save_dir, TRACKER)
+    if not os.path.exists(path):
+        return None
+    text = open(path).read().strip()
+    try:
+        return int(text)
+    except ValueError:
+        raise CheckpointError(f"{path}: expected an iteration number, got {text[:40]!r}") from None
+
+
+def write_tracker(save_dir: str, iteration: int) -> None:
+    """Atomically point `save_dir` at `iteration` (temp file + os.replace)."""
+    fd, tmp = tempfile.mkstemp(dir=save_dir, prefix=".tracker-")
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{iteration}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(save_dir, TRACKER))
+
+
+def resolve_iter_dir(path: str) -> str:
+    """The iteration directory of a save dir (via its tracker) or of an iter_* dir itself."""
+    if os.path.isfile(os.path.join(path, META)):
+        return path
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint directory {path} does not exist")
+    it = read_tracker(path)
+    if it is None:
+        raise CheckpointError(f"{path} is not a checkpoint: it has neither {TRACKER} nor {META}")
+    d = os.path.join(path, iter_dirname(it))
+    if not os.path.isfile(os.path.join(d, META)):
+        raise CheckpointError(f"{os.path.join(path, TRACKER)} names iteration {it} but "
+                              f"{os.path.join(d, META)} is missing (incomplete checkpoint)")
+    return d
+
+
+def read_meta(iter_dir: str) -> dict:
+    path = os.path.join(iter_dir, META)
+    try:
+        meta = json.load(open(path))
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable ({e})") from None
+    if meta.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"{path}: field 'format' is {meta.get('format')!r}, expected "
+                              f"{FORMAT_NAME!r}")
+    if meta.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: field 'version' is {meta.get('version')!r}; this "
+                              f"megacpt reads version {FORMAT_VERSION}")
+    for key in ("iteration", "layout", "dtype", "config", "state"):
+        if key not in meta:
+            raise CheckpointError(f"{path}: missing field {key!r}")
+    return meta
+
+
+def config_from_meta(meta: dict, where: str) -> Config:
+    try:
+        return Config.from_dict(meta["config"])
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{where}: field 'config' is not a valid config ({e})") from None
+
+
+def write_meta(iter_dir: str, iteration: int, tp: int, pp: int, dp: int, dtype: str,
+               has_optimizer: bool, config: dict, state: dict) -> None:
+    meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "iteration": int(iteration),
+            "layout": {"tp": tp, "pp": pp, "dp": dp}, "dtype": dtype,
+            "has_optimizer": bool(has_optimizer), "config": config,
+            "state": json_safe(state, "state")}
+    with open(os.path.join(iter_dir, META), "w") as f:
+        json.dump(meta, f, indent=1)
+
+
+def json_safe(obj, where: str):
+    """Plain JSON values from dicts/lists of numbers, strings, numpy/torch scalars."""
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v, f"{where}.{k}") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+    if hasattr(obj, "item") and tuple(getattr(obj, "shape", (1,))) == ():
+        return obj.item()  # numpy / torch scalar
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    raise CheckpointError(f"checkpoint {where} holds a {type(obj).__name__}, which cannot be "
+                          f"stored in meta.json; pass numbers, strings, lists and dicts")
+
+
+# ----- writing a directory atomically -----
+
+@contextlib.contextmanager
+def atomic_output_dir(final: str):
+    """Yield a temp directory beside `final`; rename it to `final` only on success."""
+    final = os.path.abspath(final)
+    if os.path.exists(final) and (not os.path.isdir(final) or os.listdir(final)):
+        raise CheckpointError(f"output directory {final} already exists and is not empty; "
+                              f"choose another --save-dir or remove it")
+    parent = os.path.dirname(final)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=os.path.basename(final) + ".tmp-")
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.isdir(final):
+        os.rmdir(final)
+    os.rename(tmp, final)

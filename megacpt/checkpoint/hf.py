@@ -1,0 +1,376 @@
+"""HuggingFace LLaMA interop: read a `LlamaForCausalLM` directory as a `Source`, and export any
+`Source` as one that `transformers.LlamaForCausalLM.from_pretrained` loads.
+
+Files of a HuggingFace LLaMA directory (read and written here):
+
+    config.json                   model_type "llama": hidden_size, intermediate_size,
+                                  num_hidden_layers, num_attention_heads, num_key_value_heads,
+                                  rms_norm_eps, rope_theta (or rope_parameters.rope_theta),
+                                  vocab_size, max_position_embeddings, tie_word_embeddings
+    model.safetensors | model-0000i-of-0000n.safetensors + model.safetensors.index.json
+                                  ({"metadata": {"total_size": bytes},
+                                    "weight_map": {tensor name: file name}})
+    pytorch_model.bin[.index.json]   read only, with torch.load(weights_only=True)
+    generation_config.json, tokenizer.model (SentencePiece), tokenizer_config.json,
+    special_tokens_map.json
+
+Tensor mapping (ours <- HF, per layer i; `P = model.layers.{i}.`):
+
+    embedding.weight                    <- model.embed_tokens.weight   (rows padded with zeros)
+    layers.i.input_norm.weight          <- P input_layernorm.weight
+    layers.i.attention.qkv.weight       <- per-group fuse of P self_attn.{q,k,v}_proj.weight
+    layers.i.attention.proj.weight      <- P self_attn.o_proj.weight
+    layers.i.post_attention_norm.weight <- P post_attention_layernorm.weight
+    layers.i.mlp.gate_up.weight         <- cat[P mlp.gate_proj.weight; P mlp.up_proj.weight]
+    layers.i.mlp.down.weight            <- P mlp.down_proj.weight
+    final_norm.weight                   <- model.norm.weight
+    output.weight                       <- lm_head.weight              (rows padded with zeros)
+
+HF's q/k weights are already in the rotate-half convention our rotary uses: no permutation.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+
+import torch
+
+from megacpt.checkpoint.format import CheckpointError, atomic_output_dir
+from megacpt.checkpoint.reader import Source
+from megacpt.checkpoint.safetensors_io import (SafetensorsError, SafetensorsReader,
+                                               SafetensorsWriter, nbytes)
+from megacpt.checkpoint.writer import _progress
+from megacpt.config import Config, ModelConfig
+from megacpt.parallel.sharding import qkv_from_separate, qkv_to_separate
+
+_IGNORED = re.compile(r"rotary_emb\.inv_freq$")
+
+
+def _layer_hf_names(i: int) -> dict[str, str]:
+    p = f"model.layers.{i}."
+    return {"q": p + "self_attn.q_proj.weight", "k": p + "self_attn.k_proj.weight",
+            "v": p + "self_attn.v_proj.weight", "o": p + "self_attn.o_proj.weight",
+            "gate": p + "mlp.gate_proj.weight", "up": p + "mlp.up_proj.weight",
+            "down": p + "mlp.down_proj.weight", "in_norm": p + "input_layernorm.weight",
+            "post_norm": p + "post_attention_layernorm.weight"}
+
+
+def hf_shapes(cfg: ModelConfig) -> list[tuple[str, tuple]]:
+    """(HF tensor name, shape) in the order our parameters produce them."""
+    h, d, f = cfg.hidden_size, cfg.head_dim, cfg.ffn_hidden_size
+    nh, ng, v = cfg.num_attention_heads, cfg.num_query_groups, cfg.vocab_size
+    out = [("model.embed_tokens.weight", (v, h))]
+    for i in range(cfg.num_layers):
+        n = _layer_hf_names(i)
+        out += [(n["in_norm"], (h,)), (n["q"], (nh * d, h)), (n["k"], (ng * d, h)),
+                (n["v"], (ng * d, h)), (n["o"], (h, nh * d)), (n["post_norm"], (h,)),
+                (n["gate"], (f, h)), (n["up"], (f, h)), (n["down"], (h, f))]
+    return out + [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
+
+
+def config_from_hf(hf: dict, where: str, make_vocab_size_divisible_by: int = 128,
+                   seq_length: int | None = None) -> ModelConfig:
+    """Our ModelConfig from a HF config.json dict; anything not LLaMA-like is an error."""
+    def bad(field, value, expected):
+        raise CheckpointError(f"{where}: field {field!r} is {value!r}, expected {expected} "
+                              f"(only LLaMA-like models can be imported)")
+
+    if hf.get("model_type") != "llama":
+        bad("model_type", hf.get("model_type"), "'llama'")
+    arch = hf.get("architectures") or ["LlamaForCausalLM"]
+    if "LlamaForCausalLM" not in arch:
+        bad("architectures", arch, "['LlamaForCausalLM']")
+    for field, ok in (("tie_word_embeddings", False), ("attention_bias", False),
+                      ("mlp_bias", False), ("rope_scaling", None)):
+        if hf.get(field, ok) not in (ok,):
+            bad(field, hf.get(field), repr(ok) if ok is not None else "null")
+    if hf.get("hidden_act", "silu") != "silu":
+        bad("hidden_act", hf.get("hidden_act"), "'silu'")
+    rope = hf.get("rope_parameters") or {}
+    if rope.get("rope_type", "default") != "default":
+        bad("rope_parameters.rope_type", rope.get("rope_type"), "'default'")
+    for field in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                  "num_attention_heads", "vocab_size"):
+        if not isinstance(hf.get(field), int) or hf[field] <= 0:
+            bad(field, hf.get(field), "a positive integer")
+    heads = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+    kv_channels = None if head_dim * heads == hf["hidden_size"] else head_dim
+    max_pos = int(hf.get("max_position_embeddings") or 4096)
+    try:
+        return ModelConfig(
+            num_layers=hf["num_hidden_layers"], hidden_size=hf["hidden_size"],
+            ffn_hidden_size=hf["intermediate_size"], num_attention_heads=heads,
+            num_query_groups=hf.get("num_key_value_heads") or heads, kv_channels=kv_channels,
+            vocab_size=hf["vocab_size"], make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+            seq_length=min(seq_length or max_pos, max_pos), max_position_embeddings=max_pos,
+            rotary_base=float(hf.get("rope_theta") or rope.get("rope_theta") or 10000.0),
+            norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            init_method_std=float(hf.get("initializer_range", 0.02)))
+    except ValueError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+
+
+def check_tokenizer(path: str, vocab_size: int | None = None):
+    """Load a SentencePiece model; a clear error when unreadable or too large."""
+    import sentencepiece as spm
+
+    try:
+        sp = spm.SentencePieceProcessor(model_file=path)
+    except (OSError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: unreadable SentencePiece tokenizer ({e})") from None
+    if vocab_size is not None and sp.get_piece_size() > vocab_size:
+        raise CheckpointError(f"{path}: tokenizer has {sp.get_piece_size()} pieces but the "
+                              f"model's vocab_size is {vocab_size}")
+    return sp
+
+
+class HFSource(Source):
+    """A HuggingFace LLaMA directory, read tensor by tensor."""
+
+    kind = "hf"
+
+    def __init__(self, path: str, make_vocab_size_divisible_by: int = 128,
+                 seq_length: int | None = None, **_ignored):
+        self.path = path
+        cfg_path = os.path.join(path, "config.json")
+        try:
+            hf = json.load(open(cfg_path))
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{cfg_path}: unreadable ({e})") from None
+        self.hf_config = hf
+        mcfg = config_from_hf(hf, cfg_path, make_vocab_size_divisible_by, seq_length)
+        self.cfg = Config(model=mcfg)
+        self.iteration, self.state = 0, {}
+        self._files: dict = {}
+        self._map = self._weight_map()
+        self._check_tensors()
+        self.dtype = self._dtype("model.embed_tokens.weight")
+        self.cfg.training.bf16 = self.dtype == torch.bfloat16
+        tok = os.path.join(path, "tokenizer.model")
+        self.tokenizer_path = None
+        if os.path.isfile(tok):
+            check_tokenizer(tok, mcfg.vocab_size)
+            self.tokenizer_path = tok
+
+    # ----- files -----
+    def _weight_map(self) -> dict[str, str]:
+        for index, single in (("model.safetensors.index.json", "model.safetensors"),
+                              ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+            ipath = os.path.join(self.path, index)
+            if os.path.isfile(ipath):
+                try:
+                    wmap = json.load(open(ipath))["weight_map"]
+                except (OSError, json.JSONDecodeError, KeyError) as e:
+                    raise CheckpointError(f"{ipath}: unreadable or no 'weight_map' ({e})") from None
+                for f in sorted(set(wmap.values())):
+                    if not os.path.isfile(os.path.join(self.path, f)):
+                        raise CheckpointError(f"{ipath} lists shard {f}, which is missing")
+                return wmap
+            spath = os.path.join(self.path, single)
+            if os.path.isfile(spath):
+                return {k: single for k in self._open(single).keys()}
+        raise CheckpointError(f"{self.path}: no weights (expected model.safetensors, "
+                              f"model.safetensors.index.json or pytorch_model*.bin)")
+
+    def _open(self, fname: str):
+        if fname not in self._files:
+            path = os.path.join(self.path, fname)
+            if fname.endswith(".safetensors"):
+                try:
+                    self._files[fname] = SafetensorsReader(path)
+                except SafetensorsError as e:
+                    raise CheckpointError(str(e)) from None
+            else:
+                self._files = {k: v for k, v in self._files.items() if k.endswith(".safetensors")}
+                self._files[fname] = _TorchBin(path)
+        return self._files[fname]
+
+    def _raw(self, hf_name: str) -> torch.Tensor:
+        return self._open(self._map[hf_name]).get(hf_name)
+
+    def _dtype(self, hf_name: str) -> torch.dtype:
+        return self._open(self._map[hf_name]).dtype(hf_name)
+
+    def _check_tensors(self) -> None:
+        want = dict(hf_shapes(self.cfg.model))
+        for name in self._map:
+            if name in want or _IGNORED.search(name):
+                continue
+            what = "a bias" if name.endswith(".bias") else "an unexpected tensor"
+            raise CheckpointError(f"{self.path}: {self._map[name]} holds {what} {name!r}; "
+                                  f"only LLaMA-like models (no biases) can be imported")
+        for name, shape in want.items():
+            if name not in self._map:
+                raise CheckpointError(f"{self.path}: tensor {name!r} is missing from the "
+                                      f"weights (config.json implies it)")
+            have = tuple(self._open(self._map[name]).shape(name))
+            if have != shape:
+                raise CheckpointError(f"{self.path}/{self._map[name]}: tensor {name!r} has shape "
+                                      f"{have} but config.json implies {shape}")
+
+    # ----- tensors in our names -----
+    def get(self, name: str) -> torch.Tensor:
+        c = self.cfg.model
+        if name in ("embedding.weight", "output.weight"):
+            src = self._raw("model.embed_tokens.weight" if name == "embedding.weight"
+                            else "lm_head.weight")
+            out = src.new_zeros(c.padded_vocab_size, c.hidden_size)  # padded rows are zero
+            out[: c.vocab_size] = src
+            return out
+        if name == "final_norm.weight":
+            return self._raw("model.norm.weight")
+        m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
+        if not m or int(m.group(1)) >= c.num_layers:
+            raise CheckpointError(f"{self.path}: the model has no parameter {name!r}")
+        n = _layer_hf_names(int(m.group(1)))
+        leaf = m.group(2)
+        if leaf == "attention.qkv.weight":
+            return qkv_from_separate(self._raw(n["q"]), self._raw(n["k"]), self._raw(n["v"]),
+                                     c.num_attention_heads, c.num_query_groups)
+        if leaf == "mlp.gate_up.weight":
+            return torch.cat([self._raw(n["gate"]), self._raw(n["up"])])
+        simple = {"input_norm.weight": "in_norm", "post_attention_norm.weight": "post_norm",
+                  "attention.proj.weight": "o", "mlp.down.weight": "down"}
+        return self._raw(n[simple[leaf]])
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files = {}
+
+
+class _TorchBin:
+    """A pytorch_model*.bin, loaded with weights_only=True (memory-mapped when possible)."""
+
+    def __init__(self, path: str):
+        try:
+            self.sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (non-zip) format cannot be memory-mapped
+            self.sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - unpickling errors of any kind
+            raise CheckpointError(f"{path}: unreadable with weights_only=True ({e})") from None
+
+    def keys(self):
+        return list(self.sd)
+
+    def get(self, name):
+        return self.sd[name].clone()
+
+    def shape(self, name):
+        return self.sd[name].shape
+
+    def dtype(self, name):
+        return self.sd[name].dtype
+
+    def close(self):
+        self.sd = {}
+
+
+def hf_tensors(cfg: ModelConfig, name: str, full: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """Our full tensor `name` -> [(HF name, tensor)] (inverse of `HFSource.get`)."""
+    if name == "embedding.weight":
+        return [("model.embed_tokens.weight", full[: cfg.vocab_size])]
+    if name == "output.weight":
+        return [("lm_head.weight", full[: cfg.vocab_size])]
+    if name == "final_norm.weight":
+        return [("model.norm.weight", full)]
+    i, leaf = re.fullmatch(r"layers\.(\d+)\.(.+)", name).groups()
+    n = _layer_hf_names(int(i))
+    if leaf == "attention.qkv.weight":
+        q, k, v = qkv_to_separate(full, cfg.num_attention_heads, cfg.num_query_groups)
+        return [(n["q"], q), (n["k"], k), (n["v"], v)]
+    if leaf == "mlp.gate_up.weight":
+        gate, up = full.chunk(2)
+        return [(n["gate"], gate), (n["up"], up)]
+    simple = {"input_norm.weight": "in_norm", "post_attention_norm.weight": "post_norm",
+              "attention.proj.weight": "o", "mlp.down.weight": "down"}
+    return [(n[simple[leaf]], full)]
+
+
+def hf_config(cfg: ModelConfig, dtype: torch.dtype, bos: int | None, eos: int | None) -> dict:
+    dt = str(dtype).replace("torch.", "")
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": cfg.hidden_size, "intermediate_size": cfg.ffn_hidden_size,
+        "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_query_groups, "head_dim": cfg.head_dim,
+        "hidden_act": "silu", "max_position_embeddings": cfg.max_position_embeddings,
+        "initializer_range": cfg.init_method_std, "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rotary_base, "rope_scaling": None,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rotary_base},
+        "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False,
+        "pretraining_tp": 1, "tie_word_embeddings": False, "vocab_size": cfg.vocab_size,
+        "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": None, "use_cache": True,
+        "torch_dtype": dt, "dtype": dt,
+    }
+
+
+def _plan_shards(entries, max_shard_bytes: int) -> list[list]:
+    shards, cur, size = [], [], 0
+    for name, dtype, shape in entries:
+        b = nbytes(dtype, shape)
+        if cur and size + b > max_shard_bytes:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append((name, dtype, shape))
+        size += b
+    return shards + [cur]
+
+
+def export_hf(source: Source, out_dir: str, dtype: torch.dtype | None = None,
+              max_shard_bytes: int = 2 * 2**30, progress: bool = True) -> str:
+    """Write `source` as a HuggingFace LLaMA directory (atomically); returns `out_dir`."""
+    cfg = source.cfg.model
+    dtype = dtype or source.dtype
+    entries = [(n, dtype, s) for n, s in hf_shapes(cfg)]
+    shards = _plan_shards(entries, max_shard_bytes)
+    files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {n: f for f, shard in zip(files, shards) for n, _, _ in shard}
+    with atomic_output_dir(out_dir) as tmp:
+        shard_i, writer = -1, None
+        for name in _progress(source.names(), progress, "exporting to HF"):
+            for hf_name, t in hf_tensors(cfg, name, source.get(name)):
+                i = files.index(weight_map[hf_name])
+                if i != shard_i:
+                    if writer is not None:
+                        writer.close()
+                    shard_i = i
+                    writer = SafetensorsWriter(os.path.join(tmp, files[i]), shards[i],
+                                               {"format": "pt"})
+                writer.write(hf_name, t.to(dtype))
+        writer.close()
+        total = sum(nbytes(d, s) for _, d, s in entries)
+        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        bos, eos = 1, 2
+        if source.tokenizer_path:
+            bos, eos = _write_tokenizer(source.tokenizer_path, tmp, cfg)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf_config(cfg, dtype, bos, eos), f, indent=2)
+        with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+            json.dump({"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": None}, f,
+                      indent=2)
+    return out_dir
+
+
+def _write_tokenizer(path: str, out: str, cfg: ModelConfig) -> tuple[int | None, int | None]:
+    sp = check_tokenizer(path, cfg.vocab_size)
+    shutil.copyfile(path, os.path.join(out, "tokenizer.model"))
+
+    def piece(i):
+        return sp.id_to_piece(i) if i >= 0 else None
+
+    bos, eos, unk = sp.bos_id(), sp.eos_id(), sp.unk_id()
+    special = {k: v for k, v in (("bos_token", piece(bos)), ("eos_token", piece(eos)),
+                                 ("unk_token", piece(unk))) if v is not None}
+    with open(os.path.join(out, "special_tokens_map.json"), "w") as f:
+        json.dump(special, f, indent=2)
+    with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "LlamaTokenizer", "add_bos_token": bos >= 0,
+                   "add_eos_token": False, "model_max_length": cfg.max_position_embeddings,
+                   "clean_up_tokenization_spaces": False, "legacy": False, **special}, f,
+                  indent=2)
+    return (bos if bos >= 0 else None), (eos if eos >= 0 else None)

@@ -1,0 +1,269 @@
+"""Read full (unsharded) tensors by global name from a checkpoint in any layout or format.
+
+A `Source` hides where tensors come from: our own checkpoints in any (tp, pp) layout
+(`MegacptSource`, the format in `megacpt.checkpoint.format`), HuggingFace LLaMA directories
+(`megacpt.checkpoint.hf.HFSource`) and Megatron-LM legacy checkpoints
+(`megacpt.checkpoint.megatron_legacy.MegatronSource`). Every source answers in our parameter
+names and layout (fused per-group QKV, fused gate-up, vocabulary padded to the multiple), one
+tensor at a time, so converters stream: memory holds about one full tensor, never the model.
+`open_source(path)` picks the reader from what the directory contains.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from megacpt.checkpoint import format as fmt
+from megacpt.checkpoint.format import CheckpointError
+from megacpt.checkpoint.safetensors_io import SafetensorsError, SafetensorsReader
+from megacpt.config import Config
+from megacpt.parallel import sharding
+
+
+class Source:
+    """Base: a model config plus full tensors by global parameter name."""
+
+    kind = "?"
+    path: str
+    cfg: Config
+    dtype: torch.dtype
+    iteration: int = 0
+    state: dict = {}
+    tokenizer_path: str | None = None
+    has_optimizer: bool = False
+    #: tp size the tensors are stored split into (get_shard at this tp is a plain read)
+    native_tp: int | None = None
+
+    def names(self) -> list[str]:
+        return fmt.param_names(self.cfg.model)
+
+    def get(self, name: str) -> torch.Tensor:
+        """The full tensor of parameter `name` (padded vocabulary)."""
+        raise NotImplementedError
+
+    def get_shard(self, name: str, tp: int, tp_rank: int) -> torch.Tensor:
+        """One tp rank's part of parameter `name` in a tp-way layout."""
+        return sharding.shard(name, self.get(name), tp_rank, tp).contiguous()
+
+    # optimizer state (only our own checkpoints have it)
+    def optimizer_entries(self, name: str) -> list[tuple[str, torch.dtype, bool, tuple]]:
+        """[(key, dtype, sharded_like_param, shape)]; shape is full when sharded."""
+        return []
+
+    def optimizer_get(self, name: str, key: str) -> torch.Tensor:
+        raise CheckpointError(f"{self.path}: a {self.kind} checkpoint has no optimizer state")
+
+    def optimizer_rest(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class MegacptSource(Source):
+    """Our checkpoint, any layout; validates every shard's tensor list and shapes on open."""
+
+    kind = "megacpt"
+
+    def __init__(self, path: str):
+        self.iter_dir = fmt.resolve_iter_dir(path)
+        self.path = self.iter_dir
+        self.meta = fmt.read_meta(self.iter_dir)
+        meta_path = os.path.join(self.iter_dir, fmt.META)
+        self.cfg = fmt.config_from_meta(self.meta, meta_path)
+        self.tp, self.pp = int(self.meta["layout"]["tp"]), int(self.meta["layout"]["pp"])
+        self.native_tp = self.tp
+        self.iteration = int(self.meta["iteration"])
+        self.state = self.meta["state"]
+        self.has_optimizer = bool(self.meta.get("has_optimizer"))
+        try:
+            self.dtype = getattr(torch, self.meta["dtype"])
+        except AttributeError:
+            raise CheckpointError(f"{meta_path}: field 'dtype' is {self.meta['dtype']!r}, "
+                                  f"not a torch dtype") from None
+        mcfg = self.cfg.model
+        fmt.check_layout(mcfg, self.tp, self.pp, f"{meta_path} layout")
+        self._stage = {n: p for p in range(self.pp)
+                       for n in fmt.stage_param_names(mcfg, self.pp, p)}
+        self._model, self._optim = {}, {}
+        for t in range(self.tp):
+            for p in range(self.pp):
+                self._open_shard(t, p)
+        self.tokenizer_path = None
+        for cand in (os.path.join(self.iter_dir, fmt.TOKENIZER),
+                     os.path.join(os.path.dirname(self.iter_dir), fmt.TOKENIZER)):
+            if os.path.isfile(cand):
+                self.tokenizer_path = cand
+                break
+
+    def _open_shard(self, t: int, p: int) -> None:
+        d = os.path.join(self.iter_dir, fmt.shard_dirname(t, p))
+        if not os.path.isdir(d):
+            raise CheckpointError(f"{self.iter_dir}: shard directory {fmt.shard_dirname(t, p)} "
+                                  f"is missing (layout tp{self.tp}pp{self.pp} needs "
+                                  f"{self.tp * self.pp} shards)")
+        mcfg = self.cfg.model
+        want = fmt.stage_param_names(mcfg, self.pp, p)
+        try:
+            r = SafetensorsReader(os.path.join(d, fmt.MODEL_FILE))
+        except SafetensorsError as e:
+            raise CheckpointError(str(e)) from None
+        missing = [n for n in want if n not in r]
+        extra = [n for n in r.keys() if n not in set(want)]
+        if missing or extra:
+            raise CheckpointError(f"{r.path}: tensors do not match the config's model "
+                                  f"(missing {missing[:3]}, unexpected {extra[:3]})")
+        for n in want:
+            shape = fmt.local_shape(mcfg, n, self.tp)
+            if tuple(r.shape(n)) != shape:
+                raise CheckpointError(f"{r.path}: tensor {n!r} has shape {tuple(r.shape(n))} "
+                                      f"but the config in meta.json implies {shape} at tp{self.tp}")
+        self._model[(t, p)] = r
+        if self.has_optimizer:
+            path = os.path.join(d, fmt.OPTIM_TENSORS)
+            try:
+                self._optim[(t, p)] = SafetensorsReader(path)
+            except SafetensorsError as e:
+                raise CheckpointError(f"{e} (meta.json says the checkpoint has optimizer "
+                                      f"state)") from None
+
+    def stage_of(self, name: str) -> int:
+        try:
+            return self._stage[name]
+        except KeyError:
+            raise CheckpointError(f"{self.iter_dir}: the model has no parameter {name!r}") from None
+
+    def get(self, name: str) -> torch.Tensor:
+        p = self.stage_of(name)
+        return sharding.unshard(name, [self._model[(t, p)].get(name) for t in range(self.tp)])
+
+    def get_shard(self, name: str, tp: int, tp_rank: int) -> torch.Tensor:
+        if tp == self.tp:
+            return self._model[(tp_rank, self.stage_of(name))].get(name)
+        return super().get_shard(name, tp, tp_rank)
+
+    def optimizer_entries(self, name: str):
+        if not self.has_optimizer:
+            return []
+        p = self.stage_of(name)
+        r = self._optim[(0, p)]
+        local = fmt.local_shape(self.cfg.model, name, self.tp)
+        out = []
+        for k in r.keys():
+            pname, _, key = k.rpartition("/")
+            if pname != name:
+                continue
+            shape = tuple(r.shape(k))
+            sharded = shape == local
+            if sharded:
+                shape = fmt.full_shape(self.cfg.model, name)
+            out.append((key, r.dtype(k), sharded, shape))
+        return out
+
+    def optimizer_get(self, name: str, key: str) -> torch.Tensor:
+        p = self.stage_of(name)
+        k = f"{name}/{key}"
+        parts = [self._optim[(t, p)].get(k) for t in range(self.tp)]
+        if tuple(parts[0].shape) == fmt.local_shape(self.cfg.model, name, self.tp):
+            return sharding.unshard(name, parts)
+        return parts[0]
+
+    def optimizer_rest(self) -> dict:
+        """The non-tensor optimizer state of every stage, merged (see `merge_rest`)."""
+        if not self.has_optimizer:
+            return {}
+        rests = []
+        for p in range(self.pp):
+            path = os.path.join(self.iter_dir, fmt.shard_dirname(0, p), fmt.OPTIM_REST)
+            rests.append(load_plain(path))
+        return merge_rest(rests, self.iter_dir)
+
+    def close(self) -> None:
+        for r in list(self._model.values()) + list(self._optim.values()):
+            r.close()
+
+
+def load_plain(path: str):
+    """torch.load of plain types only (weights_only); a clear error when missing/corrupt."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing") from None
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is reported the same way
+        raise CheckpointError(f"{path}: unreadable with weights_only=True ({e})") from None
+
+
+def merge_rest(rests: list[dict], where: str) -> dict:
+    """Merge the non-tensor optimizer state of pipeline stages into one model-wide dict.
+
+    Top-level values come from stage 0; "state" (per-parameter, keyed by global name) is the
+    union; "param_groups" are merged group by group with "params" lists (of global names)
+    concatenated. Integer parameter indices cannot be mapped between layouts and are an error.
+    """
+    merged = {k: v for k, v in rests[0].items() if k not in ("state", "param_groups")}
+    merged["state"] = {}
+    for r in rests:
+        merged["state"].update(r.get("state", {}))
+    if any("param_groups" in r for r in rests):
+        groups = [dict(g) for g in rests[0].get("param_groups", [])]
+        for g in groups:
+            g["params"] = []
+        for r in rests:
+            rg = r.get("param_groups", [])
+            if len(rg) != len(groups):
+                raise CheckpointError(f"{where}: pipeline stages have different numbers of "
+                                      f"optimizer param_groups ({len(rg)} vs {len(groups)})")
+            for g, src in zip(groups, rg):
+                params = src.get("params", [])
+                if any(not isinstance(x, str) for x in params):
+                    raise CheckpointError(f"{where}: optimizer param_groups list parameters by "
+                                          f"index, not by global name; cannot change layout")
+                g["params"].extend(params)
+        merged["param_groups"] = groups
+    return merged
+
+
+def split_rest(rest: dict, names: list[str]) -> dict:
+    """The part of a merged optimizer rest that belongs to the parameters `names`."""
+    keep = set(names)
+    out = {k: v for k, v in rest.items() if k not in ("state", "param_groups")}
+    out["state"] = {n: v for n, v in rest.get("state", {}).items() if n in keep}
+    if "param_groups" in rest:
+        out["param_groups"] = [{**g, "params": [n for n in g.get("params", []) if n in keep]}
+                               for g in rest["param_groups"]]
+    return out
+
+
+def detect_format(path: str) -> str:
+    """"hf", "megatron" or "megacpt" from the files in `path`."""
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return "hf"
+    from megacpt.checkpoint.megatron_legacy import is_megatron_legacy
+
+    if is_megatron_legacy(path):
+        return "megatron"
+    return "megacpt"
+
+
+def open_source(path: str, **hf_options) -> Source:
+    """A reader for our checkpoint (save dir or iter dir), a HuggingFace LLaMA directory or a
+    Megatron-LM legacy checkpoint, chosen from the directory's contents."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint path {path} does not exist or is not a directory")
+    kind = detect_format(path)
+    if kind == "hf":
+        from megacpt.checkpoint.hf import HFSource
+
+        return HFSource(path, **hf_options)
+    if kind == "megatron":
+        from megacpt.checkpoint.megatron_legacy import MegatronSource
+
+        return MegatronSource(path, **hf_options)
+    return MegacptSource(path)

@@ -1,0 +1,146 @@
+"""Write a checkpoint in any (tp, pp) layout from a `Source`, streaming one tensor at a time.
+
+Every output shard file (`model.safetensors`, `optimizer.safetensors` of each (tp, pp) rank)
+is opened up front with its complete header (the shapes are known from the config), then the
+parameters are visited in model order: each full tensor is read once from the source, split
+for the target tp ranks, written, and dropped. Peak memory is about the largest full tensor
+plus its shards (the embedding, or one layer's MLP), independent of the model's depth.
+
+The output goes to a temporary directory beside `save_dir` and is renamed only when complete
+(see `format.atomic_output_dir`); the directory layout is documented in `format`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from contextlib import ExitStack
+from typing import Callable
+
+import torch
+
+from megacpt.checkpoint import format as fmt
+from megacpt.checkpoint.format import CheckpointError
+from megacpt.checkpoint.reader import Source, split_rest
+from megacpt.checkpoint.safetensors_io import SafetensorsWriter
+from megacpt.config import Config
+from megacpt.parallel import sharding
+
+log = logging.getLogger(__name__)
+
+#: optional per-parameter hook: (name, full tensor) -> replacement full tensor
+Transform = Callable[[str, torch.Tensor], torch.Tensor]
+
+
+def write_checkpoint(source: Source, save_dir: str, tp: int, pp: int, *,
+                     with_optimizer: bool = True, dtype: torch.dtype | None = None,
+                     model_cfg=None, transform: Transform | None = None,
+                     extra_files: dict[str, bytes] | None = None,
+                     iteration: int | None = None, state: dict | None = None,
+                     progress: bool = True) -> str:
+    """Write `source` to `save_dir` in layout tp x pp; returns the iteration directory.
+
+    `model_cfg` replaces the source's model config (e.g. a grown vocabulary, with `transform`
+    producing the matching tensors); `dtype` casts the parameters (not the optimizer state);
+    `extra_files` {name: bytes} are written into `save_dir` (after the source's tokenizer,
+    so {"tokenizer.model": ...} replaces it); `iteration` and `state` replace the source's
+    (a new model, e.g. a grown vocabulary, starts at iteration 0 with an empty state).
+    """
+    cfg = Config.from_dict(source.cfg.to_dict())
+    if model_cfg is not None:
+        cfg.model = model_cfg
+    fmt.check_layout(cfg.model, tp, pp)
+    cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size = tp, pp
+    out_dtype = dtype or source.dtype
+    with_optimizer = with_optimizer and source.has_optimizer
+    if with_optimizer and transform is not None:
+        raise CheckpointError("optimizer state cannot be carried through a tensor transform; "
+                              "pass --no-optimizer")
+    with fmt.atomic_output_dir(save_dir) as tmp:
+        iteration = source.iteration if iteration is None else iteration
+        iter_dir = os.path.join(tmp, fmt.iter_dirname(iteration))
+        _write_shards(source, iter_dir, cfg.model, tp, pp, out_dtype, with_optimizer,
+                      transform, progress)
+        dp = 1
+        if source.kind == "megacpt":
+            dp = int(getattr(source, "meta", {}).get("layout", {}).get("dp", 1))
+        fmt.write_meta(iter_dir, iteration, tp, pp, dp, str(out_dtype).replace("torch.", ""),
+                       with_optimizer, cfg.to_dict(),
+                       dict(source.state if state is None else state))
+        if source.tokenizer_path:
+            shutil.copyfile(source.tokenizer_path, os.path.join(tmp, fmt.TOKENIZER))
+        for fname, data in (extra_files or {}).items():
+            with open(os.path.join(tmp, fname), "wb") as f:
+                f.write(data)
+        fmt.write_tracker(tmp, iteration)
+    return os.path.join(save_dir, fmt.iter_dirname(iteration))
+
+
+def _write_shards(source: Source, iter_dir: str, mcfg, tp: int, pp: int, dtype: torch.dtype,
+                  with_optimizer: bool, transform: Transform | None, progress: bool) -> None:
+    stage_names = {p: fmt.stage_param_names(mcfg, pp, p) for p in range(pp)}
+    stage_of = {n: p for p, names in stage_names.items() for n in names}
+    opt_entries = {n: source.optimizer_entries(n) for n in stage_of} if with_optimizer else {}
+    with ExitStack() as stack:
+        models, optims = {}, {}
+        for p, names in stage_names.items():
+            for t in range(tp):
+                d = os.path.join(iter_dir, fmt.shard_dirname(t, p))
+                os.makedirs(d)
+                entries = [(n, dtype, fmt.local_shape(mcfg, n, tp)) for n in names]
+                models[(t, p)] = stack.enter_context(
+                    SafetensorsWriter(os.path.join(d, fmt.MODEL_FILE), entries))
+                if with_optimizer:
+                    oe = [(f"{n}/{k}", dt, fmt.local_shape(mcfg, n, tp) if sh else shape)
+                          for n in names for k, dt, sh, shape in opt_entries[n]]
+                    optims[(t, p)] = stack.enter_context(
+                        SafetensorsWriter(os.path.join(d, fmt.OPTIM_TENSORS), oe))
+        names = fmt.param_names(mcfg)
+        it = _progress(names, progress, f"writing tp{tp}pp{pp}")
+        for name in it:
+            p = stage_of[name]
+            if transform is None and source.native_tp == tp:  # shards as stored
+                parts = [source.get_shard(name, tp, t) for t in range(tp)]
+            else:
+                full = source.get(name)
+                if transform is not None:
+                    full = transform(name, full)
+                parts = [sharding.shard(name, full, t, tp) for t in range(tp)]
+            for t in range(tp):
+                models[(t, p)].write(name, parts[t].to(dtype))
+            del parts
+            for key, _, sharded, _ in opt_entries.get(name, []):
+                full = source.optimizer_get(name, key)
+                for t in range(tp):
+                    part = sharding.shard(name, full, t, tp) if sharded else full
+                    optims[(t, p)].write(f"{name}/{key}", part)
+    if with_optimizer:
+        rest = source.optimizer_rest()
+        for p, names in stage_names.items():
+            part = split_rest(rest, names)
+            for t in range(tp):
+                torch.save(part, os.path.join(iter_dir, fmt.shard_dirname(t, p), fmt.OPTIM_REST))
+
+
+def _progress(items, enabled: bool, desc: str):
+    """tqdm when available and enabled, else a log line every ~10% with rate and ETA."""
+    if not enabled:
+        return items
+    try:
+        from tqdm import tqdm
+
+        return tqdm(items, desc=desc, unit="tensor")
+    except ImportError:
+        return _log_progress(items, desc)
+
+
+def _log_progress(items, desc):
+    start, n = time.time(), len(items)
+    for i, x in enumerate(items):
+        yield x
+        if (i + 1) % max(1, n // 10) == 0:
+            el = time.time() - start
+            rate = (i + 1) / max(el, 1e-9)
+            log.info("%s: %d/%d tensors, %.1f/s, ETA %.0fs", desc, i + 1, n, rate,
+                     (n - i - 1) / rate)

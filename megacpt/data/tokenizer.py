@@ -1,0 +1,78 @@
+"""SentencePiece tokenizer wrapper with Megatron's tokenizer vocabulary of names.
+
+`eod` (end of document, appended by `preprocess_data.py --append-eod`) is the model's `</s>`
+id; `bos` its `<s>` id; `pad` its `<pad>` id, or `eod` when the model has no pad piece
+(LLaMA2's tokenizer has none). `tokenize` never adds BOS/EOS. Pickles by model path, so
+worker processes reload the model instead of shipping it.
+"""
+from __future__ import annotations
+
+import os
+
+import sentencepiece as spm
+
+
+class SentencePieceTokenizer:
+    def __init__(self, model_path: str):
+        if not os.path.isfile(model_path):
+            raise FileNotFoundError(f"{model_path}: SentencePiece model not found "
+                                    f"(--tokenizer-model expects a .model file)")
+        self.model_path = model_path
+        self._load()
+
+    def _load(self) -> None:
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=self.model_path)
+        except (RuntimeError, OSError) as e:
+            raise ValueError(f"{self.model_path}: not a SentencePiece model ({e})") from None
+        self.vocab_size = self._sp.get_piece_size()
+        self.eod = self._sp.eos_id()
+        if self.eod < 0:
+            raise ValueError(f"{self.model_path}: the model has no </s> piece (eos_id = -1); "
+                             f"megacpt uses it as the end-of-document id")
+        self.bos = self._sp.bos_id()
+        pad = self._sp.pad_id()
+        self.pad = pad if pad >= 0 else self.eod
+        self.unk = self._sp.unk_id()
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of `text` (no BOS, no EOS)."""
+        return self._sp.encode(text)
+
+    def tokenize_batch(self, texts: list[str], num_threads: int = 1) -> list[list[int]]:
+        """Token ids of many texts in one C++ call (`num_threads` threads)."""
+        return self._sp.encode(texts, num_threads=num_threads)
+
+    def detokenize(self, ids) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
+    def id_to_piece(self, i: int) -> str:
+        return self._sp.id_to_piece(int(i))
+
+    def piece_to_id(self, piece: str) -> int:
+        return self._sp.piece_to_id(piece)
+
+    @property
+    def vocab(self) -> dict[str, int]:
+        return {self._sp.id_to_piece(i): i for i in range(self.vocab_size)}
+
+    def __getstate__(self):
+        return {"model_path": self.model_path}
+
+    def __setstate__(self, state):
+        self.model_path = state["model_path"]
+        self._load()
+
+    def __repr__(self) -> str:
+        return f"SentencePieceTokenizer({self.model_path!r}, vocab_size={self.vocab_size})"
+
+
+TOKENIZER_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer")
+
+
+def build_tokenizer(tokenizer_type: str, model_path: str) -> SentencePieceTokenizer:
+    """Megatron's `--tokenizer-type` names that mean a SentencePiece model."""
+    if tokenizer_type not in TOKENIZER_TYPES:
+        raise ValueError(f"--tokenizer-type {tokenizer_type!r} is not supported "
+                         f"(expected one of {', '.join(TOKENIZER_TYPES)})")
+    return SentencePieceTokenizer(model_path)

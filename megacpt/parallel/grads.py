@@ -1,0 +1,194 @@
+"""fp32 main-gradient buffers in buckets, reduced over data-parallel ranks during backward.
+
+Every trainable parameter gets a slice of a flat fp32 bucket (`main_grad`). A hook that runs
+after autograd has accumulated a parameter's gradient adds it into the slice and frees
+`param.grad`, so micro-batches accumulate in fp32 whatever the parameter dtype (bf16 params,
+fp32 main grads). Buckets hold parameters in reverse registration order (roughly the order
+backward produces them) up to `bucket_size_mb`; during the last micro-batch's backward a
+bucket whose parameters are all done starts its data-parallel reduction asynchronously
+(overlapping the rest of the backward on GPU):
+
+- plain data parallelism: all-reduce of the averaged bucket,
+- ZeRO-1 (`shard_over_dp`): reduce-scatter, after which dp rank r holds the reduced
+  gradients of elements `[r S, (r + 1) S)` of each bucket (bucket length padded to a multiple
+  of dp, S = padded / dp). gloo has no reduce-scatter: there the bucket is all-reduced and
+  rank r reads its range.
+
+`finish()` waits for every bucket, then all-reduces over tp the gradients of parameters marked
+`sequence_parallel=True` (norm weights under sequence parallelism see only s/tp tokens).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from megacpt.parallel.context import ParallelContext
+
+
+@dataclass
+class Bucket:
+    """A flat fp32 gradient buffer shared by consecutive parameters."""
+
+    index: int
+    names: list[str] = field(default_factory=list)
+    params: list[torch.nn.Parameter] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
+    numel: int = 0
+    grad: torch.Tensor | None = None  # [padded numel] fp32
+    ready: int = 0
+    work: object = None
+    launched: bool = False
+
+    @property
+    def padded(self) -> int:
+        return self.grad.numel()
+
+
+@dataclass(frozen=True)
+class Piece:
+    """The part of one parameter (flat elements `[lo, hi)`) that this rank owns and updates;
+    it sits at `[start, start + hi - lo)` in its bucket."""
+
+    name: str
+    param: torch.nn.Parameter
+    bucket: int
+    lo: int
+    hi: int
+    start: int
+
+    @property
+    def whole(self) -> bool:
+        return self.lo == 0 and self.hi == self.param.numel()
+
+
+class GradBuffer:
+    """Main gradients of `named_params`, bucketed and reduced over `ctx.dp_group`."""
+
+    def __init__(self, named_params: list[tuple[str, torch.nn.Parameter]], ctx: ParallelContext,
+                 bucket_size_mb: float = 25.0, shard_over_dp: bool = False):
+        if bucket_size_mb <= 0:
+            raise ValueError(f"grad_bucket_size_mb must be > 0, got {bucket_size_mb}")
+        self.ctx, self.shard_over_dp = ctx, shard_over_dp
+        self.final_backward = False
+        self.buckets: list[Bucket] = []
+        self.location: dict[str, tuple[int, int]] = {}  # name -> (bucket, offset)
+        limit = int(bucket_size_mb * 2**20 / 4)
+        current = Bucket(0)
+        for name, p in reversed(named_params):
+            if current.params and current.numel + p.numel() > limit:
+                self.buckets.append(current)
+                current = Bucket(len(self.buckets))
+            self.location[name] = (current.index, current.numel)
+            current.names.append(name)
+            current.params.append(p)
+            current.offsets.append(current.numel)
+            current.numel += p.numel()
+        if current.params:
+            self.buckets.append(current)
+        mult = ctx.dp if shard_over_dp else 1
+        for b in self.buckets:
+            padded = -(-b.numel // mult) * mult
+            b.grad = torch.zeros(padded, dtype=torch.float32, device=named_params[0][1].device)
+        self._hooks = []
+        for b in self.buckets:
+            for p, off in zip(b.params, b.offsets):
+                view = b.grad[off: off + p.numel()].view(p.shape)
+                p.main_grad = view
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(b, view)))
+        self._backend = dist.get_backend(ctx.dp_group) if ctx.dp_group is not None else None
+
+    # ----- backward hooks -----
+    def _make_hook(self, bucket: Bucket, view: torch.Tensor):
+        def hook(p: torch.Tensor) -> None:
+            view.add_(p.grad)  # fp32 += grad (any dtype)
+            p.grad = None
+            if self.final_backward:
+                bucket.ready += 1
+                if bucket.ready == len(bucket.params):
+                    self._launch(bucket)
+        return hook
+
+    def set_final_backward(self, final: bool) -> None:
+        """Called by the schedule before each backward: is it the step's last micro-batch?"""
+        self.final_backward = final
+
+    # ----- data-parallel reduction -----
+    def shard_range(self, bucket: Bucket) -> tuple[int, int]:
+        """Elements of `bucket` this dp rank owns (all of them without ZeRO-1)."""
+        if not self.shard_over_dp:
+            return 0, bucket.padded
+        size = bucket.padded // self.ctx.dp
+        return self.ctx.dp_rank * size, (self.ctx.dp_rank + 1) * size
+
+    def _launch(self, bucket: Bucket) -> None:
+        if bucket.launched:
+            return
+        bucket.launched = True
+        group = self.ctx.dp_group
+        if group is None:
+            return
+        bucket.grad.mul_(1.0 / self.ctx.dp)
+        if self.shard_over_dp and self._backend == "nccl":
+            lo, hi = self.shard_range(bucket)
+            bucket.work = dist.reduce_scatter_tensor(bucket.grad[lo:hi], bucket.grad,
+                                                     group=group, async_op=True)
+        else:
+            bucket.work = dist.all_reduce(bucket.grad, group=group, async_op=True)
+
+    def finish(self) -> None:
+        """Complete every bucket's reduction and the sequence-parallel norm-grad all-reduce."""
+        for b in self.buckets:
+            self._launch(b)  # buckets not started during backward (e.g. unused parameters)
+        for b in self.buckets:
+            if b.work is not None:
+                b.work.wait()
+                b.work = None
+        pass  # MUTATION
+        self.final_backward = False
+
+    def _reduce_sequence_parallel(self) -> None:
+        if self.ctx.tp_group is None:
+            return
+        views = [p.main_grad for b in self.buckets for p in b.params
+                 if getattr(p, "sequence_parallel", False)]
+        if not views:
+            return
+        flat = torch.cat([v.reshape(-1) for v in views])
+        dist.all_reduce(flat, group=self.ctx.tp_group)
+        for v, part in zip(views, flat.split([v.numel() for v in views])):
+            v.copy_(part.view_as(v))
+
+    def zero(self) -> None:
+        """Clear every main gradient and the per-step bucket state."""
+        for b in self.buckets:
+            if b.work is not None:  # a reduction still in flight must not write later
+                b.work.wait()
+                b.work = None
+            b.grad.zero_()
+            b.ready, b.launched = 0, False
+        self.final_backward = False
+
+    # ----- what this rank owns -----
+    def pieces(self) -> list[Piece]:
+        """Parts of parameters whose reduced gradient this rank holds and whose update it
+        computes: whole parameters without ZeRO-1, the intersection with its shard with it."""
+        out = []
+        for b in self.buckets:
+            s_lo, s_hi = self.shard_range(b)
+            for name, p, off in zip(b.names, b.params, b.offsets):
+                lo, hi = max(s_lo, off), min(s_hi, off + p.numel())
+                if lo < hi:
+                    out.append(Piece(name, p, b.index, lo - off, hi - off, lo))
+        return out
+
+    def piece_grad(self, piece: Piece) -> torch.Tensor:
+        """The piece's reduced fp32 gradient (a view; parameter-shaped for whole pieces)."""
+        g = self.buckets[piece.bucket].grad[piece.start: piece.start + piece.hi - piece.lo]
+        return g.view(piece.param.shape) if piece.whole and not self.shard_over_dp else g
+
+    def remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []

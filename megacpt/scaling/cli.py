@@ -1,0 +1,264 @@
+"""`megacpt-fit` / tools/fit_scaling_law.py: fit laws, allocate compute, transfer metrics, plots.
+
+    fit --law chinchilla|cpt|frontier (--input FILE.csv... | --runs DIR...) [--base FIT.json]
+        --output FIT.json [--bootstrap K] [--init grid|optuna] [--plot PNG]
+    allocate --law chinchilla|cpt --params PARAMS.json
+    compare --base FIT.json (--input FILE.csv... | --runs DIR...) [--output TABLE.json]
+    transfer --scratch PATH... --cpt PATH... --output TRANSFER.json [--plot PNG]
+    plot --kind fit|isoloss|compute|transfer --output PNG [kind-specific inputs]
+
+PATH in --scratch/--cpt is a CSV file (*.csv) or a run directory (see megacpt.scaling.runs).
+FIT.json: {"E","A","B","alpha","beta"[,"gamma"],"huber","n_points","allocation":{"a","b",
+"G","N_coef","D_coef"}, ...}; for the CPT law B and beta are the paper's B' and beta'.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from . import curves, fit as fitmod, laws
+from .runs import Points, load_points
+
+log = logging.getLogger("megacpt.scaling")
+
+
+def _read_json(path: str, what: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"{path}: {what} is not valid JSON ({exc.msg})") from None
+    if not isinstance(data, dict):
+        raise SystemExit(f"{path}: {what} must be a JSON object")
+    return data
+
+
+def _write_json(path: str, data: dict):
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=1)
+        fh.write("\n")
+    log.info("wrote %s", path)
+
+
+def _paths_points(paths, valid_name) -> Points:
+    csvs = [p for p in paths if p.lower().endswith(".csv")]
+    runs = [p for p in paths if not p.lower().endswith(".csv")]
+    return load_points(csvs, runs, valid_name)
+
+
+def _data_args(p, required=True):
+    g = p.add_mutually_exclusive_group(required=required)
+    g.add_argument("--input", nargs="+", metavar="FILE.csv", help="CSV with N,D,loss[,C][,run]")
+    g.add_argument("--runs", nargs="+", metavar="DIR", help="run directories (metrics.jsonl)")
+    p.add_argument("--valid-name", default=None,
+                   help="validation set whose loss is fitted (default: the header's target)")
+
+
+def _fit_args(p):
+    p.add_argument("--init", choices=("grid", "optuna"), default="grid")
+    p.add_argument("--optuna-trials", type=int, default=300)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _base(path):
+    base = _read_json(path, "--base fit")
+    if base.get("law", "chinchilla") != "chinchilla":
+        raise SystemExit(f"{path}: --base must be a from-scratch chinchilla fit, "
+                         f"got law {base.get('law')!r}")
+    return base
+
+
+def cmd_fit(args):
+    pts = load_points(args.input, args.runs, args.valid_name)
+    kw = {"init": args.init, "optuna_trials": args.optuna_trials, "seed": args.seed,
+          "progress": True}
+    if args.law == "frontier":
+        law = laws.frontier(not args.no_offset)
+        result = curves.fit_frontier(pts, args.levels, offset=not args.no_offset, **kw)
+        N = D = None
+        C, loss = (result["frontier_points"][k] for k in ("C", "loss"))
+    else:
+        if args.law == "cpt" and not args.base:
+            raise SystemExit("fit --law cpt needs --base FIT.json (a from-scratch fit)")
+        law = laws.cpt(_base(args.base), args.fix_gamma) if args.law == "cpt" \
+            else laws.chinchilla()
+        result = fitmod.fit_law(law, pts.loss, N=pts.N, D=pts.D, source=pts.source, **kw)
+        N, D, C, loss = pts.N, pts.D, None, pts.loss
+    result["data"] = pts.source
+    if args.bootstrap:
+        result["bootstrap"] = fitmod.bootstrap(law, result, loss, N=N, D=D, C=C,
+                                               K=args.bootstrap, seed=args.seed, progress=True)
+    _write_json(args.output, result)
+    print(json.dumps({k: result[k] for k in result if k in
+                      ("E", "A", "B", "alpha", "beta", "gamma", "g", "huber", "n_points",
+                       "allocation")}, indent=1))
+    if args.plot:
+        from . import plots
+
+        if args.law == "frontier":
+            plots.plot_loss_compute({"data": (pts, result)}, args.plot)
+        else:
+            plots.plot_fit(pts, result, args.plot)
+        log.info("wrote %s", args.plot)
+
+
+def cmd_allocate(args):
+    params = _read_json(args.params, "--params")
+    try:
+        out = laws.allocation(params, args.law)
+    except ValueError as exc:
+        raise SystemExit(f"{args.params}: {exc}") from None
+    print(json.dumps(out, indent=1))
+
+
+def cmd_compare(args):
+    pts = load_points(args.input, args.runs, args.valid_name)
+    base = _base(args.base)
+    kw = {"init": args.init, "optuna_trials": args.optuna_trials, "seed": args.seed}
+    table = {}
+    for name, law in (("chinchilla", laws.chinchilla()),
+                      ("chinchilla_inherited", laws.cpt(base, gamma=0.0)),
+                      ("cpt", laws.cpt(base))):
+        r = fitmod.fit_law(law, pts.loss, N=pts.N, D=pts.D, source=pts.source, **kw)
+        table[name] = {k: r[k] for k in ("E", "A", "B", "alpha", "beta", "gamma", "huber",
+                                         "huber_mean", "rmse_log", "n_points") if k in r}
+    out = {"data": pts.source, "base": args.base, "laws": table}
+    print(f"{'law':<22}{'huber (sum)':>14}{'huber (mean)':>14}{'rmse log':>11}")
+    for name, r in table.items():
+        print(f"{name:<22}{r['huber']:>14.6g}{r['huber_mean']:>14.6g}{r['rmse_log']:>11.5f}")
+    if args.output:
+        _write_json(args.output, out)
+
+
+def cmd_transfer(args):
+    scratch = _paths_points(args.scratch, args.valid_name)
+    cpt = _paths_points(args.cpt, args.valid_name)
+    out = curves.transfer_metrics(scratch, cpt, args.levels)
+    _write_json(args.output, out)
+    print(json.dumps(out["summary"], indent=1))
+    if args.plot:
+        from . import plots
+
+        plots.plot_transfer(out, args.plot)
+
+
+def cmd_plot(args):
+    from . import plots
+
+    def need(*names):
+        missing = [n for n in names if not getattr(args, n.replace("-", "_"))]
+        if missing:
+            raise SystemExit(f"plot --kind {args.kind} needs " +
+                             " ".join(f"--{n}" for n in missing))
+
+    if args.kind == "fit":
+        need("fit")
+        if not (args.input or args.runs):
+            raise SystemExit("plot --kind fit needs --input FILE.csv or --runs DIR")
+        fit = _read_json(args.fit, "--fit")
+        if "g" in fit:
+            raise SystemExit(f"{args.fit} is a frontier fit: plot it with --kind compute")
+        plots.plot_fit(load_points(args.input, args.runs, args.valid_name), fit, args.output)
+    elif args.kind == "isoloss":
+        need("scratch-fit", "cpt-fit")
+        fits = {"scratch": _read_json(args.scratch_fit, "--scratch-fit"),
+                "cpt": _read_json(args.cpt_fit, "--cpt-fit")}
+        pts = {}
+        if args.scratch and args.cpt:
+            pts = {"scratch": _paths_points(args.scratch, args.valid_name),
+                   "cpt": _paths_points(args.cpt, args.valid_name)}
+        plots.plot_isoloss(fits, args.output, tuple(args.c_range), tuple(args.n_range), pts)
+    elif args.kind == "compute":
+        need("scratch", "cpt")
+        sets = {}
+        for name, paths in (("scratch", args.scratch), ("cpt", args.cpt)):
+            pts = _paths_points(paths, args.valid_name)
+            sets[name] = (pts, curves.fit_frontier(pts, args.levels))
+        plots.plot_loss_compute(sets, args.output)
+    else:
+        if args.transfer:
+            data = _read_json(args.transfer, "--transfer")
+        else:
+            need("scratch", "cpt")
+            data = curves.transfer_metrics(_paths_points(args.scratch, args.valid_name),
+                                           _paths_points(args.cpt, args.valid_name))
+        plots.plot_transfer(data, args.output)
+    log.info("wrote %s", args.output)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="megacpt-fit", description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("fit", help="fit a law (Huber on log-loss, grid/optuna + L-BFGS)")
+    p.add_argument("--law", choices=laws.LAWS, required=True)
+    _data_args(p)
+    p.add_argument("--base", help="from-scratch FIT.json (cpt law: E, A, alpha inherited)")
+    p.add_argument("--fix-gamma", type=float, default=None, help="cpt: hold gamma fixed")
+    p.add_argument("--output", required=True, metavar="FIT.json")
+    p.add_argument("--bootstrap", type=int, default=0, metavar="K",
+                   help="K bootstrap resamples for 95%% intervals")
+    p.add_argument("--levels", type=int, default=30, help="frontier: compute levels")
+    p.add_argument("--no-offset", action="store_true", help="frontier: fit A'/C^g only")
+    p.add_argument("--plot", metavar="PNG")
+    _fit_args(p)
+    p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("allocate", help="compute-optimal allocation from law parameters")
+    p.add_argument("--law", choices=("chinchilla", "cpt"), required=True)
+    p.add_argument("--params", required=True, metavar="PARAMS.json")
+    p.set_defaults(func=cmd_allocate)
+
+    p = sub.add_parser("compare", help="fit errors of Chinchilla vs CPT law on the same data")
+    _data_args(p)
+    p.add_argument("--base", required=True, help="from-scratch FIT.json")
+    p.add_argument("--output", metavar="TABLE.json")
+    _fit_args(p)
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("transfer", help="transferred tokens and FLOPs saved at equal loss")
+    p.add_argument("--scratch", nargs="+", required=True, metavar="PATH")
+    p.add_argument("--cpt", nargs="+", required=True, metavar="PATH")
+    p.add_argument("--valid-name", default=None)
+    p.add_argument("--levels", type=int, default=20, help="loss levels per pair")
+    p.add_argument("--output", required=True, metavar="TRANSFER.json")
+    p.add_argument("--plot", metavar="PNG")
+    p.set_defaults(func=cmd_transfer)
+
+    _add_plot_parser(sub)
+    return ap
+
+
+def _add_plot_parser(sub):
+    p = sub.add_parser("plot", help="figures: fit, isoloss, compute, transfer")
+    p.add_argument("--kind", choices=("fit", "isoloss", "compute", "transfer"), required=True)
+    p.add_argument("--output", required=True, metavar="PNG")
+    _data_args(p, required=False)
+    p.add_argument("--fit", metavar="FIT.json", help="kind fit")
+    p.add_argument("--scratch-fit", metavar="FIT.json", help="kind isoloss")
+    p.add_argument("--cpt-fit", metavar="FIT.json", help="kind isoloss")
+    p.add_argument("--scratch", nargs="+", metavar="PATH", help="kinds compute, transfer")
+    p.add_argument("--cpt", nargs="+", metavar="PATH", help="kinds compute, transfer")
+    p.add_argument("--transfer", metavar="TRANSFER.json", help="kind transfer")
+    p.add_argument("--levels", type=int, default=30, help="kind compute: frontier levels")
+    p.add_argument("--c-range", nargs=2, type=float, default=(1e17, 1e23))
+    p.add_argument("--n-range", nargs=2, type=float, default=(1e7, 1e11))
+    p.set_defaults(func=cmd_plot)
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"megacpt-fit {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

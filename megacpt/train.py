@@ -1,0 +1,89 @@
+"""Entry point: `python -m megacpt.train [Megatron flags]` (also under torchrun / mpiexec).
+
+    # pretraining from scratch, 20 tokens per parameter, the paper's LR recipe
+    python -m megacpt.train --model-size 1393M --tokenizer-model tok.model \\
+        --data-path 1.0 zh=data/zh_text_document --valid-data-path zh=data/zh_valid \\
+        en=data/en_valid --seq-length 2048 --micro-batch-size 4 --global-batch-size 1024 \\
+        --tokens-per-param 20 --bf16 --save ckpt/zh --log-dir runs/zh
+
+    # continual pre-training from an English model with 30% English replay
+    torchrun --nproc-per-node 8 -m megacpt.train ... --init-from ckpt/en \\
+        --data-path 0.7 zh=data/zh_text_document 0.3 en=data/en_text_document
+
+    # CPU smoke run on random tokens
+    python -m megacpt.train --model-size tiny --mock-data --vocab-size 512 --seq-length 64 \\
+        --train-iters 20 --log-interval 5
+
+Exit codes: 0 finished (or stopped by SIGTERM/SIGUSR1 or --exit-interval after saving),
+1 training error (non-finite losses, a dead rank, an unreadable checkpoint), 2 bad
+configuration or input (reported before any compute).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import torch.distributed as dist
+
+EXIT_OK, EXIT_TRAINING_ERROR, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def setup_logging() -> None:
+    """INFO on global rank 0 (or a single process), warnings only on the other ranks."""
+    rank = int(os.environ.get("RANK", os.environ.get("PMI_RANK", "0")))
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, stream=sys.stdout, force=True,
+                        format=f"[%(asctime)s rank {rank}] %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
+
+
+def cpu_threads() -> None:
+    """On CPU with several local ranks and no OMP_NUM_THREADS, share the cores out evenly."""
+    import torch
+
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if local > 1 and "OMP_NUM_THREADS" not in os.environ and not torch.cuda.is_available():
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    cpu_threads()
+    log = logging.getLogger("megacpt.train")
+    from megacpt.arguments import parse_args
+    from megacpt.checkpoint.format import CheckpointError
+    from megacpt.config import ConfigError
+    from megacpt.data.indexed import IndexedFormatError
+    from megacpt.training.faults import TrainingError
+    from megacpt.training.loop import Trainer, build_context
+
+    try:
+        cfg, opts = parse_args(argv)
+    except ConfigError as e:
+        log.error("bad configuration: %s", e)
+        return EXIT_BAD_INPUT
+    try:
+        ctx = build_context(cfg)
+        trainer = Trainer(cfg, opts, ctx)
+    except (ConfigError, IndexedFormatError) as e:
+        log.error("bad input: %s", e)
+        return EXIT_BAD_INPUT
+    except CheckpointError as e:
+        log.error("checkpoint error: %s", e)
+        return EXIT_BAD_INPUT
+    try:
+        result = trainer.run()
+    except (TrainingError, CheckpointError, ConfigError) as e:
+        log.error("training stopped: %s", e)
+        return EXIT_TRAINING_ERROR
+    log.info("finished at iteration %d (%s); %d skipped steps; last checkpoint: %s",
+             result.iteration, result.reason, result.skipped_steps, result.last_checkpoint)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""Run metrics: the `metrics.jsonl` file, TensorBoard, and the console progress line.
+
+`metrics.jsonl` (in `--log-dir`, written by global rank 0 only) holds one JSON object per line.
+Every row has a `type`; readers should ignore types and keys they do not know.
+
+header (first row of a fresh run)::
+
+    {"type": "header", "model_size": "1393M" | null, "num_parameters": N,
+     "run_kind": "scratch" | "cpt", "blend": {"zh": 0.7, "en": 0.3}, "seq_length": 2048,
+     "flops_per_token": F, "init_from": str | null, "target": "zh",
+     "global_batch_size": B, "train_iters": T, "layout": "tp1pp1dp8", "dtype": "bf16",
+     "time": unix seconds}
+
+train (one per optimizer step, skipped steps included)::
+
+    {"type": "train", "iteration": i (steps done, 1-based), "lm_loss": float,
+     "lr": float, "grad_norm": float | null, "consumed_tokens": int, "flops": float
+     (cumulative, consumed_tokens x flops_per_token), "consumed_samples_per_dataset":
+     {name: n}, "consumed_tokens_per_dataset": {name: n}, "flops_per_dataset": {name: f},
+     "tokens_per_sec": float, "skipped_steps": int (cumulative), "skipped": bool,
+     "time": unix seconds}
+
+valid (one per named validation set per evaluation)::
+
+    {"type": "valid", "split": "valid", "name": "zh", "iteration": i, "loss": float,
+     "consumed_tokens": int, "flops": float, "time": unix seconds}
+
+resume (a run resumed with `--load`)::
+
+    {"type": "resume", "iteration": i, "blend": {...}, "time": unix seconds}
+
+Non-finite floats are written as null (strict JSON). On resume at iteration k the rows of
+types train/valid/resume with `iteration > k` are dropped (the file is rewritten atomically),
+then new rows are appended, so the file never holds two rows for one step.
+The resolved configuration is saved beside it as `config.json` (see `megacpt.arguments`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from megacpt.hardware import peak_bf16_flops
+
+log = logging.getLogger("megacpt.train")
+
+METRICS_FILE = "metrics.jsonl"
+
+def peak_flops(device: torch.device) -> float | None:
+    """The device's dense bf16 peak FLOP/s (`megacpt.hardware`), None on CPU or when unknown.
+
+    MFU is reported against the bf16 peak whatever the run's dtype (Megatron's convention).
+    """
+    if device.type != "cuda":
+        return None
+    return peak_bf16_flops(torch.cuda.get_device_name(device))
+
+
+def _clean(value):
+    """Strict-JSON value: non-finite floats become None, tensors become Python numbers."""
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+class MetricsLogger:
+    """Writes `metrics.jsonl` (and TensorBoard when installed) on the logging rank only."""
+
+    def __init__(self, log_dir: str | None, enabled: bool = True, tensorboard: bool = True):
+        self.enabled = enabled and log_dir is not None
+        self.path = os.path.join(log_dir, METRICS_FILE) if log_dir else None
+        self._tb = None
+        if not self.enabled:
+            return
+        os.makedirs(log_dir, exist_ok=True)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                log.info("tensorboard is not installed; logging to metrics.jsonl only")
+            else:
+                self._tb = SummaryWriter(os.path.join(log_dir, "tensorboard"))
+
+    # ----- rows -----
+    def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        row = _clean({**row, "time": row.get("time", time.time())})
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row, sort_keys=False) + "\n")
+
+    def header(self, **fields) -> None:
+        self.write({"type": "header", **fields})
+
+    def train(self, **fields) -> None:
+        self.write({"type": "train", **fields})
+        if self._tb is not None:
+            it = fields["iteration"]
+            for key in ("lm_loss", "lr", "grad_norm", "tokens_per_sec"):
+                if fields.get(key) is not None and math.isfinite(fields[key]):
+                    self._tb.add_scalar(f"train/{key}", fields[key], it)
+            if fields.get("lm_loss") is not None and math.isfinite(fields["lm_loss"]):
+                self._tb.add_scalar("train/lm_loss_vs_tokens", fields["lm_loss"],
+                                    fields["consumed_tokens"])
+
+    def valid(self, name: str, iteration: int, loss: float, consumed_tokens: int,
+              flops: float) -> None:
+        self.write({"type": "valid", "split": "valid", "name": name, "iteration": iteration,
+                    "loss": loss, "consumed_tokens": consumed_tokens, "flops": flops})
+        if self._tb is not None and math.isfinite(loss):
+            self._tb.add_scalar(f"valid/{name}", loss, iteration)
+            self._tb.add_scalar(f"valid_vs_tokens/{name}", loss, consumed_tokens)
+
+    def has_header(self) -> bool:
+        if not self.path or not os.path.exists(self.path):
+            return False
+        return any(r.get("type") == "header" for r in read_metrics(self.path))
+
+    def truncate_after(self, iteration: int) -> int:
+        """Drop train/valid/resume rows past `iteration` (resume); returns how many."""
+        if not self.enabled or not os.path.exists(self.path):
+            return 0
+        keep, dropped = [], 0
+        with open(self.path, encoding="utf-8") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                if row.get("type") in ("train", "valid", "resume") and \
+                        row.get("iteration", 0) > iteration:
+                    dropped += 1
+                else:
+                    keep.append(line if line.endswith("\n") else line + "\n")
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(keep)
+        os.replace(tmp, self.path)
+        return dropped
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def read_metrics(path: str, kind: str | None = None) -> list[dict]:
+    """Rows of a metrics.jsonl file (a run directory or the file itself), optionally of one type.
+
+    A malformed line is an error naming the file and line number.
+    """
+    if os.path.isdir(path):
+        path = os.path.join(path, METRICS_FILE)
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not a JSON object ({e.msg})") from None
+            if kind is None or row.get("type") == kind:
+                rows.append(row)
+    return rows
+
+
+@dataclass
+class Throughput:
+    """Turns step timings into tokens/s, TFLOP/s per device, MFU and ETA."""
+
+    flops_per_token: float
+    world_size: int
+    peak_flops: float | None
+    train_iters: int
+
+    def __post_init__(self):
+        self._mark_time = time.perf_counter()
+        self._mark_tokens = 0
+        self._mark_iter = 0
+
+    def start(self, iteration: int, consumed_tokens: int) -> None:
+        self._mark_time = time.perf_counter()
+        self._mark_iter, self._mark_tokens = iteration, consumed_tokens
+
+    def interval(self, iteration: int, consumed_tokens: int) -> dict:
+        """Rates since the last call (or start), then restart the interval."""
+        now = time.perf_counter()
+        dt = max(now - self._mark_time, 1e-9)
+        steps = max(iteration - self._mark_iter, 1)
+        tokens_per_sec = (consumed_tokens - self._mark_tokens) / dt
+        tflops = tokens_per_sec * self.flops_per_token / self.world_size / 1e12
+        mfu = tflops * 1e12 / self.peak_flops if self.peak_flops else None
+        eta = dt / steps * max(self.train_iters - iteration, 0)
+        self.start(iteration, consumed_tokens)
+        return {"tokens_per_sec": tokens_per_sec, "tflops_per_device": tflops, "mfu": mfu,
+                "eta_s": eta, "step_time_s": dt / steps}
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}"
+
+
+def console_line(iteration: int, train_iters: int, loss: float, lr: float,
+                 grad_norm: float | None, rates: dict, skipped: int) -> str:
+    """One progress line: iteration, loss, lr, grad norm, tokens/s, TFLOP/s/device, MFU, ETA."""
+    gn = "n/a" if grad_norm is None else f"{grad_norm:.3f}"
+    mfu = "n/a" if rates["mfu"] is None else f"{100 * rates['mfu']:.1f}%"
+    return (f"iter {iteration:>7d}/{train_iters} | loss {loss:.4f} | lr {lr:.3e} | "
+            f"grad norm {gn} | {rates['tokens_per_sec']:,.0f} tok/s | "
+            f"{rates['tflops_per_device']:.2f} TFLOP/s/dev | MFU {mfu} | "
+            f"{1000 * rates['step_time_s']:.0f} ms/step | skipped {skipped} | "
+            f"ETA {format_duration(rates['eta_s'])}")

@@ -1,0 +1,149 @@
+"""examples/quickstart.py: a shrunken end-to-end run, and its analysis against hand-made curves.
+
+The full default run (which must SHOW that CPT beats scratch and that replay limits
+forgetting) takes minutes and is checked by hand; here the whole pipeline runs with tiny
+flags and the summary it writes is checked for completeness and internal consistency.
+"""
+import importlib.util
+import json
+import math
+import os
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load_quickstart():
+    spec = importlib.util.spec_from_file_location(
+        "quickstart", os.path.join(REPO, "examples", "quickstart.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+qs = _load_quickstart()
+
+SMALL = ["--model-size", "tiny", "--seq-length", "64", "--micro-batch-size", "8",
+         "--global-batch-size", "8", "--source-iters", "40", "--target-iters", "24",
+         "--evals", "3", "--eval-iters", "2"]
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quickstart")
+    summary = qs.main(["--out", str(out), *SMALL])
+    return out, summary
+
+
+def _finite(x):
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def test_small_run_writes_complete_summary(small_run):
+    out, returned = small_run
+    with open(out / "summary.json", encoding="utf-8") as f:
+        summary = json.load(f)
+    assert summary["target_valid_loss"] == returned["target_valid_loss"]
+    assert set(summary["target_valid_loss"]) == {"scratch", "cpt", "cpt_replay"}
+    assert set(summary["source_valid_loss"]) == {"source_model", "cpt", "cpt_replay"}
+    for group in ("target_valid_loss", "source_valid_loss"):
+        for name, loss in summary[group].items():
+            assert _finite(loss) and 0 < loss < 20, (group, name, loss)
+    # 24 steps x 8 sequences x 64 tokens, all Chinese without replay, ~70% with 30% replay
+    assert summary["target_tokens"]["scratch"] == summary["target_tokens"]["cpt"] == 24 * 8 * 64
+    assert 0.6 * 24 * 8 * 64 <= summary["target_tokens"]["cpt_replay"] <= 0.75 * 24 * 8 * 64
+    saved = summary["tokens_saved_fraction"]
+    beats = summary["findings"]["cpt_beats_scratch"]
+    assert beats == (summary["target_valid_loss"]["cpt"] <
+                     summary["target_valid_loss"]["scratch"])
+    if beats:  # CPT ended below scratch's final loss, so it got there with fewer tokens
+        assert _finite(saved) and 0 < saved < 1
+    else:
+        assert saved is None or (_finite(saved) and saved <= 0.05)
+    for name in ("source", "scratch", "cpt", "cpt_replay"):
+        assert _finite(summary["flops"][name]) and summary["flops"][name] > 0
+        curve = summary["curves"][name]
+        assert curve["iteration"][0] == 0 and len(curve["iteration"]) == 4
+        assert set(curve["valid_loss"]) == {"en", "zh"}
+        assert all(_finite(v) for losses in curve["valid_loss"].values() for v in losses)
+
+
+def test_small_run_artifacts(small_run):
+    out, summary = small_run
+    for png in ("loss_vs_tokens.png", "loss_vs_compute.png"):
+        with open(out / png, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert (out / "tokenizer.model").is_file()
+    for name in ("source", "scratch", "cpt", "cpt_replay"):
+        assert (out / "runs" / name / "metrics.jsonl").is_file()
+        tracker = out / "checkpoints" / name / "latest_checkpointed_iteration.txt"
+        assert tracker.read_text().strip() == str(40 if name == "source" else 24)
+    # CPT runs start from the source model: their first validation equals its final one
+    src_final = summary["curves"]["source"]["valid_loss"]["en"][-1]
+    for name in ("cpt", "cpt_replay"):
+        assert summary["curves"][name]["valid_loss"]["en"][0] == pytest.approx(src_final,
+                                                                               rel=1e-5)
+        assert "--init-from" in summary["commands"][name]
+    assert "--init-from" not in summary["commands"]["scratch"]
+
+
+def test_tokens_to_reach_interpolates():
+    tokens, losses = [0, 100, 200, 300], [9.0, 6.0, 4.0, 3.0]
+    assert qs.tokens_to_reach(tokens, losses, 5.0) == pytest.approx(150.0)
+    assert qs.tokens_to_reach(tokens, losses, 6.0) == pytest.approx(100.0)
+    assert qs.tokens_to_reach(tokens, losses, 3.5) == pytest.approx(250.0)
+    assert qs.tokens_to_reach(tokens, losses, 9.5) == 0.0
+    assert qs.tokens_to_reach(tokens, losses, 2.0) is None
+    # the FIRST crossing counts, after a bump
+    assert qs.tokens_to_reach([0, 10, 20, 30], [5, 3, 6, 2], 4.0) == pytest.approx(5.0)
+
+
+def _curve(target_tokens, zh, en):
+    n = len(target_tokens)
+    return {"iteration": list(range(n)), "target_tokens": target_tokens,
+            "tokens": target_tokens, "flops": [6.0 * t for t in target_tokens],
+            "valid_loss": {"zh": zh, "en": en}}
+
+
+def test_summarize_hand_made_curves():
+    args = qs.get_args(["--out", "unused"])
+    curves = {
+        "source": _curve([0, 100], [9.0, 9.0], [8.0, 3.0]),
+        "scratch": _curve([0, 100, 200, 400], [8.0, 6.0, 5.0, 4.0], [8.0, 8, 8, 8]),
+        "cpt": _curve([0, 100, 200, 400], [9.0, 5.0, 3.0, 2.5], [3.0, 4, 4.5, 5.0]),
+        "cpt_replay": _curve([0, 70, 140, 280], [9.0, 5.5, 3.5, 3.0], [3.0, 3.2, 3.1, 3.1]),
+    }
+    s = qs.summarize(args, curves)
+    assert s["target_valid_loss"] == {"scratch": 4.0, "cpt": 2.5, "cpt_replay": 3.0}
+    assert s["source_valid_loss"] == {"source_model": 3.0, "cpt": 5.0, "cpt_replay": 3.1}
+    # CPT reaches 4.0 halfway between 100 (5.0) and 200 (3.0) tokens: 150 of scratch's 400
+    assert s["tokens_saved_fraction"] == pytest.approx(1 - 150 / 400)
+    assert s["findings"] == {"cpt_beats_scratch": True, "replay_limits_forgetting": True}
+    curves["cpt_replay"]["valid_loss"]["en"][-1] = 4.5  # keeps only 0.5 of CPT's 2.0 rise
+    assert not qs.summarize(args, curves)["findings"]["replay_limits_forgetting"]
+    curves["cpt"]["valid_loss"]["zh"] = [9.0, 7.0, 6.0, 4.5]  # never reaches 4.0
+    s = qs.summarize(args, curves)
+    assert s["tokens_saved_fraction"] is None and not s["findings"]["cpt_beats_scratch"]
+
+
+def test_bad_arguments_name_the_problem(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        qs.get_args(["--data-dir", str(tmp_path)])
+    assert "en_train.jsonl.gz not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        qs.get_args(["--replay", "1.5"])
+    assert "--replay must be in (0, 1)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        qs.get_args(["--target-lang", "en"])
+    assert "must differ" in capsys.readouterr().err
+
+
+def test_shape_flags_override_the_size():
+    args = qs.get_args(["--model-size", "debug-xs", "--hidden-size", "96",
+                        "--num-attention-heads", "6"])
+    argv = qs.shape_argv(args)
+    pairs = dict(zip(argv[::2], argv[1::2]))
+    assert pairs == {"--num-layers": "4", "--hidden-size": "96", "--ffn-hidden-size": "176",
+                     "--num-attention-heads": "6", "--num-query-groups": "2"}
+    assert qs.shape_argv(qs.get_args([])) == ["--model-size", "debug-xs"]

@@ -1,0 +1,69 @@
+"""Helpers of the trainer tests: a tiny on-disk corpus and CLI words for tiny runs.
+
+The corpus is built with the data engineer's `IndexedDatasetBuilder` from seeded random
+tokens (no tokenizer).
+"""
+import os
+
+import numpy as np
+
+from megacpt.arguments import parse_args
+
+VOCAB = 300
+
+
+def write_indexed(prefix: str, docs: list, dtype=np.uint16) -> str:
+    from megacpt.data.indexed import IndexedDatasetBuilder
+
+    b = IndexedDatasetBuilder(prefix + ".bin", dtype=dtype)
+    for d in docs:
+        b.add_item(d)
+        b.end_document()
+    b.finalize(prefix + ".idx")
+    return prefix
+
+
+def random_docs(seed: int, n: int, vocab: int = VOCAB, lo: int = 20, hi: int = 80):
+    """n documents of lo..hi tokens: random walks whose steps are one of 4 offsets (fixed per
+    seed), so a model can learn them (loss floor log 4)."""
+    rng = np.random.default_rng(seed)
+    offsets = rng.integers(1, vocab, size=4)
+    docs = []
+    for _ in range(n):
+        length = int(rng.integers(lo, hi))
+        steps = offsets[rng.integers(4, size=length - 1)]
+        docs.append((rng.integers(vocab) + np.concatenate(([0], np.cumsum(steps)))) % vocab)
+    return docs
+
+
+def build_corpus(root: str) -> dict:
+    """{"zh", "en", "zh_valid", "en_valid"} -> dataset prefix under `root`."""
+    out = {}
+    for name, n, seed in [("zh", 120, 1), ("en", 120, 2), ("zh_valid", 20, 1),
+                          ("en_valid", 20, 2)]:  # a valid set shares its language's walk
+        docs = random_docs(seed, n + (120 if name.endswith("valid") else 0))
+        out[name] = write_indexed(os.path.join(root, f"{name}_text_document"), docs[-n:])
+    return out
+
+
+def tiny_args(*extra: str, iters: int = 6) -> list:
+    """CLI words for a tiny fp32 CPU run of `iters` steps (add data flags)."""
+    return ["--model-size", "tiny", "--vocab-size", str(VOCAB), "--seq-length", "16",
+            "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", str(iters),
+            "--lr", "3e-3", "--eval-iters", "2", "--eval-interval", "1000",
+            "--log-interval", "1000", "--num-workers", "0", "--attention-backend", "eager",
+            "--no-tensorboard", *extra]
+
+
+def mock_args(*extra: str, iters: int = 6) -> list:
+    return tiny_args("--mock-data", *extra, iters=iters)
+
+
+def real_args(corpus: dict, *extra: str, iters: int = 6) -> list:
+    return tiny_args("--data-path", "0.7", f"zh={corpus['zh']}", "0.3", f"en={corpus['en']}",
+                     "--valid-data-path", f"zh={corpus['zh_valid']}", f"en={corpus['en_valid']}",
+                     "--split", "100,0,0", *extra, iters=iters)
+
+
+def config(argv):
+    return parse_args(argv)

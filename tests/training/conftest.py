@@ -1,0 +1,19 @@
+"""Fixtures of the trainer tests: one torch thread, a tiny on-disk corpus."""
+import pytest
+import torch
+from _train_helpers import build_corpus
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The machine is small and shared: one intra-op thread keeps tiny steps fast."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """{"zh", "en", "zh_valid", "en_valid"} -> dataset prefix."""
+    return build_corpus(str(tmp_path_factory.mktemp("corpus")))

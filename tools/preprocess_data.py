@@ -1,0 +1,14 @@
+"""Tokenize JSON lines into Megatron .bin/.idx files (see megacpt.data.preprocess).
+
+Thin wrapper: works as `python tools/preprocess_data.py` from a checkout with or without
+`pip install -e .`.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megacpt.data.preprocess import main  # noqa: E402
+
+if __name__ == "__main__":
+    main()
