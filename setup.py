@@ -25,6 +25,7 @@ setup(
         "scipy>=1.10",
         "tqdm>=4.60",
         "pyyaml>=6.0",
+        "numba>=0.58",
     ],
     extras_require={
         "test": ["pytest>=7", "transformers>=4.40", "megatron-core>=0.8", "optuna>=3.0",

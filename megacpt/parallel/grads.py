@@ -145,7 +145,7 @@ class GradBuffer:
             if b.work is not None:
                 b.work.wait()
                 b.work = None
-        pass  # MUTATION
+        self._reduce_sequence_parallel()
         self.final_backward = False
 
     def _reduce_sequence_parallel(self) -> None:

@@ -1,5 +1,7 @@
 """Multi-process CPU tests: exact resume under tp2pp2 (+ sequence parallel), the layout
-mismatch error, and a rank that dies (the survivor stops with a clear error, in bounded time).
+mismatch error, and a rank that dies or hangs (the survivor stops with a clear error in bounded
+time: a closed connection fails the collective at once, a silent peer trips the process-group
+timeout or the trainer's watchdog).
 """
 import os
 import signal
@@ -7,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 
 from megacpt.config import ConfigError
 from megacpt.testing import free_port, run_distributed
@@ -52,8 +55,10 @@ def test_exact_resume_tp2pp2(tmp_path):
     assert "--target-tensor-parallel-size 2 --target-pipeline-parallel-size 1" in msg
 
 
-def test_dead_rank_gives_clear_error_in_bounded_time(tmp_path):
-    """Rank 1 is killed mid-training; rank 0 must stop with a clear error, not hang."""
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGSTOP"])
+def test_dead_rank_gives_clear_error_in_bounded_time(tmp_path, how):
+    """Rank 1 dies (SIGKILL) or hangs (SIGSTOP) mid-training; rank 0 must stop with a clear
+    error within about the process-group timeout (30 s here) instead of hanging."""
     logs = str(tmp_path / "log")
     argv = mock_args("--log-dir", logs, "--distributed-timeout-minutes", "0.5", iters=3000)
     port = str(free_port())
@@ -71,7 +76,7 @@ def test_dead_rank_gives_clear_error_in_bounded_time(tmp_path):
             assert all(p.poll() is None for p in procs), procs[0].stdout.read()
             assert time.monotonic() < deadline, "training did not start within 180 s"
             time.sleep(0.2)
-        procs[1].send_signal(signal.SIGKILL)
+        procs[1].send_signal(getattr(signal, how))
         # a hang fails here: the survivor must stop well within this bound (pg timeout 30 s)
         out, _ = procs[0].communicate(timeout=150)
     finally:
@@ -79,4 +84,5 @@ def test_dead_rank_gives_clear_error_in_bounded_time(tmp_path):
             if p.poll() is None:
                 p.kill()
     assert procs[0].returncode == 1, out
-    assert "rank 0: a collective failed" in out and "another rank probably died" in out, out
+    assert "another rank probably died" in out, out
+    assert "rank 0: a collective failed" in out or "rank 0: no progress for" in out, out
