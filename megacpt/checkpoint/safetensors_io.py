@@ -164,7 +164,7 @@ class SafetensorsWriter:
                                    f"got {tensor.dtype} {tuple(tensor.shape)}")
         t = tensor.detach().to("cpu").contiguous().reshape(-1)
         if t.numel():
-            self._f.write(t.view(torch.uint8).numpy().tobytes())
+            self._f.write(t.view(torch.uint8).numpy())  # buffer protocol: no extra copy
         self._next += 1
 
     def close(self) -> None:

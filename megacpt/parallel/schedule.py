@@ -87,7 +87,7 @@ class StageRunner:
         self.num = len(microbatches)
         self.pending: deque = deque()  # (input, output) awaiting backward
         self.forwards = self.backwards = 0
-        self.loss_sum = 0.0
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)  # no host sync
         self.max_pending = 0
         self.grad_sync = getattr(model, "grad_sync", None)
 
@@ -102,7 +102,7 @@ class StageRunner:
         if self.ctx.is_last_stage:
             per_token = self.model(inp, mb["labels"])  # [b, s]
             loss = microbatch_loss(per_token, mb)
-            self.loss_sum += loss.detach().double().item()
+            self.loss_sum += loss.detach().double()
             out = loss / self.num
         else:
             out = self.model(inp)  # [s(/tp), b, h]
@@ -196,12 +196,11 @@ def forward_backward(model, microbatches: list[dict], ctx: ParallelContext, *,
     return _reduce_loss(stage.loss_sum / stage.num, ctx)
 
 
-def _reduce_loss(local_mean: float, ctx: ParallelContext) -> float:
+def _reduce_loss(local_mean: torch.Tensor, ctx: ParallelContext) -> float:
     """Average the last stage's loss over dp, then give it to every pipeline stage."""
     if not ctx.distributed:
-        return local_mean
-    t = torch.tensor([local_mean if ctx.is_last_stage else 0.0], dtype=torch.float64,
-                     device=ctx.device)
+        return float(local_mean.item())
+    t = local_mean.reshape(1).clone()  # zero on stages other than the last
     if ctx.dp_group is not None and ctx.is_last_stage:
         dist.all_reduce(t, group=ctx.dp_group)
         t /= ctx.dp

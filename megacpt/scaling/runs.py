@@ -105,8 +105,12 @@ def _read_jsonl(path: str) -> list[tuple[int, dict]]:
 
 
 def _field(path, lineno, row, key, kind=float, positive=False):
-    if key not in row or row[key] is None:
-        raise ValueError(f"{path}:{lineno}: {row['type']} row lacks field '{key}'")
+    if key not in row:
+        raise ValueError(f"{path}:{lineno}: {row.get('type', 'a')} row lacks field '{key}'")
+    if row[key] is None:
+        why = " (the trainer writes non-finite values as null)" if kind is float else ""
+        raise ValueError(f"{path}:{lineno}: field '{key}' is null{why}; expected "
+                         f"{'a finite number' if kind is float else kind.__name__}")
     try:
         val = kind(row[key])
     except (TypeError, ValueError):
@@ -164,6 +168,9 @@ def load_run(path: str, valid_name: str | None = None) -> dict:
         elif row["type"] == "valid" and row.get("name") == name \
                 and row.get("split", "valid") == "valid":
             valid_by_it[int(_field(path, lineno, row, "iteration"))] = (lineno, row)
+    if not valid_by_it:
+        names = sorted({r.get("name") for _, r in rows if r["type"] == "valid"} - {None})
+        log.warning("%s: no validation rows named %r (names present: %s)", path, name, names)
     train_its = sorted(train_by_it)
     train = {"iteration": np.array(train_its, dtype=np.int64),
              "rows": [train_by_it[i] for i in train_its]}
@@ -179,9 +186,8 @@ def load_run(path: str, valid_name: str | None = None) -> dict:
             dropped += 1
             continue
         sources.add(src)
-        flops = row.get("flops")
-        for key, val in zip(cols, (it, loss, D, total,
-                                   float(flops) if flops is not None else np.nan)):
+        flops = _field(path, lineno, row, "flops") if row.get("flops") is not None else np.nan
+        for key, val in zip(cols, (it, loss, D, total, flops)):
             cols[key].append(val)
     arrays = {k: np.array(v, dtype=np.int64 if k == "iteration" else np.float64)
               for k, v in cols.items()}

@@ -197,7 +197,7 @@ def test_threaded_pipeline_matches_single_model():
     assert [list(s.model.layers) for s in stages] == [["0", "1"], ["2", "3"], ["4"]]
     run_threads(stages)
 
-    assert stages[-1].loss_sum / num == pytest.approx(ref_loss.item(), rel=1e-6)
+    assert stages[-1].loss_sum.item() / num == pytest.approx(ref_loss.item(), rel=1e-6)
     ref_grads = {n: p.grad for n, p in ref.named_parameters()}
     got = {n: p.grad for s in stages for n, p in s.model.named_parameters()}
     assert sorted(got) == sorted(ref_grads)

@@ -69,6 +69,13 @@ def test_tool_wrapper_runs(tmp_path):
     assert json.loads(out.stdout)["N_coef"] == pytest.approx(0.324, abs=5e-4)
 
 
+def test_package_imports_neither_torch_nor_matplotlib():
+    code = ("import sys, megacpt.scaling, megacpt.scaling.cli; "
+            "bad = [m for m in ('torch', 'matplotlib') if m in sys.modules]; "
+            "sys.exit(f'imported {bad}' if bad else 0)")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def _data(rng, n=40):
     N = np.exp(rng.uniform(np.log(1e7), np.log(1e10), n))
     D = np.exp(rng.uniform(np.log(1e8), np.log(1e12), n))

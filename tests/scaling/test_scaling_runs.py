@@ -45,6 +45,13 @@ def test_valid_name_selects_other_language(study_dir):
     assert np.allclose(run["D"], 0.7 * run["tokens"])  # still target-language tokens
 
 
+def test_unknown_valid_name_warns(study_dir, caplog):
+    with caplog.at_level(logging.WARNING, logger="megacpt.scaling.runs"):
+        (run,) = load_runs(study_dir / "cpt" / "cpt-1e+07", valid_name="fr")
+    assert run["loss"].size == 0 and "no validation rows named 'fr'" in caplog.text
+    assert "['en', 'zh']" in caplog.text
+
+
 def test_target_share_when_no_train_row_at_eval(tmp_path):
     write_run(tmp_path / "r", 4e7, "cpt", CPT, train_at_evals=False)
     (run,) = load_runs(tmp_path / "r")
@@ -85,6 +92,9 @@ def test_resumed_run_keeps_last_rows_and_skips_cut_line(tmp_path, caplog):
     (lambda rows: rows + [{"type": "valid", "name": "zh", "iteration": 10 ** 9,
                            "loss": float("nan"), "consumed_tokens": 1e9}],
      r"field 'loss' is nan; expected finite"),
+    (lambda rows: rows + [{"type": "valid", "name": "zh", "iteration": 10 ** 9,
+                           "loss": None, "consumed_tokens": 1e9}],
+     r"field 'loss' is null"),
     (lambda rows: rows + [{"type": "valid", "name": "zh", "iteration": 10 ** 9,
                            "loss": "abc", "consumed_tokens": 1e9}],
      r"field 'loss' = 'abc' is not a number"),
