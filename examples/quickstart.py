@@ -369,11 +369,20 @@ def plot(summary: dict, out: str) -> list[str]:
 # ----- main -----
 
 def main(argv=None) -> dict:
-    args = get_args(argv)
-    if args.threads:
-        import torch
+    import torch
 
+    args = get_args(argv)
+    threads = torch.get_num_threads()
+    if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        return run_quickstart(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_quickstart(args) -> dict:
+    """All stages (see the module docstring); returns the summary."""
     out = os.path.abspath(args.out)
     for sub in ("runs", "checkpoints", "data"):  # a fresh start: no stale resumes
         shutil.rmtree(os.path.join(out, sub), ignore_errors=True)

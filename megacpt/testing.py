@@ -321,9 +321,85 @@ def process_group_members(layouts: list[tuple[int, int]]) -> list[tuple[str, dic
     return out
 
 
+@contextlib.contextmanager
+def count_comm(ctx):
+    """Count the bytes this rank sends (ring algorithms, as `megacpt.parallel.volume`) per axis
+    while the block runs. Scalar collectives are ignored; comm.reduce_scatter counts as a
+    reduce-scatter even where gloo implements it with an all-reduce."""
+    from megacpt.parallel import comm
+
+    counts = {"tp": 0.0, "pp": 0.0, "dp": 0.0, "mp": 0.0}
+    axis = {id(g): k for k, g in (("tp", ctx.tp_group), ("dp", ctx.dp_group),
+                                  ("pp", ctx.pp_group), ("mp", ctx.mp_group)) if g is not None}
+    nested = [0]
+    saved = {n: getattr(dist, n) for n in ("all_reduce", "all_gather", "isend")}
+    saved_rs = comm.reduce_scatter
+
+    def add(group, nbytes):
+        if not nested[0]:
+            counts[axis.get(id(group), "pp") if group is not None else "pp"] += nbytes
+
+    def all_reduce(t, *a, group=None, **kw):
+        n = dist.get_world_size(group)
+        if t.numel() > 1:
+            add(group, 2 * (n - 1) / n * t.numel() * t.element_size())
+        return saved["all_reduce"](t, *a, group=group, **kw)
+
+    def all_gather(outs, t, *a, group=None, **kw):
+        add(group, (len(outs) - 1) * t.numel() * t.element_size())
+        return saved["all_gather"](outs, t, *a, group=group, **kw)
+
+    def isend(t, *a, **kw):
+        add(None, t.numel() * t.element_size())
+        return saved["isend"](t, *a, **kw)
+
+    def reduce_scatter(x, group, dim=0):
+        n = comm._size(group)
+        if n > 1:
+            add(group, (n - 1) / n * x.numel() * x.element_size())
+        nested[0] += 1
+        try:
+            return saved_rs(x, group, dim)
+        finally:
+            nested[0] -= 1
+
+    for name, fn in (("all_reduce", all_reduce), ("all_gather", all_gather), ("isend", isend)):
+        setattr(dist, name, fn)
+    comm.reduce_scatter = reduce_scatter
+    try:
+        yield counts
+    finally:
+        for name, fn in saved.items():
+            setattr(dist, name, fn)
+        comm.reduce_scatter = saved_rs
+
+
+def comm_bytes_of_step(model_cfg: ModelConfig, optim_cfg: OptimizerConfig, batch: tuple,
+                       micro_batch_size: int, tp: int = 1, pp: int = 1,
+                       sequence_parallel: bool = False,
+                       use_distributed_optimizer: bool = False) -> dict:
+    """Bytes this rank sends on each axis during one training step (see `count_comm`)."""
+    from megacpt.model import LlamaModel
+    from megacpt.parallel.context import ParallelContext
+    from megacpt.parallel.optimizer import build_optimizer
+    from megacpt.parallel.schedule import forward_backward, split_global_batch
+
+    ctx = ParallelContext.build(tp=tp, pp=pp, sequence_parallel=sequence_parallel,
+                                device="cpu")
+    model = LlamaModel(model_cfg, ctx, seed=1)
+    opt = build_optimizer(model, optim_cfg, ctx,
+                          use_distributed_optimizer=use_distributed_optimizer)
+    mbs = split_global_batch(*batch, micro_batch_size, ctx)
+    with count_comm(ctx) as counts:
+        opt.zero_grad()
+        forward_backward(model, mbs, ctx)
+        opt.step(optim_cfg.lr)
+    return {"pp_rank": ctx.pp_rank, "dp": ctx.dp, "num_microbatches": len(mbs), **counts}
+
+
 def jobs_worker(jobs: list[tuple[str, dict]]) -> list:
     """Run named jobs of this module (`("train_losses", kwargs)`, ...) in one world."""
     allowed = {"train_losses": train_losses, "tp_forward_grads": tp_forward_grads,
                "comm_check": comm_check, "process_group_members": process_group_members,
-               "vocab_ce_check": vocab_ce_check}
+               "vocab_ce_check": vocab_ce_check, "comm_bytes_of_step": comm_bytes_of_step}
     return [allowed[name](**kwargs) for name, kwargs in jobs]

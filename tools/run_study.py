@@ -51,8 +51,8 @@ def make_plots(results: dict, out_dir: str) -> dict[str, list[str]]:
             if "error" not in fit and s in pts:
                 files.append(plots.plot_fit(pts[s], fit, os.path.join(plot_dir,
                                                                       f"{lang}_fit_{s}.png")))
-        sets = {s: (p, None if "error" in res["frontiers"].get(s, {"error": 1}) else
-                    res["frontiers"][s]) for s, p in pts.items()}
+        sets = {s: (pts[s], None if "error" in res["frontiers"][s] else res["frontiers"][s])
+                for s in ("scratch", "cpt") if s in pts}  # the paper's comparison
         if sets:
             files.append(plots.plot_loss_compute(sets, os.path.join(plot_dir,
                                                                     f"{lang}_loss_compute.png")))

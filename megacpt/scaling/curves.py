@@ -113,6 +113,9 @@ def _by_size(points: Points, what: str) -> dict:
 
 def transfer_metrics(scratch: Points, cpt: Points, n_levels: int = 20) -> dict:
     """Transferred tokens and FLOPs saved at equal loss, per CPT curve (see module doc)."""
+    if len(scratch) == 0 or len(cpt) == 0:
+        raise ValueError(f"transfer needs points on both sides: {len(scratch)} scratch "
+                         f"({scratch.source}), {len(cpt)} cpt ({cpt.source})")
     base = _by_size(scratch, "scratch")
     pairs = []
     for label, cur in cpt.curves():
@@ -137,7 +140,7 @@ def transfer_metrics(scratch: Points, cpt: Points, n_levels: int = 20) -> dict:
                       "C_scratch": c_s.tolist(), "C_cpt": c_c.tolist(),
                       "transferred_tokens": (d_s - d_c).tolist(),
                       "flops_saved": ((c_s - c_c) / c_s).tolist()})
-    saved = np.concatenate([p["flops_saved"] for p in pairs]) if pairs else np.array([np.nan])
+    saved = np.concatenate([p["flops_saved"] for p in pairs])
     return {"pairs": pairs,
             "summary": {"flops_saved_min": float(np.nanmin(saved)),
                         "flops_saved_median": float(np.nanmedian(saved)),

@@ -15,6 +15,7 @@ from megacpt import testing as T
 from megacpt.model import LlamaModel
 from megacpt.parallel.optimizer import build_optimizer
 from megacpt.parallel.schedule import forward_backward, split_global_batch
+from megacpt.parallel.volume import Layout, step_bytes
 
 CFG = T.tiny_model_config()
 OPT = T.tiny_optim_config()
@@ -74,9 +75,18 @@ def world2():
                   + [("vocab_ce_check", {"vocab_size": 100})])
 
 
+COUNTED = [dict(tp=2, pp=2), dict(tp=2, pp=2, sequence_parallel=True),
+           dict(pp=2, use_distributed_optimizer=True), dict(tp=2)]
+
+
+def _count(**layout):
+    return ("comm_bytes_of_step", dict(model_cfg=CFG, optim_cfg=OPT, batch=BATCHES[0],
+                                       micro_batch_size=MBS, **layout))
+
+
 @pytest.fixture(scope="module")
 def world4():
-    return _spawn(4, [_grads(4, False), _grads(4, True)])
+    return _spawn(4, [_grads(4, False), _grads(4, True)] + [_count(**c) for c in COUNTED])
 
 
 GROUP_LAYOUTS = [(2, 2), (4, 1), (1, 4), (2, 4), (8, 1)]
@@ -198,6 +208,23 @@ def test_process_groups_follow_the_rank_order(world8):
         for (tp, pp), (name, members) in zip(GROUP_LAYOUTS, results[0]):
             assert name == f"tp{tp}pp{pp}dp{8 // (tp * pp)}"
             assert members == _expected_members(tp, pp, 8, rank), (name, rank)
+
+
+@pytest.mark.parametrize("index", range(len(COUNTED)))
+def test_measured_traffic_matches_volume_formulas(world4, index):
+    """Bytes actually sent per axis in one step equal megacpt.parallel.volume's formulas
+    (fp32 activations and params; ZeRO-1 as gloo runs it)."""
+    lay = COUNTED[index]
+    for rank, results in enumerate(world4):
+        got = results[2 + index]
+        layout = Layout(tp=lay.get("tp", 1), pp=lay.get("pp", 1), dp=got["dp"],
+                        sequence_parallel=lay.get("sequence_parallel", False),
+                        zero1=lay.get("use_distributed_optimizer", False))
+        exp = step_bytes(CFG, layout, got["pp_rank"], MBS, got["num_microbatches"],
+                         act_bytes=4, param_bytes=4, zero1_on_gloo=True)
+        for axis in ("tp", "pp", "dp"):
+            assert got[axis] == pytest.approx(exp[axis], rel=1e-9), (layout.name, rank, axis)
+        assert got["tp"] + got["pp"] + got["dp"] > 0
 
 
 def _state_results(world2):

@@ -1,0 +1,201 @@
+"""tools/run_study.py and megacpt.study: the tiny example study end to end, resume, print mode,
+planning and config errors.
+
+The example study (examples/study_tiny.yaml: 2 debug sizes x scratch/CPT/CPT+30% replay on
+the bundled corpus) runs once per module; the other tests reuse its output directory.
+"""
+import importlib.util
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import yaml
+
+from megacpt import sizes, study
+from megacpt.training.metrics import read_metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLE = os.path.join(REPO, "examples", "study_tiny.yaml")
+
+
+def _load_tool():
+    spec = importlib.util.spec_from_file_location(
+        "run_study", os.path.join(REPO, "tools", "run_study.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+run_study = _load_tool()
+
+
+@pytest.fixture(scope="module")
+def example(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study")
+    assert run_study.main(["--config", EXAMPLE, "--out", str(out)]) == 0
+    cfg = study.load_config(EXAMPLE, str(out))
+    return out, cfg, study.plan_runs(cfg, study.vocab_size(cfg))
+
+
+def test_example_runs_are_sized_by_tokens_per_param(example):
+    out, cfg, runs = example
+    assert [r.name for r in runs] == [
+        "en_tiny_source", "en_debug-xs_source", "zh_tiny_scratch", "zh_tiny_cpt",
+        "zh_tiny_cpt_replay0.3", "zh_debug-xs_scratch", "zh_debug-xs_cpt",
+        "zh_debug-xs_cpt_replay0.3"]
+    for r in runs:
+        shape = sizes.get_size(r.size)
+        n = sizes.param_count(shape.hidden_size, shape.ffn_hidden_size, shape.num_layers,
+                              shape.num_attention_heads, shape.num_query_groups, 2048)
+        assert r.num_parameters == n
+        assert r.train_iters == math.ceil(0.05 * n / (8 * 64))
+        rows = read_metrics(r.run_dir, "train")
+        assert rows[-1]["iteration"] == r.train_iters
+        per = rows[-1]["consumed_tokens_per_dataset"]
+        if r.replay:  # exact 30% replay of English samples
+            assert per["en"] / (per["en"] + per["zh"]) == pytest.approx(0.3, abs=0.02)
+        else:
+            assert set(per) == {r.lang}
+        if r.kind == "cpt":
+            assert r.init_from == os.path.join(str(out), "checkpoints", f"en_{r.size}_source")
+            assert read_metrics(r.run_dir, "header")[0]["run_kind"] == "cpt"
+
+
+def test_example_results_and_report(example):
+    out, cfg, runs = example
+    with open(out / "results.json", encoding="utf-8") as f:
+        res = json.load(f)
+    assert all(r["finished"] for r in res["runs"]) and len(res["runs"]) == 8
+    zh = res["languages"]["zh"]
+    assert set(zh["fits"]) == {"scratch", "cpt", "cpt_replay0.3"}
+    for name, fit in zh["fits"].items():  # fitted, or a stated reason it was not
+        assert "error" in fit or all(np.isfinite(fit[k]) for k in ("E", "A", "B", "beta"))
+    scratch = zh["fits"]["scratch"]
+    if "error" not in scratch:  # two sizes can never identify E, A and alpha: must be said
+        assert any("only 2 model sizes" in n for n in scratch["quality_notes"])
+    # forgetting rows are the runs' own final source-language losses
+    by_name = {r.name: r for r in runs}
+    assert len(zh["forgetting"]) == 4
+    for row in zh["forgetting"]:
+        valid = [v for v in read_metrics(by_name[row["run"]].run_dir, "valid")
+                 if v["name"] == "en"]
+        assert row["final_source_loss"] == pytest.approx(valid[-1]["loss"])
+        src = [v for v in read_metrics(by_name[f"en_{row['size']}_source"].run_dir, "valid")
+               if v["name"] == "en"]
+        assert row["source_model_loss"] == pytest.approx(src[-1]["loss"])
+    # the points fitted are the scratch runs' zh validation rows past 10% of their tokens
+    pts = zh["points"]["scratch"]
+    expected = sum(
+        sum(1 for v in read_metrics(by_name[n].run_dir, "valid")
+            if v["name"] == "zh" and v["iteration"] >= 0.1 * by_name[n].train_iters)
+        for n in ("zh_tiny_scratch", "zh_debug-xs_scratch"))
+    assert len(pts["loss"]) == expected
+    report = (out / "report.md").read_text()
+    for heading in ("## Runs", "### Scaling-law fits", "### Compute-optimal allocation",
+                    "### Loss-compute frontier", "### Transfer", "### Forgetting"):
+        assert heading in report
+    assert "Poorly determined" in report
+    for png in ("zh_loss_compute.png", "zh_forgetting.png"):
+        with open(out / "plots" / png, "rb") as f:
+            assert f.read(4) == b"\x89PNG"
+    assert (out / "fits" / "zh_fit_scratch.json").is_file()
+
+
+def test_rerun_skips_finished_runs_and_redoes_a_missing_one(example):
+    out, cfg, runs = example
+    victim = next(r for r in runs if r.name == "zh_tiny_scratch")
+    others = {r.name: os.path.getmtime(os.path.join(r.run_dir, "metrics.jsonl"))
+              for r in runs if r is not victim}
+    os.remove(os.path.join(victim.ckpt_dir, "latest_checkpointed_iteration.txt"))
+    assert not study.run_finished(victim)
+    # print mode lists only what is left and fits nothing yet
+    os.remove(out / "report.md")
+    assert run_study.main(["--config", EXAMPLE, "--out", str(out), "--launch", "print"]) == 0
+    cmds = [ln for ln in (out / "commands.sh").read_text().splitlines()
+            if "megacpt.train" in ln and not ln.startswith("#")]
+    assert len(cmds) == 1 and f"--log-dir {victim.run_dir} " in cmds[0]
+    assert not (out / "report.md").exists()
+    assert run_study.main(["--config", EXAMPLE, "--out", str(out)]) == 0
+    assert study.run_finished(victim) and (out / "report.md").is_file()
+    for r in runs:
+        if r is not victim:
+            assert os.path.getmtime(os.path.join(r.run_dir, "metrics.jsonl")) == others[r.name]
+
+
+def _write(tmp_path, **fields):
+    base = {"out_dir": str(tmp_path / "o"), "sizes": ["tiny"], "target_langs": ["zh"],
+            "data": {"corpus_dir": os.path.join(REPO, "examples", "data"), "vocab_size": 2048}}
+    base.update(fields)
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(base))
+    return str(path)
+
+
+@pytest.mark.parametrize("fields, words", [
+    ({"sizez": ["tiny"]}, ["unknown fields", "sizez"]),
+    ({"sizes": ["tiny", "huge"]}, ["field 'sizes'", "unknown sizes ['huge']"]),
+    ({"replay_ratios": [0.0, 1.5]}, ["field 'replay_ratios'", "[0, 1)"]),
+    ({"kinds": ["scratch", "distill"]}, ["field 'kinds'"]),
+    ({"launch": "slurm"}, ["field 'launch'", "local"]),
+    ({"target_langs": ["en"]}, ["field 'target_langs'"]),
+    ({"global_batch_size": 12, "micro_batch_size": 8}, ["field 'global_batch_size'"]),
+    ({"seq_length": "long"}, ["field 'seq_length'", "expected int"]),
+    ({"data": {"corpus_dir": "/nonexistent"}}, ["field 'data.corpus_dir'", "en_train"]),
+    ({"data": {"tokenizer_model": "t.model", "train": {"en": "x"}, "valid": {}}},
+     ["field 'data.train'", "'zh'"]),
+])
+def test_config_errors_name_file_and_field(tmp_path, fields, words):
+    path = _write(tmp_path, **fields)
+    with pytest.raises(study.StudyConfigError) as e:
+        study.load_config(path)
+    assert str(e.value).startswith(path)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_plan_and_print_mode_without_training(tmp_path):
+    path = _write(tmp_path, sizes=["tiny", "debug-s"], target_langs=["zh", "fr"],
+                  kinds=["cpt"], replay_ratios=[0.0, 0.25], launch="print",
+                  launcher="torchrun --nproc-per-node 8 -m megacpt.train",
+                  extra_args=["--save-interval", "500"])
+    assert run_study.main(["--config", path]) == 0  # nothing runs: commands only
+    cfg = study.load_config(path)
+    runs = study.plan_runs(cfg, 2048)
+    assert [r.name for r in runs] == [
+        "en_tiny_source", "en_debug-s_source", "zh_tiny_cpt", "zh_tiny_cpt_replay0.25",
+        "zh_debug-s_cpt", "zh_debug-s_cpt_replay0.25", "fr_tiny_cpt", "fr_tiny_cpt_replay0.25",
+        "fr_debug-s_cpt", "fr_debug-s_cpt_replay0.25"]
+    replay = runs[3].argv
+    blend = replay[replay.index("--data-path") + 1: replay.index("--split")]
+    assert blend[0] == "0.75" and blend[1].startswith("zh=") and blend[2] == "0.25" \
+        and blend[3].startswith("en=")
+    assert replay[-2:] == ["--save-interval", "500"]
+    lines = (tmp_path / "o" / "commands.sh").read_text().splitlines()
+    body = [ln for ln in lines if ln and not ln.startswith("#") and ln != "set -e"]
+    assert body[0].startswith("python tools/train_tokenizer.py") and len(body) == 7 + 10
+    assert all(ln.startswith("torchrun --nproc-per-node 8 -m megacpt.train") for ln in body[7:])
+    assert "--init-from" not in body[7] and "--init-from" in body[9]
+    assert not (tmp_path / "o" / "runs").exists()
+
+
+def test_fit_quality_flags_what_the_data_cannot_determine():
+    from megacpt.scaling import Points, chinchilla, fit_law
+
+    def points(ns):
+        N = np.repeat(ns, 6)
+        D = np.tile(np.geomspace(1e8, 1e10, 6), len(ns))
+        loss = 1.7 + 400 / N ** 0.34 + 410 / D ** 0.28
+        return Points(N, D, loss, 6 * N * D, np.repeat([str(n) for n in ns], 6))
+
+    good = points([1e7, 3e7, 1e8, 3e8, 1e9])
+    fit = fit_law(chinchilla(), good.loss, N=good.N, D=good.D)
+    assert fit["alpha"] == pytest.approx(0.34, rel=1e-3)
+    assert study.fit_quality(fit, good, 5) == []
+    two = points([1e7, 1e9])
+    notes = study.fit_quality(fit_law(chinchilla(), two.loss, N=two.N, D=two.D), two, 5)
+    assert any("only 2 model sizes" in n for n in notes)
+    bad = dict(fit, allocation=None, beta=0.1, gamma=0.2)
+    assert any("no finite compute-optimal allocation" in n
+               for n in study.fit_quality(bad, good, 5))
