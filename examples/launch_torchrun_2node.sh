@@ -40,7 +40,8 @@ else
              --valid-data-path "zh=$DATA_DIR/zh_valid_text_document"
              "en=$DATA_DIR/en_valid_text_document")
   TRAIN_ARGS=(--micro-batch-size 2 --global-batch-size 1024 --tokens-per-param 20
-              --save "${SAVE:-ckpt/zh_cpt}" --save-interval 1000 --log-dir "${LOG_DIR:-runs/zh_cpt}")
+              --save "${SAVE:-ckpt/zh_cpt}" --save-interval 1000
+              --log-dir "${LOG_DIR:-runs/zh_cpt}")
 fi
 
 exec torchrun \

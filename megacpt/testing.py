@@ -394,7 +394,7 @@ def comm_bytes_of_step(model_cfg: ModelConfig, optim_cfg: OptimizerConfig, batch
         opt.zero_grad()
         forward_backward(model, mbs, ctx)
         opt.step(optim_cfg.lr)
-    return {"pp_rank": ctx.pp_rank, "dp": ctx.dp, "num_microbatches": len(mbs), **counts}
+    return {"pp_rank": ctx.pp_rank, "dp_size": ctx.dp, "num_microbatches": len(mbs), **counts}
 
 
 def jobs_worker(jobs: list[tuple[str, dict]]) -> list:

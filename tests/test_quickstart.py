@@ -147,3 +147,29 @@ def test_shape_flags_override_the_size():
     assert pairs == {"--num-layers": "4", "--hidden-size": "96", "--ffn-hidden-size": "176",
                      "--num-attention-heads": "6", "--num-query-groups": "2"}
     assert qs.shape_argv(qs.get_args([])) == ["--model-size", "debug-xs"]
+
+
+def test_cpt_recipe_commands_parse_with_the_trainer(tmp_path):
+    """examples/cpt_1.4b.sh (DRY_RUN=1): every training command uses real trainer flags."""
+    import shlex
+    import subprocess
+
+    from megacpt.arguments import build_parser
+
+    env = {**os.environ, "DRY_RUN": "1", "WORK": str(tmp_path)}
+    out = subprocess.run(["bash", os.path.join(REPO, "examples", "cpt_1.4b.sh")], env=env,
+                         capture_output=True, text=True, check=True).stdout
+    runs = [shlex.split(line[2:]) for line in out.splitlines() if line.startswith("+ torchrun")]
+    assert len(runs) == 2  # source, then CPT
+    parsed = [build_parser().parse_args(r[r.index("megacpt.train") + 1:]) for r in runs]
+    for a in parsed:
+        assert (a.model_size, a.seq_length, a.bf16, a.lr, a.min_lr) == \
+            ("1393M", 2048, True, 2e-4, 2e-5)
+        assert a.global_batch_size * a.seq_length == 1024 * 2048  # 2M-token batches
+        assert (a.tokens_per_param, a.lr_warmup_fraction, a.lr_decay_style) == \
+            (20, 0.05, "cosine")
+    source, cpt = parsed
+    assert source.init_from is None and source.data_path[0] == "1.0"
+    assert cpt.init_from == source.save
+    assert cpt.data_path[0::2] == ["0.7", "0.3"]
+    assert cpt.data_path[1].startswith("zh=") and cpt.data_path[3].startswith("en=")

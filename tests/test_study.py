@@ -174,7 +174,7 @@ def test_plan_and_print_mode_without_training(tmp_path):
     assert replay[-2:] == ["--save-interval", "500"]
     lines = (tmp_path / "o" / "commands.sh").read_text().splitlines()
     body = [ln for ln in lines if ln and not ln.startswith("#") and ln != "set -e"]
-    assert body[0].startswith("python tools/train_tokenizer.py") and len(body) == 7 + 10
+    assert body[0].startswith("python -m megacpt.data.tokenizer_train --input") and len(body) == 7 + 10
     assert all(ln.startswith("torchrun --nproc-per-node 8 -m megacpt.train") for ln in body[7:])
     assert "--init-from" not in body[7] and "--init-from" in body[9]
     assert not (tmp_path / "o" / "runs").exists()

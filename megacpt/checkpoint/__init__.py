@@ -3,13 +3,17 @@ vocabulary extension. The on-disk layout is documented in `megacpt.checkpoint.fo
 
     save_checkpoint(save_dir, iteration, model, optimizer, cfg, ctx, state) -> iter dir
     load_checkpoint(load_dir, model, optimizer, cfg, ctx) -> (iteration, state)
-    load_weights(path, model, ctx=None)        any layout / HF dir / Megatron legacy
-    load_model(path, device="cpu", dtype=None) -> single-device LlamaModel
-    convert_checkpoint(load, save_dir, tp, pp, ...) / export_hf(load, out_dir, ...)
+    load_weights(path, model, ctx=None)          our ckpt in any layout / HF dir / Megatron legacy
+    load_model(path, device="cpu", dtype=None) -> single-device LlamaModel (logits [b, s, V])
+    convert_checkpoint(load, save_dir, tp, pp, with_optimizer=True) -> iter dir
+    export_to_hf(load, out_dir) -> out_dir
+    extend_vocab(tokenizer_model, corpus, new_pieces, load, save_dir) -> report dict
 """
 from megacpt.checkpoint.checkpointing import (load_checkpoint, load_model, load_weights,
                                               save_checkpoint)
+from megacpt.checkpoint.convert import convert_checkpoint, export_to_hf
 from megacpt.checkpoint.format import CheckpointError
+from megacpt.checkpoint.vocab import extend_vocab
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_weights", "load_model",
-           "CheckpointError"]
+           "convert_checkpoint", "export_to_hf", "extend_vocab", "CheckpointError"]

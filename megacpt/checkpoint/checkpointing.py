@@ -79,20 +79,7 @@ def save_checkpoint(save_dir: str, iteration: int, model, optimizer, cfg: Config
     _barrier(ctx)
     with_optim = optimizer is not None and not cfg.checkpoint.no_save_optim
     opt_sd = optimizer.state_dict() if with_optim else None  # collective under ZeRO-1
-    params = dict(model.named_parameters())
-    dtype = next(iter(params.values())).dtype
-    if ctx.dp_rank == 0:
-        shard = os.path.join(tmp, fmt.shard_dirname(ctx.tp_rank, ctx.pp_rank))
-        os.makedirs(shard, exist_ok=True)
-        save_tensors(os.path.join(shard, fmt.MODEL_FILE),
-                     {n: p.detach().to("cpu").contiguous() for n, p in params.items()},
-                     {"iteration": str(iteration), "layout": ctx.layout})
-        if opt_sd is not None:
-            tensors, rest = split_optimizer_state(opt_sd)
-            save_tensors(os.path.join(shard, fmt.OPTIM_TENSORS), tensors)
-            torch.save(rest, os.path.join(shard, fmt.OPTIM_REST))
-    if state.get("rng") is not None:
-        torch.save(state["rng"], os.path.join(tmp, fmt.rng_filename(ctx.rank)))
+    dtype = _write_rank_files(tmp, iteration, model, opt_sd, ctx, state.get("rng"))
     if ctx.rank == 0:
         meta_state = {k: v for k, v in state.items() if k != "rng"}
         fmt.write_meta(tmp, iteration, ctx.tp, ctx.pp, ctx.dp, str(dtype).replace("torch.", ""),
@@ -103,18 +90,42 @@ def save_checkpoint(save_dir: str, iteration: int, model, optimizer, cfg: Config
             shutil.copyfile(tok, os.path.join(save_dir, fmt.TOKENIZER))
     _barrier(ctx)
     if ctx.rank == 0:
-        old = None
-        if os.path.exists(final):  # re-saving an iteration: keep it until the new one is in
-            old = final + ".old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(final, old)
-        os.rename(tmp, final)
-        fmt.write_tracker(save_dir, iteration)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
+        _publish(save_dir, tmp, final, iteration)
         log.info("saved checkpoint %s (%s)", final, ctx.layout)
     _barrier(ctx)
     return final
+
+
+def _write_rank_files(tmp: str, iteration: int, model, opt_sd: dict | None,
+                      ctx: ParallelContext, rng) -> torch.dtype:
+    """This rank's files: model/optimizer shard (dp rank 0 only) and its RNG state."""
+    params = dict(model.named_parameters())
+    if ctx.dp_rank == 0:
+        shard = os.path.join(tmp, fmt.shard_dirname(ctx.tp_rank, ctx.pp_rank))
+        os.makedirs(shard, exist_ok=True)
+        save_tensors(os.path.join(shard, fmt.MODEL_FILE),
+                     {n: p.detach().to("cpu").contiguous() for n, p in params.items()},
+                     {"iteration": str(iteration), "layout": ctx.layout})
+        if opt_sd is not None:
+            tensors, rest = split_optimizer_state(opt_sd)
+            save_tensors(os.path.join(shard, fmt.OPTIM_TENSORS), tensors)
+            torch.save(rest, os.path.join(shard, fmt.OPTIM_REST))
+    if rng is not None:
+        torch.save(rng, os.path.join(tmp, fmt.rng_filename(ctx.rank)))
+    return next(iter(params.values())).dtype
+
+
+def _publish(save_dir: str, tmp: str, final: str, iteration: int) -> None:
+    """Rename the complete temp directory into place, then point the tracker at it."""
+    old = None
+    if os.path.exists(final):  # re-saving an iteration: keep it until the new one is in
+        old = final + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+    os.rename(tmp, final)
+    fmt.write_tracker(save_dir, iteration)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def convert_command(load_dir: str, tp: int, pp: int) -> str:
@@ -202,6 +213,8 @@ def load_weights(path: str, model, ctx: ParallelContext | None = None, **source_
     """Fill `model` (this rank's stage and tp shard) with weights from `path`: our checkpoint
     in any layout, a HuggingFace LLaMA directory or a Megatron-LM legacy checkpoint."""
     ctx = ctx or model.ctx
+    source_options.setdefault("make_vocab_size_divisible_by",
+                              model.cfg.make_vocab_size_divisible_by)  # for HF / Megatron
     with open_source(path, **source_options) as src, torch.no_grad():
         fmt.check_same_model(src.cfg.model, model.cfg, f"{path} ({src.kind})")
         for name, p in model.named_parameters():

@@ -12,7 +12,11 @@ A layout conversion keeps everything `--load` needs to resume: weights, optimize
 dp, so any dp works), the LR schedule, data-consumption state, counters and the iteration.
 Per-rank RNG state is dropped (the model has no dropout; the trainer keeps its seeded RNG).
 Conversion streams tensor by tensor (see `megacpt.checkpoint.writer`); the output directory
-appears only when complete.
+appears only when complete. Measured peak RSS (2 shared CPU cores, local disk), for a random
+bf16 checkpoint of the registry's 1393M shape (1.82B parameters by our count, vocab 36152)
+with fp32 Adam moments and masters, 24 GB on disk: tp2pp2 -> tp1pp1 0.76 GiB in 156 s;
+weights only tp1pp1 -> tp2pp4 0.42 GiB; export to HF 0.56 GiB (the interpreter with torch
+alone is 0.22 GiB). The peak is about twice the largest full tensor (the fp32 embedding).
 """
 from __future__ import annotations
 
@@ -80,8 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     dst = p.add_mutually_exclusive_group(required=True)
     dst.add_argument("--save-dir", help="where to write our checkpoint (must not exist)")
     dst.add_argument("--to-hf", help="where to write a HuggingFace LLaMA directory")
-    p.add_argument("--target-tensor-parallel-size", type=int, default=None)
-    p.add_argument("--target-pipeline-parallel-size", type=int, default=None)
+    p.add_argument("--target-tensor-parallel-size", type=int, default=None,
+                   help="tp of --save-dir (default: the source's for our checkpoints, else 1)")
+    p.add_argument("--target-pipeline-parallel-size", type=int, default=None,
+                   help="pp of --save-dir (default: the source's for our checkpoints, else 1)")
     p.add_argument("--no-optimizer", action="store_true", help="drop the optimizer state")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="cast the parameters (default: keep the stored dtype)")

@@ -153,13 +153,21 @@ SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_h
                 "num_query_groups", "head_dim", "vocab_size", "padded_vocab_size")
 
 
+NUMERIC_FIELDS = {"rotary_base": "--rotary-base", "norm_eps": "--norm-epsilon"}
+
+
 def check_same_model(have: ModelConfig, want: ModelConfig, source: str) -> None:
-    """The checkpoint's model shape must equal the model being filled."""
+    """The checkpoint's model shape and numerics must equal the model being filled."""
     diffs = [f"{f}: checkpoint {getattr(have, f)} vs model {getattr(want, f)}"
              for f in SHAPE_FIELDS if getattr(have, f) != getattr(want, f)]
     if diffs:
         raise CheckpointError(f"{source} holds a different model shape than the one being "
                               f"loaded into: " + "; ".join(diffs))
+    for f, flag in NUMERIC_FIELDS.items():
+        if getattr(have, f) != getattr(want, f):
+            raise CheckpointError(f"{source} was trained with {f} = {getattr(have, f)} but the "
+                                  f"model has {getattr(want, f)}; pass {flag} "
+                                  f"{getattr(have, f)}")
 
 
 # ----- locating and reading checkpoints -----

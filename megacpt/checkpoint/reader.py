@@ -10,6 +10,7 @@ tensor at a time, so converters stream: memory holds about one full tensor, neve
 """
 from __future__ import annotations
 
+import abc
 import os
 
 import torch
@@ -21,7 +22,7 @@ from megacpt.config import Config
 from megacpt.parallel import sharding
 
 
-class Source:
+class Source(abc.ABC):
     """Base: a model config plus full tensors by global parameter name."""
 
     kind = "?"
@@ -34,13 +35,15 @@ class Source:
     has_optimizer: bool = False
     #: tp size the tensors are stored split into (get_shard at this tp is a plain read)
     native_tp: int | None = None
+    #: data-parallel size of the run that saved it (informational; shards do not depend on it)
+    dp: int = 1
 
     def names(self) -> list[str]:
         return fmt.param_names(self.cfg.model)
 
+    @abc.abstractmethod
     def get(self, name: str) -> torch.Tensor:
         """The full tensor of parameter `name` (padded vocabulary)."""
-        raise NotImplementedError
 
     def get_shard(self, name: str, tp: int, tp_rank: int) -> torch.Tensor:
         """One tp rank's part of parameter `name` in a tp-way layout."""
@@ -53,6 +56,12 @@ class Source:
 
     def optimizer_get(self, name: str, key: str) -> torch.Tensor:
         raise CheckpointError(f"{self.path}: a {self.kind} checkpoint has no optimizer state")
+
+    def optimizer_get_shard(self, name: str, key: str, tp: int, tp_rank: int) -> torch.Tensor:
+        """One tp rank's part of an optimizer state tensor (see `optimizer_entries`)."""
+        full = self.optimizer_get(name, key)
+        local = [e for e in self.optimizer_entries(name) if e[0] == key][0]
+        return sharding.shard(name, full, tp_rank, tp).contiguous() if local[2] else full
 
     def optimizer_rest(self) -> dict:
         return {}
@@ -80,6 +89,7 @@ class MegacptSource(Source):
         self.cfg = fmt.config_from_meta(self.meta, meta_path)
         self.tp, self.pp = int(self.meta["layout"]["tp"]), int(self.meta["layout"]["pp"])
         self.native_tp = self.tp
+        self.dp = int(self.meta["layout"].get("dp", 1))
         self.iteration = int(self.meta["iteration"])
         self.state = self.meta["state"]
         self.has_optimizer = bool(self.meta.get("has_optimizer"))
@@ -174,6 +184,11 @@ class MegacptSource(Source):
         if tuple(parts[0].shape) == fmt.local_shape(self.cfg.model, name, self.tp):
             return sharding.unshard(name, parts)
         return parts[0]
+
+    def optimizer_get_shard(self, name: str, key: str, tp: int, tp_rank: int) -> torch.Tensor:
+        if tp == self.tp:
+            return self._optim[(tp_rank, self.stage_of(name))].get(f"{name}/{key}")
+        return super().optimizer_get_shard(name, key, tp, tp_rank)
 
     def optimizer_rest(self) -> dict:
         """The non-tensor optimizer state of every stage, merged (see `merge_rest`)."""

@@ -5,7 +5,7 @@
 2. Select up to K of its NORMAL pieces the source lacks, in the target model's order, new
    single characters first (BPE merges start from characters, so a multi-character piece is
    only reachable when its characters and intermediate pieces exist).
-3. Append them to the source tokenizer (`sp_model.append_pieces`): existing ids and pieces
+3. Append them to the source tokenizer (`append_pieces`): existing ids and pieces
    do not change; new ids are V, V+1, ... For BPE the new scores sit below every source
    score (source merges keep priority; the target order is kept among new pieces); for
    unigram they keep their target log-probabilities.
@@ -21,6 +21,23 @@
         "tokens_per_char": {"before": float, "after": float}, "target_chars": int}
 
 Continual pre-training then starts with `--init-from OUT --tokenizer-model OUT/tokenizer.model`.
+
+The SentencePiece `.model` file (owned here for reading and extending) is a protobuf
+`sentencepiece.ModelProto` (sentencepiece_model.proto), edited without the protobuf package:
+
+    ModelProto      1: repeated SentencePiece pieces   2: TrainerSpec   3: NormalizerSpec
+    SentencePiece   1: string piece   2: float score   3: Type (1 NORMAL, 2 UNKNOWN,
+                    3 CONTROL, 4 USER_DEFINED, 5 UNUSED, 6 BYTE)
+    TrainerSpec     3: model_type (1 UNIGRAM, 2 BPE, 3 WORD, 4 CHAR)  4: vocab_size
+                    20: max_sentencepiece_length  22: split_by_whitespace
+                    24: treat_whitespace_as_suffix  25: split_digits
+                    26: allow_whitespace_only_pieces  35: byte_fallback
+    NormalizerSpec  1: name  3: add_dummy_prefix  4: remove_extra_whitespaces
+
+Only the wire format is needed: fields are (key varint = number << 3 | wire type, value)
+records, and a repeated field may continue anywhere in a message, so appending encoded
+`pieces` records to the end of the file appends pieces to the vocabulary with ids after the
+existing ones; nothing else in the model changes.
 """
 from __future__ import annotations
 
@@ -31,18 +48,119 @@ import json
 import logging
 import math
 import os
+import struct
 import sys
 import time
 
 import torch
 
-from megacpt.checkpoint import sp_model
 from megacpt.checkpoint.format import CheckpointError
 from megacpt.checkpoint.reader import open_source
 from megacpt.checkpoint.writer import write_checkpoint
 
 log = logging.getLogger(__name__)
 
+
+# ----- the SentencePiece model file (protobuf wire format) -----
+
+MODEL_TYPES = {1: "unigram", 2: "bpe", 3: "word", 4: "char"}
+NORMAL = 1
+
+
+def _varint(buf: bytes, i: int) -> tuple[int, int]:
+    result, shift = 0, 0
+    while True:
+        if i >= len(buf):
+            raise ValueError("truncated varint")
+        b = buf[i]
+        result |= (b & 0x7F) << shift
+        i += 1
+        if b < 0x80:
+            return result, i
+        shift += 7
+
+
+def iter_fields(buf: bytes):
+    """Yield (field number, wire type, value) of one message: ints for varints, bytes else."""
+    i = 0
+    while i < len(buf):
+        key, i = _varint(buf, i)
+        field, wt = key >> 3, key & 7
+        if wt == 0:
+            value, i = _varint(buf, i)
+        elif wt == 1:
+            value, i = buf[i:i + 8], i + 8
+        elif wt == 2:
+            n, i = _varint(buf, i)
+            value, i = buf[i:i + n], i + n
+        elif wt == 5:
+            value, i = buf[i:i + 4], i + 4
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wt} (field {field})")
+        if i > len(buf):
+            raise ValueError(f"truncated field {field}")
+        yield field, wt, value
+
+
+def _encode_varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _len_field(field: int, payload: bytes) -> bytes:
+    return _encode_varint(field << 3 | 2) + _encode_varint(len(payload)) + payload
+
+
+def encode_piece(piece: str, score: float, type_: int = NORMAL) -> bytes:
+    """One `ModelProto.pieces` record (field 1 of ModelProto)."""
+    msg = (_len_field(1, piece.encode("utf-8"))
+           + _encode_varint(2 << 3 | 5) + struct.pack("<f", score)
+           + _encode_varint(3 << 3 | 0) + _encode_varint(type_))
+    return _len_field(1, msg)
+
+
+def append_pieces(model: bytes, pieces: list[tuple[str, float]]) -> bytes:
+    """The model with NORMAL `pieces` (piece, score) appended (ids continue after the end)."""
+    return model + b"".join(encode_piece(p, s) for p, s in pieces)
+
+
+def read_spec(model: bytes) -> dict:
+    """The trainer/normalizer settings a compatible target tokenizer should be trained with."""
+    spec = {"model_type": "unigram", "vocab_size": None, "max_sentencepiece_length": 16,
+            "split_by_whitespace": True, "treat_whitespace_as_suffix": False,
+            "split_digits": False, "allow_whitespace_only_pieces": False,
+            "byte_fallback": False, "normalization_rule_name": "nmt_nfkc",
+            "add_dummy_prefix": True, "remove_extra_whitespaces": True}
+    trainer_fields = {3: "model_type", 4: "vocab_size", 20: "max_sentencepiece_length",
+                      22: "split_by_whitespace", 24: "treat_whitespace_as_suffix",
+                      25: "split_digits", 26: "allow_whitespace_only_pieces",
+                      35: "byte_fallback"}
+    for field, wt, value in iter_fields(model):
+        if field == 2 and wt == 2:
+            for f, w, v in iter_fields(value):
+                if f in trainer_fields and w == 0:
+                    name = trainer_fields[f]
+                    spec[name] = MODEL_TYPES.get(v, str(v)) if name == "model_type" else (
+                        v if name in ("vocab_size", "max_sentencepiece_length") else bool(v))
+        elif field == 3 and wt == 2:
+            for f, w, v in iter_fields(value):
+                if f == 1 and w == 2:
+                    spec["normalization_rule_name"] = v.decode("utf-8")
+                elif f == 3 and w == 0:
+                    spec["add_dummy_prefix"] = bool(v)
+                elif f == 4 and w == 0:
+                    spec["remove_extra_whitespaces"] = bool(v)
+    return spec
+
+
+# ----- vocabulary extension -----
 
 def read_corpus(path: str, keys: list[str]) -> list[str]:
     from megacpt.data.jsonl import BadLine, iter_texts
@@ -190,13 +308,13 @@ def extend_vocab(tokenizer_model: str, corpus: str, new_pieces: int, load: str, 
     if new_pieces < 1:
         raise CheckpointError(f"--new-pieces must be >= 1, got {new_pieces}")
     source_sp, source_bytes = load_sp(tokenizer_model)
-    spec = sp_model.read_spec(source_bytes)
+    spec = read_spec(source_bytes)
     texts = read_corpus(corpus, list(json_keys))
     target = train_target(texts, spec, target_vocab_size or 2 * new_pieces + 256, seed)
     picked = select_new_pieces(target, source_sp, new_pieces)
     if len(picked) < new_pieces:
         log.warning("only %d new pieces found (asked for %d)", len(picked), new_pieces)
-    merged_bytes = sp_model.append_pieces(source_bytes, merged_pieces(source_sp, spec, picked))
+    merged_bytes = append_pieces(source_bytes, merged_pieces(source_sp, spec, picked))
     import sentencepiece as spm
 
     merged = spm.SentencePieceProcessor(model_proto=merged_bytes)

@@ -53,6 +53,8 @@ def write_checkpoint(source: Source, save_dir: str, tp: int, pp: int, *,
     fmt.check_layout(cfg.model, tp, pp)
     cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size = tp, pp
     out_dtype = dtype or source.dtype
+    if dtype is not None:
+        cfg.training.bf16 = dtype == torch.bfloat16
     with_optimizer = with_optimizer and source.has_optimizer
     if with_optimizer and transform is not None:
         raise CheckpointError("optimizer state cannot be carried through a tensor transform; "
@@ -62,10 +64,7 @@ def write_checkpoint(source: Source, save_dir: str, tp: int, pp: int, *,
         iter_dir = os.path.join(tmp, fmt.iter_dirname(iteration))
         _write_shards(source, iter_dir, cfg.model, tp, pp, out_dtype, with_optimizer,
                       transform, progress)
-        dp = 1
-        if source.kind == "megacpt":
-            dp = int(getattr(source, "meta", {}).get("layout", {}).get("dp", 1))
-        fmt.write_meta(iter_dir, iteration, tp, pp, dp, str(out_dtype).replace("torch.", ""),
+        fmt.write_meta(iter_dir, iteration, tp, pp, source.dp, str(out_dtype).replace("torch.", ""),
                        with_optimizer, cfg.to_dict(),
                        dict(source.state if state is None else state))
         if source.tokenizer_path:
@@ -96,31 +95,43 @@ def _write_shards(source: Source, iter_dir: str, mcfg, tp: int, pp: int, dtype: 
                           for n in names for k, dt, sh, shape in opt_entries[n]]
                     optims[(t, p)] = stack.enter_context(
                         SafetensorsWriter(os.path.join(d, fmt.OPTIM_TENSORS), oe))
-        names = fmt.param_names(mcfg)
-        it = _progress(names, progress, f"writing tp{tp}pp{pp}")
-        for name in it:
+        for name in _progress(fmt.param_names(mcfg), progress, f"writing tp{tp}pp{pp}"):
             p = stage_of[name]
-            if transform is None and source.native_tp == tp:  # shards as stored
-                parts = [source.get_shard(name, tp, t) for t in range(tp)]
-            else:
-                full = source.get(name)
-                if transform is not None:
-                    full = transform(name, full)
-                parts = [sharding.shard(name, full, t, tp) for t in range(tp)]
-            for t in range(tp):
-                models[(t, p)].write(name, parts[t].to(dtype))
-            del parts
+            _write_param(source, name, [models[(t, p)] for t in range(tp)], dtype, transform)
             for key, _, sharded, _ in opt_entries.get(name, []):
-                full = source.optimizer_get(name, key)
-                for t in range(tp):
-                    part = sharding.shard(name, full, t, tp) if sharded else full
-                    optims[(t, p)].write(f"{name}/{key}", part)
+                _write_optim(source, name, key, sharded, [optims[(t, p)] for t in range(tp)])
     if with_optimizer:
         rest = source.optimizer_rest()
         for p, names in stage_names.items():
             part = split_rest(rest, names)
             for t in range(tp):
                 torch.save(part, os.path.join(iter_dir, fmt.shard_dirname(t, p), fmt.OPTIM_REST))
+
+
+def _write_param(source: Source, name: str, writers: list, dtype: torch.dtype,
+                 transform: Transform | None) -> None:
+    """One parameter to its tp shards; the full tensor dies when this returns."""
+    tp = len(writers)
+    if transform is None and source.native_tp == tp:  # shards as stored
+        for t, w in enumerate(writers):
+            w.write(name, source.get_shard(name, tp, t).to(dtype))
+        return
+    full = source.get(name)
+    if transform is not None:
+        full = transform(name, full)
+    for t, w in enumerate(writers):
+        w.write(name, sharding.shard(name, full, t, tp).to(dtype))
+
+
+def _write_optim(source: Source, name: str, key: str, sharded: bool, writers: list) -> None:
+    tp = len(writers)
+    if source.native_tp == tp:
+        for t, w in enumerate(writers):
+            w.write(f"{name}/{key}", source.optimizer_get_shard(name, key, tp, t))
+        return
+    full = source.optimizer_get(name, key)
+    for t, w in enumerate(writers):
+        w.write(f"{name}/{key}", sharding.shard(name, full, t, tp) if sharded else full)
 
 
 def _progress(items, enabled: bool, desc: str):

@@ -15,7 +15,9 @@ bucket whose parameters are all done starts its data-parallel reduction asynchro
   rank r reads its range.
 
 `finish()` waits for every bucket, then all-reduces over tp the gradients of parameters marked
-`sequence_parallel=True` (norm weights under sequence parallelism see only s/tp tokens).
+`sequence_parallel=True` (norm weights under sequence parallelism see only s/tp tokens). The
+schedule calls it when the step's backward is done, so after `forward_backward` the main
+grads are final (reduced, averaged over dp); one `forward_backward` per `zero()`.
 """
 from __future__ import annotations
 
@@ -71,7 +73,7 @@ class GradBuffer:
         if bucket_size_mb <= 0:
             raise ValueError(f"grad_bucket_size_mb must be > 0, got {bucket_size_mb}")
         self.ctx, self.shard_over_dp = ctx, shard_over_dp
-        self.final_backward = False
+        self.final_backward = self.finished = False
         self.buckets: list[Bucket] = []
         self.location: dict[str, tuple[int, int]] = {}  # name -> (bucket, offset)
         limit = int(bucket_size_mb * 2**20 / 4)
@@ -138,7 +140,12 @@ class GradBuffer:
             bucket.work = dist.all_reduce(bucket.grad, group=group, async_op=True)
 
     def finish(self) -> None:
-        """Complete every bucket's reduction and the sequence-parallel norm-grad all-reduce."""
+        """Complete every bucket's reduction and the sequence-parallel norm-grad all-reduce.
+
+        Called at the end of `forward_backward` and again by the optimizer step; only the
+        first call after `zero()` does anything."""
+        if self.finished:
+            return
         for b in self.buckets:
             self._launch(b)  # buckets not started during backward (e.g. unused parameters)
         for b in self.buckets:
@@ -147,6 +154,7 @@ class GradBuffer:
                 b.work = None
         self._reduce_sequence_parallel()
         self.final_backward = False
+        self.finished = True
 
     def _reduce_sequence_parallel(self) -> None:
         if self.ctx.tp_group is None:
@@ -168,7 +176,7 @@ class GradBuffer:
                 b.work = None
             b.grad.zero_()
             b.ready, b.launched = 0, False
-        self.final_backward = False
+        self.final_backward = self.finished = False
 
     # ----- what this rank owns -----
     def pieces(self) -> list[Piece]:

@@ -98,6 +98,9 @@ class MegaOptimizer:
         if not named:
             raise ValueError("build_optimizer: the model has no trainable parameters")
         self.named = dict(named)
+        old = getattr(model, "grad_sync", None)
+        if old is not None:  # a model given to a second optimizer: the old hooks must go
+            old.remove_hooks()
         self.buffer = GradBuffer(named, ctx, bucket_size_mb, shard_over_dp=self.zero1)
         model.grad_sync = self.buffer
         self.pieces: list[Piece] = self.buffer.pieces()

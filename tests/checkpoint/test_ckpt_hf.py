@@ -120,7 +120,8 @@ def test_bad_hf_files_are_rejected(tmp_path, capsys):
     m = hf_model(2, attention_bias=True)
     m.save_pretrained(tmp_path / "bias")
     _edit_config(tmp_path / "bias", attention_bias=False)
-    with pytest.raises(CheckpointError, match=r"holds a bias 'model\.layers\.\d\.self_attn\.\w_proj\.bias'"):
+    bias = r"holds a bias 'model\.layers\.\d\.self_attn\.\w_proj\.bias'"
+    with pytest.raises(CheckpointError, match=bias):
         open_source(str(tmp_path / "bias"))
     hf_model(2).save_pretrained(tmp_path / "sh", max_shard_size="100KB")
     shard = sorted(f for f in os.listdir(tmp_path / "sh") if f.startswith("model-"))[1]

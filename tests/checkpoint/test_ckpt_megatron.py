@@ -26,7 +26,8 @@ OLD = {"input_norm.weight": "input_norm.weight",
        "attention.qkv.weight": "self_attention.query_key_value.weight",
        "attention.proj.weight": "self_attention.dense.weight",
        "post_attention_norm.weight": "post_attention_norm.weight",
-       "mlp.gate_up.weight": "mlp.dense_h_to_4h.weight", "mlp.down.weight": "mlp.dense_4h_to_h.weight"}
+       "mlp.gate_up.weight": "mlp.dense_h_to_4h.weight",
+       "mlp.down.weight": "mlp.dense_4h_to_h.weight"}
 
 
 @pytest.fixture

@@ -80,7 +80,8 @@ def test_layout_and_model_mismatch_errors(cfg, tmp_path):
         load_checkpoint(str(tmp_path), model, None, cfg, fake_tp2)
     msg = str(e.value)
     assert "tp1pp1" in msg and "tp2pp1" in msg
-    assert "tools/convert_checkpoint.py --load-dir" in msg and "--target-tensor-parallel-size 2" in msg
+    assert "tools/convert_checkpoint.py --load-dir" in msg
+    assert "--target-tensor-parallel-size 2" in msg
     with pytest.raises(CheckpointError, match="has no optimizer state"):
         load_checkpoint(str(tmp_path), model, opt, cfg, ctx)
     other = tiny_config(num_layers=2, ffn_hidden_size=96)
@@ -89,6 +90,10 @@ def test_layout_and_model_mismatch_errors(cfg, tmp_path):
         load_checkpoint(str(tmp_path), m2, None, other, ctx)
     with pytest.raises(CheckpointError, match="ffn_hidden_size"):
         load_weights(str(tmp_path), m2)
+    _, m3, _ = build(tiny_config(num_layers=2, rotary_base=5e5), 1, 1)
+    with pytest.raises(CheckpointError, match="rotary_base = 10000.0 but the model has 500000.0; "
+                                              "pass --rotary-base 10000.0"):
+        load_weights(str(tmp_path), m3)
     with pytest.raises(CheckpointError, match="neither latest_checkpointed_iteration.txt"):
         load_weights(str(tmp_path / "iter_0000003" / "mp_rank_00_000"), model)
     with pytest.raises(CheckpointError, match="does not exist"):

@@ -11,7 +11,7 @@ import torch
 from _ckpt_helpers import make_corpora
 from megacpt.checkpoint import CheckpointError, load_model, save_checkpoint
 from megacpt.checkpoint.reader import MegacptSource
-from megacpt.checkpoint.sp_model import append_pieces, read_spec
+from megacpt.checkpoint.vocab import append_pieces, read_spec
 from megacpt.checkpoint.vocab import main
 from megacpt.config import Config, ModelConfig
 from megacpt.model.llama import LlamaModel

@@ -217,7 +217,7 @@ def test_measured_traffic_matches_volume_formulas(world4, index):
     lay = COUNTED[index]
     for rank, results in enumerate(world4):
         got = results[2 + index]
-        layout = Layout(tp=lay.get("tp", 1), pp=lay.get("pp", 1), dp=got["dp"],
+        layout = Layout(tp=lay.get("tp", 1), pp=lay.get("pp", 1), dp=got["dp_size"],
                         sequence_parallel=lay.get("sequence_parallel", False),
                         zero1=lay.get("use_distributed_optimizer", False))
         exp = step_bytes(CFG, layout, got["pp_rank"], MBS, got["num_microbatches"],

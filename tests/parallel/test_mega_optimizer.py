@@ -99,6 +99,15 @@ def test_nonfinite_gradient_skips_update():
     assert applied and math.isfinite(norm) and opt.step_count == 1
 
 
+def test_second_optimizer_on_a_model_replaces_the_first():
+    model = LlamaModel(CFG, seed=1234)
+    build_optimizer(model, OPT, model.ctx)
+    opt = build_optimizer(model, OPT, model.ctx)
+    got = _one_step(model, opt, *BATCHES[0])
+    fresh = LlamaModel(CFG, seed=1234)
+    assert got == _one_step(fresh, build_optimizer(fresh, OPT, fresh.ctx), *BATCHES[0])
+
+
 def test_weight_decay_only_on_matrices():
     model = LlamaModel(CFG, seed=1)
     opt = build_optimizer(model, OPT, model.ctx)

@@ -1,8 +1,8 @@
 """1F1B step functions and the global-batch rule, tested in one process.
 
 Pipeline stages run as threads joined by queues (`QueueComm` has the same six exchanges as
-`megacpt.parallel.p2p.PipeComm`); a stuck exchange times out, so a deadlocking schedule fails
-instead of hanging. The real-model test runs LLaMA stages this way and compares the loss and
+`megacpt.parallel.schedule.PipeComm`); a stuck exchange times out, so a deadlocking schedule
+fails instead of hanging. The real-model test runs LLaMA stages this way and compares the loss and
 every gradient with the unsplit model.
 """
 import queue
