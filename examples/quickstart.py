@@ -82,7 +82,7 @@ def get_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--bf16", action="store_true", help="bf16 training (GPU)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (0: torch's default); tiny models train fastest "
-                         "on one thread, and far faster so on a busy machine")
+                         "on one thread, especially on a busy machine")
     g = ap.add_argument_group("sizes")
     g.add_argument("--model-size", default="debug-xs",
                    help=f"registered size (debug: {', '.join(sizes.DEBUG_SIZES)}; or a paper "
@@ -109,8 +109,12 @@ def get_args(argv=None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     for name in ("vocab_size", "seq_length", "micro_batch_size", "global_batch_size",
                  "source_iters", "target_iters", "evals", "eval_iters", "threads"):
-        if getattr(args, name) < (0 if name == "threads" else 1):
-            ap.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+        least = 0 if name == "threads" else 1
+        if getattr(args, name) < least:
+            ap.error(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(args, name)}")
+    if args.model_size not in sizes.SIZES:
+        ap.error(f"--model-size {args.model_size!r} is not registered; one of: "
+                 f"{', '.join(sizes.SIZES)}")
     if not 0.98 <= args.character_coverage <= 1:
         ap.error(f"--character-coverage must be in [0.98, 1] (SentencePiece BPE), got "
                  f"{args.character_coverage}")

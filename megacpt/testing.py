@@ -9,7 +9,11 @@ the test session. `fn`, its arguments and its results must be picklable (module-
 functions); they travel as plain pickles.
 
 Tests reuse worlds: spawn each world size once and run every layout of that size inside it
-(`ParallelContext.build` can be called repeatedly over one default group).
+(`ParallelContext.build` can be called repeatedly over one default group). `jobs_worker` runs
+a list of named jobs of this module in one world: `train_losses` (per-step losses of a tiny
+model in a layout), `tp_forward_grads` (unsharded loss, logits, weights, gradients),
+`comm_check` / `vocab_ce_check` (primitives against their definitions),
+`process_group_members`, `comm_bytes_of_step` (bytes sent per axis, via `count_comm`).
 
 The global-batch rule that the layout tests (and the trainer) rely on lives in
 `megacpt.parallel.schedule.split_global_batch`.
@@ -402,4 +406,7 @@ def jobs_worker(jobs: list[tuple[str, dict]]) -> list:
     allowed = {"train_losses": train_losses, "tp_forward_grads": tp_forward_grads,
                "comm_check": comm_check, "process_group_members": process_group_members,
                "vocab_ce_check": vocab_ce_check, "comm_bytes_of_step": comm_bytes_of_step}
+    unknown = [name for name, _ in jobs if name not in allowed]
+    if unknown:
+        raise KeyError(f"jobs_worker: unknown jobs {unknown}; known: {sorted(allowed)}")
     return [allowed[name](**kwargs) for name, kwargs in jobs]

@@ -137,6 +137,12 @@ def test_bad_arguments_name_the_problem(tmp_path, capsys):
     with pytest.raises(SystemExit):
         qs.get_args(["--target-lang", "en"])
     assert "must differ" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        qs.get_args(["--model-size", "huge"])
+    assert "--model-size 'huge' is not registered" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        qs.get_args(["--target-iters", "0"])
+    assert "--target-iters must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_shape_flags_override_the_size():
