@@ -174,7 +174,8 @@ def test_plan_and_print_mode_without_training(tmp_path):
     assert replay[-2:] == ["--save-interval", "500"]
     lines = (tmp_path / "o" / "commands.sh").read_text().splitlines()
     body = [ln for ln in lines if ln and not ln.startswith("#") and ln != "set -e"]
-    assert body[0].startswith("python -m megacpt.data.tokenizer_train --input") and len(body) == 7 + 10
+    assert body[0].startswith("python -m megacpt.data.tokenizer_train --input")
+    assert len(body) == 7 + 10  # tokenizer + 3 languages x 2 splits, 2 sources + 8 targets
     assert all(ln.startswith("torchrun --nproc-per-node 8 -m megacpt.train") for ln in body[7:])
     assert "--init-from" not in body[7] and "--init-from" in body[9]
     assert not (tmp_path / "o" / "runs").exists()
@@ -199,3 +200,58 @@ def test_fit_quality_flags_what_the_data_cannot_determine():
     bad = dict(fit, allocation=None, beta=0.1, gamma=0.2)
     assert any("no finite compute-optimal allocation" in n
                for n in study.fit_quality(bad, good, 5))
+
+
+def _fake_metrics(run, D, losses, en_losses=None):
+    """A metrics.jsonl in the trainer's format whose validation losses are given."""
+    os.makedirs(run.run_dir, exist_ok=True)
+    rows = [{"type": "header", "model_size": run.size, "num_parameters": run.num_parameters,
+             "run_kind": "cpt" if run.kind == "cpt" else "scratch", "target": run.lang,
+             "blend": {run.lang: 1.0}}]
+    for i, (d, loss) in enumerate(zip(D, losses), 1):
+        rows.append({"type": "train", "iteration": i, "consumed_tokens": int(d),
+                     "consumed_tokens_per_dataset": {run.lang: int(d)}})
+        rows.append({"type": "valid", "name": run.lang, "iteration": i, "loss": loss,
+                     "consumed_tokens": int(d), "flops": 6.0 * run.num_parameters * d})
+        if en_losses is not None:
+            rows.append({"type": "valid", "name": "en", "iteration": i, "loss": en_losses[i - 1],
+                         "consumed_tokens": int(d), "flops": 6.0 * run.num_parameters * d})
+    with open(os.path.join(run.run_dir, "metrics.jsonl"), "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def test_analysis_recovers_known_laws_and_reports_them(tmp_path):
+    """Runs whose losses follow the paper's laws exactly: the study's fits find the laws."""
+    path = _write(tmp_path, sizes=["tiny", "debug-xs", "debug-s"], replay_ratios=[0.0],
+                  fit={"bootstrap": 20})
+    cfg = study.load_config(path)
+    runs = study.plan_runs(cfg, 2048)
+    scratch = {"E": 1.55, "A": 420.0, "B": 719.5, "alpha": 0.40, "beta": 0.30}
+    cpt = {**scratch, "B": 433.3, "beta": 0.20, "gamma": 0.08}
+    D = np.geomspace(2e5, 2e6, 5)
+    for r in runs:
+        n = r.num_parameters
+        law = cpt if r.kind == "cpt" else scratch
+        loss = law["E"] + law["A"] / n ** law["alpha"] + \
+            law["B"] / (D ** law["beta"] * n ** law.get("gamma", 0.0))
+        _fake_metrics(r, D, loss.tolist(), en_losses=[3.0 + 0.1 * k for k in range(5)]
+                      if r.kind != "scratch" else None)
+    res = study.analyze_language(cfg, runs, "zh")
+    fit_s, fit_c = res["fits"]["scratch"], res["fits"]["cpt"]
+    for k, v in scratch.items():
+        assert fit_s[k] == pytest.approx(v, rel=1e-3), k
+    for k in ("B", "beta", "gamma"):
+        assert fit_c[k] == pytest.approx(cpt[k], rel=1e-3), k
+    assert fit_s["quality_notes"] == [] and fit_c["quality_notes"] == []
+    assert fit_c["allocation"]["a"] == pytest.approx(0.20 / (0.40 + 0.20 - 0.08), rel=1e-3)
+    assert all(f > 0 for f in res["transfer"]["cpt"]["pairs"][0]["flops_saved"])
+    assert [row["final_source_loss"] for row in res["forgetting"]] == pytest.approx([3.4] * 3)
+    results = {"source_lang": "en", "runs": [], "languages": {"zh": res}}
+    files = run_study.make_plots(results, str(tmp_path))["zh"]
+    assert os.path.join(str(tmp_path), "plots", "zh_isoloss.png") in files
+    assert all(os.path.getsize(f) > 1000 for f in files)
+    res["fits"]["cpt"] = {"law": "cpt", "error": "no points"}
+    report = run_study.write_report(cfg, results, {"zh": files})
+    text = open(report, encoding="utf-8").read()
+    assert "| cpt | cpt | - |" in text and "not fitted: no points" in text
+    assert f"{fit_s['allocation']['N_coef']:.4g} C^{fit_s['allocation']['a']:.3f}" in text

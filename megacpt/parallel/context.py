@@ -90,12 +90,15 @@ class ParallelContext:
     @classmethod
     def build(cls, tp: int = 1, pp: int = 1, sequence_parallel: bool = False,
               device: str | torch.device | None = None,
-              dp: int | None = None) -> "ParallelContext":
+              dp: int | None = None,
+              timeout_minutes: float | None = None) -> "ParallelContext":
         """Build groups over the already-initialised default process group.
 
         dp is derived as world_size / (tp * pp) unless given, in which case tp * pp * dp must
         equal the world size. Every rank must call this (group creation is collective); it
-        may be called again over the same default group for another layout.
+        may be called again over the same default group for another layout. `timeout_minutes`
+        bounds every collective on the new groups (a dead peer ends the job instead of hanging);
+        None keeps torch's default.
         """
         world = dist.get_world_size() if dist.is_initialized() else 1
         rank = dist.get_rank() if dist.is_initialized() else 0
@@ -115,34 +118,36 @@ class ParallelContext:
                   sequence_parallel=sequence_parallel and tp > 1, device=dev)
         assert ctx.tp * ctx.pp * ctx.dp == ctx.world_size
         if world > 1:
-            ctx._make_groups()
+            ctx._make_groups(timeout_minutes)
         return ctx
 
-    def _make_groups(self) -> None:
+    def _make_groups(self, timeout_minutes: float | None = None) -> None:
         tp, pp, dp = self.tp, self.pp, self.dp
         g = self.global_rank
+        kw = {} if timeout_minutes is None else {
+            "timeout": datetime.timedelta(minutes=timeout_minutes)}
         # every rank creates every group, in the same order (new_group is collective)
         for p in range(pp):
             for d in range(dp):
                 ranks = [g(t, d, p) for t in range(tp)]
-                grp = dist.new_group(ranks)
+                grp = dist.new_group(ranks, **kw)
                 if self.rank in ranks:
                     self.tp_group = grp
         for p in range(pp):
             for t in range(tp):
                 ranks = [g(t, d, p) for d in range(dp)]
-                grp = dist.new_group(ranks)
+                grp = dist.new_group(ranks, **kw)
                 if self.rank in ranks:
                     self.dp_group = grp
         for d in range(dp):
             for t in range(tp):
                 ranks = [g(t, d, p) for p in range(pp)]
-                grp = dist.new_group(ranks)
+                grp = dist.new_group(ranks, **kw)
                 if self.rank in ranks:
                     self.pp_group = grp
         for d in range(dp):
             ranks = [g(t, d, p) for p in range(pp) for t in range(tp)]
-            grp = dist.new_group(ranks)
+            grp = dist.new_group(ranks, **kw)
             if self.rank in ranks:
                 self.mp_group = grp
         # size-1 groups behave like None: no communication

@@ -153,7 +153,8 @@ def build_context(cfg: Config) -> ParallelContext:
     p = cfg.parallel
     init_distributed(p.distributed_backend, p.distributed_timeout_minutes)
     return ParallelContext.build(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
-                                 p.sequence_parallel, device=cfg.training.device)
+                                 p.sequence_parallel, device=cfg.training.device,
+                                 timeout_minutes=p.distributed_timeout_minutes)
 
 
 class Trainer:
