@@ -56,8 +56,9 @@ Config file (YAML; relative paths are relative to the config file's directory)::
       bootstrap: 100                 # resamples for 95% intervals (0: none)
 
 Outputs in `out_dir`: `data/` (tokenizer and binaries), `runs/NAME/` (metrics.jsonl, the
-trainer's `--log-dir`), `checkpoints/NAME/`, `plan.json` (every run's command),
-`commands.sh` (print mode), and from tools/run_study.py `fits/*.json`, `plots/*.png`, `results.json`, `report.md`.
+trainer's `--log-dir`), `checkpoints/NAME/`, `plan.json` (every run's argv); and, written by
+tools/run_study.py, `commands.sh` (print mode), `fits/*.json`, `plots/*.png`, `results.json`
+(`analyze`) and `report.md`.
 """
 from __future__ import annotations
 
@@ -382,11 +383,10 @@ def check_plan(cfg: StudyConfig, runs: list[Run]) -> None:
         for run in runs:
             prev = old.get(run.name)
             if prev and prev["argv"] != run.argv and os.path.exists(run.run_dir):
-                diff = sorted(set(run.argv) ^ set(prev["argv"]))
                 raise StudyConfigError(
                     f"{cfg.path}: run {run.name} in {cfg.out_dir} was planned with other flags "
-                    f"(differing words: {diff[:8]}); use a new out_dir or delete {run.run_dir} "
-                    f"and {run.ckpt_dir}")
+                    f"(differing words: {sorted(set(run.argv) ^ set(prev['argv']))[:8]}); use "
+                    f"a new out_dir or delete {run.run_dir} and {run.ckpt_dir}")
     os.makedirs(cfg.out_dir, exist_ok=True)
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         json.dump({"config": cfg.path, "runs": [dataclasses.asdict(r) for r in runs]}, f,

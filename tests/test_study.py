@@ -156,10 +156,11 @@ def test_config_errors_name_file_and_field(tmp_path, fields, words):
 
 
 def test_plan_and_print_mode_without_training(tmp_path):
-    path = _write(tmp_path, sizes=["tiny", "debug-s"], target_langs=["zh", "fr"],
-                  kinds=["cpt"], replay_ratios=[0.0, 0.25], launch="print",
+    fields = dict(sizes=["tiny", "debug-s"], target_langs=["zh", "fr"], kinds=["cpt"],
+                  replay_ratios=[0.0, 0.25], launch="print",
                   launcher="torchrun --nproc-per-node 8 -m megacpt.train",
                   extra_args=["--save-interval", "500"])
+    path = _write(tmp_path, **fields)
     assert run_study.main(["--config", path]) == 0  # nothing runs: commands only
     cfg = study.load_config(path)
     runs = study.plan_runs(cfg, 2048)
@@ -179,6 +180,11 @@ def test_plan_and_print_mode_without_training(tmp_path):
     assert all(ln.startswith("torchrun --nproc-per-node 8 -m megacpt.train") for ln in body[7:])
     assert "--init-from" not in body[7] and "--init-from" in body[9]
     assert not (tmp_path / "o" / "runs").exists()
+    # the same out_dir with changed flags is refused once a run has started
+    os.makedirs(runs[0].run_dir)
+    changed = study.load_config(_write(tmp_path, **fields, lr=1e-3))
+    with pytest.raises(study.StudyConfigError, match="en_tiny_source .* other flags"):
+        study.check_plan(changed, study.plan_runs(changed, 2048))
 
 
 def test_fit_quality_flags_what_the_data_cannot_determine():
