@@ -50,8 +50,10 @@ def get_args(argv=None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.vocab_size <= 0:
         ap.error("--vocab-size must be positive")
-    if not 0 < args.character_coverage <= 1:
-        ap.error("--character-coverage must be in (0, 1]")
+    if not 0.98 <= args.character_coverage <= 1:
+        ap.error(f"--character-coverage must be in [0.98, 1] (SentencePiece's range), got "
+                 f"{args.character_coverage}; with byte fallback, characters outside the "
+                 f"covered set are still encoded as bytes")
     for path in args.input:
         if not os.path.isfile(path):
             ap.error(f"--input {path}: file not found")

@@ -56,6 +56,14 @@ def test_vocab_too_small_names_the_option(small_jsonl, tmp_path, capsys):
     assert "INTERNAL" not in msg and not os.path.exists(tmp_path / "t.model")
 
 
+def test_character_coverage_outside_sentencepiece_range_is_clear(small_jsonl, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train_main(["--input", small_jsonl, "--vocab-size", "1500", "--character-coverage",
+                    "0.9", "--model-prefix", str(tmp_path / "t")])
+    err = capsys.readouterr().err
+    assert "--character-coverage must be in [0.98, 1]" in err and "INTERNAL" not in err
+
+
 def test_missing_input_and_bad_model(tmp_path):
     with pytest.raises(SystemExit):
         train_main(["--input", str(tmp_path / "nope.jsonl"), "--vocab-size", "500",

@@ -100,17 +100,22 @@ init_distributed()
 ctx = ParallelContext.build(tp=2)
 t = torch.tensor([float(ctx.rank + 1)])
 dist.all_reduce(t, group=ctx.tp_group)
-print("RESULT", ctx.rank, ctx.world_size, ctx.tp_rank, dist.get_backend(), int(t.item()))
+import sys
+out = sys.argv[1] + f".{ctx.rank}"  # one file per rank: stdout of two ranks can interleave
+with open(out, "w") as f:
+    f.write(" ".join(str(v) for v in ("RESULT", ctx.rank, ctx.world_size, ctx.tp_rank,
+                                      dist.get_backend(), int(t.item()))))
 """
 
 
 @pytest.mark.skipif(shutil.which("mpiexec") is None, reason="mpiexec is not on PATH")
-def test_mpiexec_initialises_the_context():
+def test_mpiexec_initialises_the_context(tmp_path):
     env = dict(os.environ, MASTER_PORT=str(free_port()))
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
         env.pop(k, None)
-    proc = subprocess.run(["mpiexec", "-n", "2", sys.executable, "-c", MPI_SCRIPT], env=env,
-                          capture_output=True, text=True, timeout=180)
+    out = str(tmp_path / "result")
+    proc = subprocess.run(["mpiexec", "-n", "2", sys.executable, "-c", MPI_SCRIPT, out],
+                          env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    lines = sorted(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))
+    lines = [open(f"{out}.{r}").read() for r in range(2)]
     assert lines == ["RESULT 0 2 0 gloo 3", "RESULT 1 2 1 gloo 3"]
