@@ -165,19 +165,24 @@ def ideal_bytes(rows: int, hidden: int, elem: int) -> dict:
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--rows", type=int, nargs="+", default=[4096, 16384])
-    p.add_argument("--hidden", type=int, nargs="+", default=[1792, 2048, 4096, 8192])
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """Flags every kernel benchmark shares: dtype, implementations, timing, output."""
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--impls", nargs="+", choices=["megacpt", "torch", "compile", "liger"],
                    default=None, help="default: all four on GPU, megacpt and torch with --quick")
-    p.add_argument("--eps", type=float, default=1e-5)
     p.add_argument("--timer", choices=["graph", "events"], default="graph")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--quick", action="store_true", help="tiny CPU-capable smoke run")
     p.add_argument("--out", default=None, help="result JSON path (default benchmarks/results/)")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rows", type=int, nargs="+", default=[4096, 16384])
+    p.add_argument("--hidden", type=int, nargs="+", default=[1792, 2048, 4096, 8192])
+    p.add_argument("--eps", type=float, default=1e-5)
+    add_run_args(p)
     args = p.parse_args(argv)
     if args.quick:
         args.rows, args.hidden, args.warmup, args.iters = [3], [96, 160], 1, 2

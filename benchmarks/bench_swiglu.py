@@ -26,7 +26,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.bench_rmsnorm import (DTYPES, PASSES, check_against_reference,  # noqa: E402
+from benchmarks.bench_rmsnorm import (DTYPES, PASSES, add_run_args, check_against_reference,  # noqa: E402
                                       compile_static, measure, print_row, setup_device)
 
 PAPER_FFN = [4608, 7168, 9728, 11264, 14848]  # paper Appendix D sizes (137M .. 4.2B models)
@@ -75,14 +75,7 @@ def parse_args(argv=None):
     p.add_argument("--ffn", type=int, nargs="+", default=PAPER_FFN)
     p.add_argument("--ops", nargs="+", choices=["swiglu", "swiglu_fused"],
                    default=["swiglu", "swiglu_fused"])
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    p.add_argument("--impls", nargs="+", choices=["megacpt", "torch", "compile", "liger"],
-                   default=None, help="default: all four on GPU, megacpt and torch with --quick")
-    p.add_argument("--timer", choices=["graph", "events"], default="graph")
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--quick", action="store_true", help="tiny CPU-capable smoke run")
-    p.add_argument("--out", default=None, help="result JSON path (default benchmarks/results/)")
+    add_run_args(p)
     args = p.parse_args(argv)
     if args.quick:
         args.rows, args.ffn, args.warmup, args.iters = [3], [72], 1, 2

@@ -20,6 +20,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from megacpt import kernels  # imports no triton until a kernel runs
 from megacpt.config import ModelConfig
 from megacpt.model.attention import apply_rotary, attention, resolve_backend, rotary_tables
 from megacpt.parallel import comm, sharding
@@ -33,9 +34,7 @@ log = logging.getLogger(__name__)
 def resolve_use_kernels(requested: bool | None, device: torch.device) -> bool:
     """Whether the Triton kernels run: on by default on CUDA when they can; an error if asked
     for where they can't (the message says why)."""
-    from megacpt.kernels import kernels_available
-
-    ok, why = kernels_available(device)
+    ok, why = kernels.kernels_available(device)
     if requested is None:
         return ok and device.type == "cuda"
     if requested and not ok:
@@ -49,18 +48,13 @@ class RMSNorm(nn.Module):
                  dtype, device):
         super().__init__()
         self.eps, self.use_kernels = eps, use_kernels
+        self._norm = kernels.rms_norm if use_kernels else kernels.rms_norm_ref
         self.weight = nn.Parameter(torch.ones(hidden, dtype=dtype, device=device))
         # grads of a norm weight under sequence parallelism are partial over tp ranks
         self.weight.sequence_parallel = sequence_parallel
 
     def forward(self, x):
-        if self.use_kernels:
-            from megacpt.kernels import rms_norm
-
-            return rms_norm(x, self.weight, self.eps)
-        from megacpt.kernels import rms_norm_ref
-
-        return rms_norm_ref(x, self.weight, self.eps)
+        return self._norm(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -95,6 +89,7 @@ class MLP(nn.Module):
         super().__init__()
         sp = ctx.sequence_parallel
         self.use_kernels = use_kernels
+        self._act = kernels.swiglu_fused if use_kernels else kernels.swiglu_fused_ref
         self.gate_up = ColumnParallelLinear(cfg.hidden_size, 2 * cfg.ffn_hidden_size,
                                             ctx.tp_group, sp, dtype=dtype, device=device)
         self.down = RowParallelLinear(cfg.ffn_hidden_size, cfg.hidden_size, ctx.tp_group, sp,
@@ -102,14 +97,7 @@ class MLP(nn.Module):
 
     def forward(self, x):  # x: [s(/tp), b, h]
         y = self.gate_up(x)  # [s, b, 2 ffn/tp] = [gate_r | up_r]
-        if self.use_kernels:
-            from megacpt.kernels import swiglu_fused
-
-            y = swiglu_fused(y)  # [s, b, ffn/tp]
-        else:
-            from megacpt.kernels import swiglu_fused_ref
-
-            y = swiglu_fused_ref(y)
+        y = self._act(y)  # [s, b, ffn/tp]
         return self.down(y)
 
 
