@@ -165,6 +165,44 @@ def ideal_bytes(rows: int, hidden: int, elem: int) -> dict:
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}
 
 
+def parse_run_args(p: argparse.ArgumentParser, argv, **quick) -> argparse.Namespace:
+    """Parse with the shared run flags; `--quick` applies the `quick` overrides (tiny
+    shapes) and defaults the impls to megacpt + torch, a full run to all four."""
+    add_run_args(p)
+    args = p.parse_args(argv)
+    if args.quick:
+        for key, value in quick.items():
+            setattr(args, key, value)
+        args.impls = args.impls or ["megacpt", "torch"]
+    args.impls = args.impls or ["megacpt", "torch", "compile", "liger"]
+    return args
+
+
+def run_setup(args, device: str):
+    """(timer, dtype, copy bandwidth GB/s) for a kernel benchmark run."""
+    import torch
+
+    from benchmarks.common import copy_bandwidth_gbps
+
+    timer = args.timer if device == "cuda" else "cpu"
+    copy_bw = copy_bandwidth_gbps(1 << 30 if device == "cuda" else 1 << 22)
+    print(f"copy bandwidth: {copy_bw:.1f} GB/s on {device}")
+    return timer, getattr(torch, DTYPES[args.dtype]), copy_bw
+
+
+def pass_rows(base: dict, times: dict, nbytes: dict, copy_bw: float) -> list[dict]:
+    """One printed row per pass: `base` + ms, achieved GB/s of the ideal bytes, fraction of
+    the measured copy bandwidth, and the timer used."""
+    rows = []
+    for pas in PASSES:
+        ms, used = times[pas]
+        gbps = nbytes[pas] / (ms * 1e-3) / 1e9
+        rows.append({**base, "pass": pas, "ms": ms, "gbps": gbps,
+                     "frac_of_copy_bw": gbps / copy_bw, "timer": used})
+        print_row(rows[-1])
+    return rows
+
+
 def add_run_args(p: argparse.ArgumentParser) -> None:
     """Flags every kernel benchmark shares: dtype, implementations, timing, output."""
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
@@ -182,13 +220,7 @@ def parse_args(argv=None):
     p.add_argument("--rows", type=int, nargs="+", default=[4096, 16384])
     p.add_argument("--hidden", type=int, nargs="+", default=[1792, 2048, 4096, 8192])
     p.add_argument("--eps", type=float, default=1e-5)
-    add_run_args(p)
-    args = p.parse_args(argv)
-    if args.quick:
-        args.rows, args.hidden, args.warmup, args.iters = [3], [96, 160], 1, 2
-        args.impls = args.impls or ["megacpt", "torch"]
-    args.impls = args.impls or ["megacpt", "torch", "compile", "liger"]
-    return args
+    return parse_run_args(p, argv, rows=[3], hidden=[96, 160], warmup=1, iters=2)
 
 
 def main(argv=None) -> str:
@@ -197,13 +229,10 @@ def main(argv=None) -> str:
     import torch
     from tqdm import tqdm
 
-    from benchmarks.common import copy_bandwidth_gbps, write_results
+    from benchmarks.common import write_results
     from megacpt.kernels import rms_norm_ref
 
-    timer = args.timer if device == "cuda" else "cpu"
-    dtype = getattr(torch, DTYPES[args.dtype])
-    copy_bw = copy_bandwidth_gbps(1 << 30 if device == "cuda" else 1 << 22)
-    print(f"copy bandwidth: {copy_bw:.1f} GB/s on {device}")
+    timer, dtype, copy_bw = run_setup(args, device)
     impls = _impls(args.impls, args.eps)
     rows_out = []
     configs = [(r, h, name) for r in args.rows for h in args.hidden for name in impls]
@@ -217,15 +246,9 @@ def main(argv=None) -> str:
             check_against_reference(impls[name], lambda a, b: rms_norm_ref(a, b, args.eps),
                                     [x, w], dy, f"rmsnorm {n_rows}x{hidden}")
         times = measure(impls[name], [x, w], dy, timer, args.warmup, args.iters)
-        nbytes = ideal_bytes(n_rows, hidden, x.element_size())
-        for pas in PASSES:
-            ms, used = times[pas]
-            gbps = nbytes[pas] / (ms * 1e-3) / 1e9
-            row = {"op": "rmsnorm", "pass": pas, "rows": n_rows, "hidden": hidden,
-                   "dtype": str(dtype).replace("torch.", ""), "impl": name, "ms": ms,
-                   "gbps": gbps, "frac_of_copy_bw": gbps / copy_bw, "timer": used}
-            rows_out.append(row)
-            print_row(row)
+        base = {"op": "rmsnorm", "rows": n_rows, "hidden": hidden,
+                "dtype": str(dtype).replace("torch.", ""), "impl": name}
+        rows_out += pass_rows(base, times, ideal_bytes(n_rows, hidden, x.element_size()), copy_bw)
         del x, w, dy, times
         if device == "cuda":
             torch.cuda.empty_cache()

@@ -26,8 +26,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.bench_rmsnorm import (DTYPES, PASSES, add_run_args, check_against_reference,  # noqa: E402
-                                      compile_static, measure, print_row, setup_device)
+from benchmarks.bench_rmsnorm import (check_against_reference, compile_static, measure,  # noqa: E402
+                                      parse_run_args, pass_rows, run_setup, setup_device)
 
 PAPER_FFN = [4608, 7168, 9728, 11264, 14848]  # paper Appendix D sizes (137M .. 4.2B models)
 
@@ -75,13 +75,7 @@ def parse_args(argv=None):
     p.add_argument("--ffn", type=int, nargs="+", default=PAPER_FFN)
     p.add_argument("--ops", nargs="+", choices=["swiglu", "swiglu_fused"],
                    default=["swiglu", "swiglu_fused"])
-    add_run_args(p)
-    args = p.parse_args(argv)
-    if args.quick:
-        args.rows, args.ffn, args.warmup, args.iters = [3], [72], 1, 2
-        args.impls = args.impls or ["megacpt", "torch"]
-    args.impls = args.impls or ["megacpt", "torch", "compile", "liger"]
-    return args
+    return parse_run_args(p, argv, rows=[3], ffn=[72], warmup=1, iters=2)
 
 
 def main(argv=None) -> str:
@@ -90,15 +84,11 @@ def main(argv=None) -> str:
     import torch
     from tqdm import tqdm
 
-    from benchmarks.common import copy_bandwidth_gbps, write_results
+    from benchmarks.common import write_results
     from megacpt.kernels import swiglu_fused_ref, swiglu_ref
 
     refs = {"swiglu": swiglu_ref, "swiglu_fused": swiglu_fused_ref}
-
-    timer = args.timer if device == "cuda" else "cpu"
-    dtype = getattr(torch, DTYPES[args.dtype])
-    copy_bw = copy_bandwidth_gbps(1 << 30 if device == "cuda" else 1 << 22)
-    print(f"copy bandwidth: {copy_bw:.1f} GB/s on {device}")
+    timer, dtype, copy_bw = run_setup(args, device)
     impls = _impls(args.impls)
     configs = [(op, r, f, name) for op in args.ops for r in args.rows for f in args.ffn
                for (op_, name) in impls if op_ == op]
@@ -109,15 +99,10 @@ def main(argv=None) -> str:
         if name == "megacpt":
             check_against_reference(fn, refs[op], inputs, dout, f"{op} {n_rows}x{ffn}")
         times = measure(fn, inputs, dout, timer, args.warmup, args.iters)
-        nbytes = ideal_bytes(n_rows, ffn, inputs[0].element_size())
-        for pas in PASSES:
-            ms, used = times[pas]
-            gbps = nbytes[pas] / (ms * 1e-3) / 1e9
-            row = {"op": op, "pass": pas, "rows": n_rows, "hidden": ffn,
-                   "dtype": str(dtype).replace("torch.", ""), "impl": name, "ms": ms,
-                   "gbps": gbps, "frac_of_copy_bw": gbps / copy_bw, "timer": used}
-            rows_out.append(row)
-            print_row(row)
+        base = {"op": op, "rows": n_rows, "hidden": ffn,
+                "dtype": str(dtype).replace("torch.", ""), "impl": name}
+        rows_out += pass_rows(base, times, ideal_bytes(n_rows, ffn, inputs[0].element_size()),
+                              copy_bw)
         del inputs, dout, times
         if device == "cuda":
             torch.cuda.empty_cache()

@@ -80,8 +80,10 @@ def copy_bandwidth_gbps(nbytes: int = 1 << 30) -> float:
     return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
 
 
-def write_results(benchmark: str, rows: list[dict], out: str | None = None) -> str:
-    """Write the result JSON and return its path."""
+def write_results(benchmark: str, rows: list[dict], out: str | None = None,
+                  extra: dict | None = None) -> str:
+    """Write the result JSON and return its path; `extra` adds benchmark-specific top-level
+    keys (e.g. bench_e2e's "profile")."""
     payload = {
         "benchmark": benchmark,
         "device": device_name(),
@@ -89,6 +91,7 @@ def write_results(benchmark: str, rows: list[dict], out: str | None = None) -> s
         "command": " ".join(shlex.quote(a) for a in [sys.executable.split("/")[-1]] + sys.argv),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "rows": rows,
+        **(extra or {}),
     }
     if out is None:
         os.makedirs(RESULTS_DIR, exist_ok=True)

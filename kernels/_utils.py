@@ -1,8 +1,8 @@
 """Torch-only half of `megacpt.kernels`: availability checks, references and launch helpers.
 
 Nothing here imports triton, so `import megacpt.kernels` works on a machine without it; the
-Triton modules (`rmsnorm.py`, `swiglu.py`) are imported lazily by the public wrappers in
-`__init__.py` only after `require_kernels` has said they can run.
+Triton modules (`rmsnorm.py`, `swiglu.py`, `rope.py`) are imported lazily by the public
+wrappers in `__init__.py` only after `require_kernels` has said they can run.
 
 References (plain torch, the semantics the kernels reproduce):
 
@@ -12,6 +12,13 @@ References (plain torch, the semantics the kernels reproduce):
   The output dtype is `torch.promote_types(x.dtype, weight.dtype)` (x.dtype when they match).
 - `swiglu_ref(gate, up) = silu(gate) * up`, computed in the input dtype.
 - `swiglu_fused_ref(gate_up)`: the same on `[..., 2 * ffn]`, gate = first half, up = second.
+- `qkv_rope_ref(qkv, cos, sin, num_groups, heads_per_group, head_dim)`: `Attention.forward`'s
+  split of the fused QKV projection [s, b, G * (P + 2) * d] into q [b, s, G*P, d], k and v
+  [b, s, G, d], q and k rotated (rotate half) in fp32 with the first s rows of cos/sin [s, d]:
+  `(x.float() * cos + rotate_half(x.float()) * sin).to(x.dtype)`; v is copied.
+- `cross_entropy_ref(logits, target, vocab_size=None)`: per-token loss [...] fp32 =
+  `F.cross_entropy(logits[..., :vocab_size].float(), target, reduction="none")`; columns at or
+  past vocab_size are vocabulary padding (logits [..., V_pad], target [...] int64).
 
 Rounding: the kernels compute in fp32 and round to half types where torch does; compiled
 (GPU) Triton rounds to nearest even like torch, but triton's CPU interpreter truncates
@@ -128,6 +135,42 @@ def swiglu_fused_ref(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up where gate, up = gate_up.chunk(2, dim=-1)."""
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def _rotary_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding (HF rotate-half): x [b, s, n, d]; cos/sin [s, d]; computed in fp32.
+
+    x.float() is taken twice, as there: autograd then casts each term's gradient to x.dtype
+    before adding them (the kernel adds in fp32 and rounds once; <= 1 ulp apart)."""
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return (x.float() * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
+
+
+def qkv_rope_ref(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_groups: int,
+                 heads_per_group: int, head_dim: int):
+    """Attention.forward's QKV split + rotary in plain torch -> (q, k, v).
+
+    qkv [s, b, G * (P + 2) * d] -> q [b, s, G*P, d], k [b, s, G, d] (rotated), v [b, s, G, d]
+    (contiguous); cos/sin [>= s, d], first s rows used. q and k may be non-contiguous (torch
+    keeps qkv's [s, b] memory order); the values are what the kernel must reproduce.
+    """
+    s, b = qkv.shape[:2]
+    per = heads_per_group
+    x = qkv.view(s, b, num_groups, per + 2, head_dim).transpose(0, 1)  # [b, s, G, P+2, d]
+    q = x[:, :, :, :per].reshape(b, s, -1, head_dim)  # [b, s, G*P, d]
+    k = x[:, :, :, per]  # [b, s, G, d]
+    v = x[:, :, :, per + 1].contiguous()
+    cos, sin = cos[:s], sin[:s]
+    return _rotary_ref(q, cos, sin), _rotary_ref(k, cos, sin), v
+
+
+def cross_entropy_ref(logits: torch.Tensor, target: torch.Tensor,
+                      vocab_size: int | None = None) -> torch.Tensor:
+    """Per-token loss [...] fp32 of logits [..., V_pad] over the first vocab_size columns."""
+    v = logits.shape[-1] if vocab_size is None else vocab_size
+    flat = logits[..., :v].float().reshape(-1, v)  # [n, V]
+    return F.cross_entropy(flat, target.reshape(-1), reduction="none").view(target.shape)
 
 
 # ----------------------------------------------------------------------------- launch helpers

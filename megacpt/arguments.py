@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--use-kernels", action=argparse.BooleanOptionalAction, default=None,
                    help="Triton RMSNorm/SwiGLU (default: on when they can run)")
     g.add_argument("--recompute-activations", action="store_true")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile each transformer layer (first steps are slower)")
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -156,7 +158,8 @@ def _model_config(a: argparse.Namespace, vocab_size: int) -> ModelConfig:
                   make_vocab_size_divisible_by=a.make_vocab_size_divisible_by,
                   rotary_base=a.rotary_base, norm_eps=a.norm_epsilon,
                   init_method_std=a.init_method_std, attention_backend=a.attention_backend,
-                  use_kernels=a.use_kernels, recompute_activations=a.recompute_activations)
+                  use_kernels=a.use_kernels, recompute_activations=a.recompute_activations,
+                  compile=a.compile)
     if a.model_size:
         try:
             cfg = ModelConfig.from_size(a.model_size, **common)

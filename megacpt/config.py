@@ -60,6 +60,9 @@ class ModelConfig:
     """Use the Triton RMSNorm/SwiGLU kernels; None means: when they can run on the device."""
     recompute_activations: bool = False
     """Activation checkpointing of whole transformer layers."""
+    compile: bool = False
+    """torch.compile each transformer layer (`--compile`); inside compiled layers inductor
+    generates the fused norm/SwiGLU/rotary code, the Triton kernels serve the rest."""
     name: str | None = None
     """Registry size name this shape came from ("1393M", "tiny"), if any."""
 

@@ -187,7 +187,7 @@ def language_section(lang: str, res: dict, src: str, plot_files: list[str],
                      f"{100 * sm['flops_saved_median']:.1f}% / "
                      f"{100 * sm['flops_saved_max']:.1f}% | {'; '.join(last)} |")
     lines += ["", f"### Forgetting: {src} validation loss", "",
-              f"| run | replay | source model | after CPT | change |", "|---|---|---|---|---|"]
+              "| run | replay | source model | after CPT | change |", "|---|---|---|---|---|"]
     for r in res["forgetting"]:
         lines.append(f"| {r['run']} | {100 * r['replay']:.0f}% | {r['source_model_loss']:.4f} "
                      f"| {r['final_source_loss']:.4f} | "

@@ -47,7 +47,6 @@ import io
 import json
 import logging
 import math
-import os
 import struct
 import sys
 import time

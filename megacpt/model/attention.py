@@ -1,4 +1,5 @@
-"""Rotary embeddings and causal attention backends.
+"""Rotary tables and causal attention backends (the rotation itself is
+`megacpt.kernels.qkv_rope`, fused with the QKV split, or its torch reference).
 
 Backends (`ModelConfig.attention_backend`):
 - `flash_attn`: the FlashAttention package (`flash_attn_func`), CUDA + fp16/bf16 only.
@@ -34,17 +35,6 @@ def rotary_tables(seq_len: int, head_dim: int, base: float, device, dtype=torch.
     freqs = torch.outer(t, inv_freq)  # [s, d/2]
     emb = torch.cat([freqs, freqs], dim=-1)  # [s, d]
     return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [b, s, n, d]; cos/sin [s, d]."""
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
-    return (x.float() * cos + _rotate_half(x.float()) * sin).to(x.dtype)
 
 
 # ----- backends -----

@@ -22,7 +22,7 @@ from torch import nn
 
 from megacpt import kernels  # imports no triton until a kernel runs
 from megacpt.config import ModelConfig
-from megacpt.model.attention import apply_rotary, attention, resolve_backend, rotary_tables
+from megacpt.model.attention import attention, resolve_backend, rotary_tables
 from megacpt.parallel import comm, sharding
 from megacpt.parallel.context import ParallelContext
 from megacpt.parallel.layers import (ColumnParallelLinear, RowParallelLinear,
@@ -58,8 +58,11 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, backend: str, dtype, device):
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, backend: str, use_kernels: bool,
+                 dtype, device):
         super().__init__()
+        # QKV split + rotary: one Triton kernel, or the same in plain torch
+        self._qkv_rope = kernels.qkv_rope if use_kernels else kernels.qkv_rope_ref
         tp, sp = ctx.tp, ctx.sequence_parallel
         self.head_dim = cfg.head_dim
         self.groups = cfg.num_query_groups // tp  # local query groups
@@ -74,11 +77,8 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin):  # x: [s(/tp), b, h]
         qkv = self.qkv(x)  # [s, b, ng_l * (per + 2) * d]
         s, b = qkv.shape[:2]
-        qkv = qkv.view(s, b, self.groups, self.per_group + 2, self.head_dim).transpose(0, 1)
-        q = qkv[:, :, :, : self.per_group].reshape(b, s, -1, self.head_dim)  # [b, s, nh_l, d]
-        k = qkv[:, :, :, self.per_group]  # [b, s, ng_l, d]
-        v = qkv[:, :, :, self.per_group + 1].contiguous()
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        # q [b, s, nh_l, d], k/v [b, s, ng_l, d]; q and k rotated
+        q, k, v = self._qkv_rope(qkv, cos, sin, self.groups, self.per_group, self.head_dim)
         out = attention(q, k, v, self.backend)  # [b, s, nh_l, d]
         out = out.transpose(0, 1).reshape(s, b, -1)  # [s, b, nh_l * d]
         return self.proj(out)
@@ -107,7 +107,7 @@ class TransformerLayer(nn.Module):
         super().__init__()
         sp = ctx.sequence_parallel
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, use_kernels, sp, dtype, device)
-        self.attention = Attention(cfg, ctx, backend, dtype, device)
+        self.attention = Attention(cfg, ctx, backend, use_kernels, dtype, device)
         self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, use_kernels, sp,
                                            dtype, device)
         self.mlp = MLP(cfg, ctx, use_kernels, dtype, device)
@@ -134,9 +134,14 @@ class LlamaModel(nn.Module):
         if self.pre_process:
             self.embedding = VocabParallelEmbedding(cfg.padded_vocab_size, cfg.hidden_size, tpg,
                                                     sp, dtype=dtype, device=device)
+        # compiled layers get inductor's fused code instead of the Triton kernels
+        layer_kernels = self.use_kernels and not cfg.compile
         self.layers = nn.ModuleDict({
-            str(i): TransformerLayer(cfg, ctx, self.backend, self.use_kernels, dtype, device)
+            str(i): TransformerLayer(cfg, ctx, self.backend, layer_kernels, dtype, device)
             for i in ctx.stage_layers(cfg.num_layers)})
+        if cfg.compile:
+            for layer in self.layers.values():
+                layer.compile()  # in place: parameter names stay as they are
         if self.post_process:
             self.final_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, self.use_kernels, sp,
                                       dtype, device)
@@ -153,7 +158,8 @@ class LlamaModel(nn.Module):
         """One line saying what runs: layout, attention backend, kernels."""
         return (f"LLaMA {self.cfg.name or ''} layers {list(self.layers)[0]}-"
                 f"{list(self.layers)[-1]} on {self.ctx.layout}, attention={self.backend}, "
-                f"triton kernels={'on' if self.use_kernels else 'off'}")
+                f"triton kernels={'on' if self.use_kernels else 'off'}, "
+                f"compiled layers={'on' if self.cfg.compile else 'off'}")
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         if self.pre_process:
@@ -172,8 +178,9 @@ class LlamaModel(nn.Module):
             return x
         logits = self.output(self.final_norm(x))  # [s, b, v/tp]
         if labels is not None:
+            # with the kernels, the loss's gradient is written into the logits' memory
             loss = vocab_parallel_cross_entropy(logits, labels.t(), self.ctx.tp_group,
-                                                self.cfg.vocab_size)  # [s, b]
+                                                self.cfg.vocab_size, self.use_kernels)  # [s, b]
             return loss.t()  # [b, s]
         logits = comm.gather_from_tp(logits, self.ctx.tp_group)  # [s, b, V_padded]
         return logits.transpose(0, 1)[..., : self.cfg.vocab_size]  # [b, s, V]

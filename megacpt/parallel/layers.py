@@ -4,6 +4,8 @@
 - `RowParallelLinear`: weight `[out, in/tp]`, input sharded on its last dim, output summed.
 - `VocabParallelEmbedding`: weight `[padded_vocab/tp, h]`, each rank embeds its id range.
 - `vocab_parallel_cross_entropy`: loss from vocab-sharded logits without gathering them.
+  With `use_kernels` it runs the fused Triton cross entropy (`megacpt.kernels`): one read of
+  each logits shard for the statistics, the gradient written in place into the shard.
 
 With sequence parallelism the activations between these layers are `[s/tp, b, h]`: a column
 layer all-gathers the sequence before its matmul and a row layer reduce-scatters after it.
@@ -16,6 +18,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from megacpt import kernels
+from megacpt.kernels._utils import as_rows
 from megacpt.parallel import comm
 
 
@@ -145,16 +149,79 @@ class _VocabParallelCE(torch.autograd.Function):
         return g.to(ctx.in_dtype), None, None, None
 
 
+def _shard_targets(target: torch.Tensor, start: int, per_rank: int,
+                   vocab_size: int) -> torch.Tensor:
+    """Global ids [...] -> this shard's column [n] int64: -1 where the id lives on another
+    rank, -2 for ids outside [0, vocab_size) (the kernels then give a NaN loss)."""
+    t = target.reshape(-1)
+    local = t - start
+    local = torch.where((local >= 0) & (local < per_rank), local, -1)
+    return torch.where((t >= 0) & (t < vocab_size), local, -2)
+
+
+def _kernel_shard_loss(logits2d, target, group, vocab_size, write_grad: bool):
+    """Loss [n] fp32 over vocab shards with the Triton stats (and, with write_grad, the
+    unscaled gradient softmax - onehot written into logits2d [n, v/tp] in place)."""
+    per_rank = logits2d.shape[1]
+    start = _tp_rank(group) * per_rank
+    n_valid = min(max(vocab_size - start, 0), per_rank)  # columns past it are padding
+    local = _shard_targets(target, start, per_rank, vocab_size)
+    row_max, sum_exp, tgt = kernels.ce_shard_stats(logits2d, local, n_valid)  # fp32 [n] each
+    gmax = row_max.clone()
+    dist.all_reduce(gmax, op=dist.ReduceOp.MAX, group=group)
+    sums = torch.stack([sum_exp * torch.exp(row_max - gmax), tgt])  # [2, n]
+    dist.all_reduce(sums, group=group)  # one collective for both sums
+    lse = gmax + torch.log(sums[0])  # [n]
+    if write_grad:
+        kernels.ce_grad_(logits2d, lse, local, n_valid)
+    return lse - sums[1]
+
+
+class _VocabParallelCEKernels(torch.autograd.Function):
+    """`_VocabParallelCE` with the Triton kernels; the gradient lives in the logits shard."""
+
+    @staticmethod
+    def forward(ctx, logits, target, group, vocab_size):
+        # logits: [..., v/tp], target: [...] global ids
+        x2 = as_rows(logits, logits.shape[-1])  # [n, v/tp], a view unless it must copy
+        loss = _kernel_shard_loss(x2, target, group, vocab_size, write_grad=True)
+        if x2.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr():
+            # overwritten by the gradient: autograd must reject other saved uses of them; save
+            # the logits, not x2 (a view made here cannot be saved across the version bump)
+            torch.autograd.graph.increment_version(logits)
+            x2 = logits
+        ctx.save_for_backward(x2)
+        ctx.shape, ctx.used = logits.shape, False
+        return loss.view(target.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return kernels.ce_backward(ctx, grad)  # scales the saved shard rows by grad[n]
+
+
 def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, tp_group=None,
-                                 vocab_size: int | None = None) -> torch.Tensor:
+                                 vocab_size: int | None = None,
+                                 use_kernels: bool = False) -> torch.Tensor:
     """Per-token cross entropy from logits sharded on the vocabulary over `tp_group`.
 
     logits `[..., padded_vocab/tp]`, target `[...]` -> loss `[...]` in fp32. Columns at or past
     `vocab_size` (vocabulary padding) are masked out of the softmax, so the loss equals the
     unpadded model's (e.g. transformers' on an imported checkpoint).
+
+    `use_kernels=True` runs the Triton kernels (`megacpt.kernels.cross_entropy`) and, when a
+    gradient is needed, OVERWRITES `logits` with it (they must feed only this loss, as the LM
+    head's do); a target outside [0, vocab_size) then gives a NaN loss instead of an error.
     """
     if vocab_size is None:
         vocab_size = logits.shape[-1] * _tp_size(tp_group)
+    if use_kernels:
+        if _tp_size(tp_group) == 1:
+            return kernels.cross_entropy(logits, target, vocab_size, inplace=True)
+        if torch.is_grad_enabled() and logits.requires_grad:
+            return _VocabParallelCEKernels.apply(logits, target, tp_group, vocab_size)
+        x2 = as_rows(logits.detach(), logits.shape[-1])  # [n, v/tp]; eval: stats only
+        return _kernel_shard_loss(x2, target, tp_group, vocab_size,
+                                  write_grad=False).view(target.shape)
     if _tp_size(tp_group) == 1:  # one rank: exactly the plain model's loss, at its speed
         flat = logits[..., :vocab_size].float().reshape(-1, vocab_size)  # [n, V]
         return F.cross_entropy(flat, target.reshape(-1), reduction="none").view(target.shape)

@@ -73,3 +73,23 @@ def test_triton_imported_compiled_before_interpreter_flag(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     ok, reason = K.kernels_available("cpu")
     assert not ok and "imported before TRITON_INTERPRET=1 was set" in reason
+
+
+def test_public_names_survive_the_lazy_imports():
+    """Importing a Triton submodule (swiglu.py, cross_entropy.py, ...) sets the package
+    attribute of its name to the module; every public kernel must still be the function."""
+    ok, why = K.kernels_available("cpu" if not torch.cuda.is_available() else "cuda")
+    if not ok:
+        pytest.skip(why)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(2, 8, device=dev)
+    K.swiglu(x, x)
+    K.swiglu_fused(x)
+    K.rms_norm(x, torch.ones(8, device=dev))
+    K.cross_entropy(x, torch.zeros(2, dtype=torch.int64, device=dev))
+    K.qkv_rope(torch.randn(1, 1, 3 * 4, device=dev), torch.ones(1, 4, device=dev),
+               torch.zeros(1, 4, device=dev), 1, 1, 4)
+    for name in K.__all__:
+        obj = getattr(K, name)
+        assert callable(obj) and not isinstance(obj, type(K)), name
+    assert K.swiglu.__module__ == "megacpt.kernels" and K.cross_entropy.__module__ == "megacpt.kernels"

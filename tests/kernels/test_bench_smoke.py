@@ -13,7 +13,9 @@ KEYS = {"op", "pass", "rows", "hidden", "dtype", "impl", "ms", "gbps", "frac_of_
 
 
 @pytest.mark.parametrize("name,ops", [("bench_rmsnorm", {"rmsnorm"}),
-                                      ("bench_swiglu", {"swiglu", "swiglu_fused"})])
+                                      ("bench_swiglu", {"swiglu", "swiglu_fused"}),
+                                      ("bench_rope", {"qkv_rope"}),
+                                      ("bench_cross_entropy", {"cross_entropy"})])
 def test_quick_run_writes_result_rows(tmp_path, monkeypatch, name, ops):
     monkeypatch.syspath_prepend(REPO)
     bench = importlib.import_module(f"benchmarks.{name}")
@@ -30,12 +32,14 @@ def test_quick_run_writes_result_rows(tmp_path, monkeypatch, name, ops):
         assert r["ms"] > 0 and r["gbps"] > 0 and r["frac_of_copy_bw"] > 0
 
 
-def test_full_run_refuses_cpu(monkeypatch):
+@pytest.mark.parametrize("name", ["bench_rmsnorm", "bench_swiglu", "bench_rope",
+                                  "bench_cross_entropy", "bench_e2e", "bench_parallel_overhead"])
+def test_full_run_refuses_cpu(monkeypatch, name):
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("checks the CPU refusal")
     monkeypatch.syspath_prepend(REPO)
-    bench = importlib.import_module("benchmarks.bench_rmsnorm")
+    bench = importlib.import_module(f"benchmarks.{name}")
     with pytest.raises(SystemExit, match="needs a CUDA GPU; use --quick"):
         bench.main([])
