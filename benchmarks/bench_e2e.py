@@ -77,7 +77,9 @@ def hf_step_fn(cfg: ModelConfig, batch, device, dtype, variant: str, accum: int 
                          attn_implementation="sdpa")
     if cfg.recompute_activations:
         hf_cfg.gradient_checkpointing = True
-    model = LlamaForCausalLM(hf_cfg).to(device=device, dtype=dtype)
+    with torch.device(device):  # initialise on the device: a CPU init of 1.8B params is slow
+        model = LlamaForCausalLM(hf_cfg)
+    model.to(dtype=dtype)
     if cfg.recompute_activations:
         model.gradient_checkpointing_enable()
     model.train()
