@@ -8,7 +8,8 @@ formula, `ModelConfig.flops_per_token`), MFU against the device's dense bf16 pea
 (`megacpt.hardware`) and peak memory.
 
 Rows (benchmarks/common.py file format): {"model", "impl", "seq", "micro_batch",
-"tokens_per_sec", "tflops", "mfu", "peak_mem_gb", "ms_per_step", "accum", "recompute"}; impl in
+"tokens_per_sec", "tflops", "mfu", "peak_mem_gb", "ms_per_step", "accum", "recompute",
+"ce_chunk_tokens"}; impl in
 megacpt | megacpt+compile | hf | hf+compile | hf+liger. Every impl runs at every
 `--micro-batch` given; one that runs out of memory (or lacks a package) is reported and
 skipped. With `--profile N` the megacpt impls are also run for N steps under torch.profiler:
@@ -169,7 +170,8 @@ def run_one(impl: str, cfg: ModelConfig, mb: int, args, device, dtype, peak, pro
            "peak_mem_gb": (torch.cuda.max_memory_allocated() / 2**30
                            if device.type == "cuda" else None),
            "ms_per_step": sec * 1e3, "accum": args.accum,
-           "recompute": cfg.recompute_activations}
+           "recompute": cfg.recompute_activations,
+           "ce_chunk_tokens": cfg.cross_entropy_chunk_tokens if impl.startswith("megacpt") else 0}
     mfu = f"{row['mfu']:.3f}" if peak else "n/a"
     print(f"{impl:16s} mb={mb:<3d} {tokens_per_sec:10.0f} tok/s {tflops:7.1f} TFLOP/s "
           f"MFU {mfu}", flush=True)
@@ -191,6 +193,8 @@ def main(argv=None) -> str:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--impls", nargs="+", default=IMPLS, choices=IMPLS)
     p.add_argument("--recompute-activations", action="store_true")
+    p.add_argument("--cross-entropy-chunk-tokens", type=int, default=0,
+                   help="megacpt: LM head + loss this many tokens at a time (0: whole)")
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
                    help="profile the megacpt impls for this many steps (0: off)")
     p.add_argument("--quick", action="store_true", help="tiny CPU smoke run")
@@ -206,7 +210,8 @@ def main(argv=None) -> str:
         args.steps, args.warmup, args.accum = 2, 1, 2
         args.impls = [i for i in args.impls if i in ("megacpt", "hf")]
     cfg = ModelConfig.from_size(args.model_size, vocab_size=vocab, seq_length=args.seq_length,
-                                recompute_activations=args.recompute_activations)
+                                recompute_activations=args.recompute_activations,
+                                cross_entropy_chunk_tokens=args.cross_entropy_chunk_tokens)
     args.trace_base = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                "results", "e2e")
     peak = peak_bf16_flops(current_device_name())

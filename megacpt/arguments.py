@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--use-kernels", action=argparse.BooleanOptionalAction, default=None,
                    help="Triton RMSNorm/SwiGLU (default: on when they can run)")
     g.add_argument("--recompute-activations", action="store_true")
+    g.add_argument("--cross-entropy-chunk-tokens", type=int,
+                   default=_d(ModelConfig, "cross_entropy_chunk_tokens"),
+                   help="run the LM head + loss this many tokens at a time so the logits never "
+                   "exist whole (large vocabularies; one more LM-head matmul); 0: off")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile each transformer layer (first steps are slower)")
 
@@ -159,7 +163,7 @@ def _model_config(a: argparse.Namespace, vocab_size: int) -> ModelConfig:
                   rotary_base=a.rotary_base, norm_eps=a.norm_epsilon,
                   init_method_std=a.init_method_std, attention_backend=a.attention_backend,
                   use_kernels=a.use_kernels, recompute_activations=a.recompute_activations,
-                  compile=a.compile)
+                  cross_entropy_chunk_tokens=a.cross_entropy_chunk_tokens, compile=a.compile)
     if a.model_size:
         try:
             cfg = ModelConfig.from_size(a.model_size, **common)

@@ -60,6 +60,10 @@ class ModelConfig:
     """Use the Triton RMSNorm/SwiGLU kernels; None means: when they can run on the device."""
     recompute_activations: bool = False
     """Activation checkpointing of whole transformer layers."""
+    cross_entropy_chunk_tokens: int = 0
+    """`--cross-entropy-chunk-tokens`. 0: the LM head's logits are materialised whole; N > 0:
+    the LM head and loss run N tokens at a time and the logits never exist whole (large
+    vocabularies); costs one more LM-head matmul in backward."""
     compile: bool = False
     """torch.compile each transformer layer (`--compile`); inside compiled layers inductor
     generates the fused norm/SwiGLU/rotary code, the Triton kernels serve the rest."""
@@ -74,6 +78,9 @@ class ModelConfig:
         for f in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                   "num_query_groups", "vocab_size", "seq_length", "make_vocab_size_divisible_by"):
             _check(getattr(self, f) > 0, f"model.{f} must be > 0, got {getattr(self, f)}")
+        _check(self.cross_entropy_chunk_tokens >= 0,
+               f"model.cross_entropy_chunk_tokens must be >= 0 (0: logits whole), "
+               f"got {self.cross_entropy_chunk_tokens}")
         _check(self.kv_channels is not None or self.hidden_size % self.num_attention_heads == 0,
                f"model.hidden_size ({self.hidden_size}) must be divisible by "
                f"num_attention_heads ({self.num_attention_heads}), or set kv_channels")

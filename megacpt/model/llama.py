@@ -27,6 +27,7 @@ from megacpt.parallel import comm, sharding
 from megacpt.parallel.context import ParallelContext
 from megacpt.parallel.layers import (ColumnParallelLinear, RowParallelLinear,
                                      VocabParallelEmbedding, vocab_parallel_cross_entropy)
+from megacpt.parallel.lm_head import chunked_lm_head_loss
 
 log = logging.getLogger(__name__)
 
@@ -156,10 +157,12 @@ class LlamaModel(nn.Module):
 
     def describe(self) -> str:
         """One line saying what runs: layout, attention backend, kernels."""
+        chunk = self.cfg.cross_entropy_chunk_tokens
         return (f"LLaMA {self.cfg.name or ''} layers {list(self.layers)[0]}-"
                 f"{list(self.layers)[-1]} on {self.ctx.layout}, attention={self.backend}, "
                 f"triton kernels={'on' if self.use_kernels else 'off'}, "
-                f"compiled layers={'on' if self.cfg.compile else 'off'}")
+                f"compiled layers={'on' if self.cfg.compile else 'off'}, LM-head loss "
+                f"{f'in chunks of {chunk} tokens' if chunk else 'whole'}")
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         if self.pre_process:
@@ -176,7 +179,10 @@ class LlamaModel(nn.Module):
                 x = layer(x, cos, sin)
         if not self.post_process:
             return x
-        logits = self.output(self.final_norm(x))  # [s, b, v/tp]
+        x = self.final_norm(x)
+        if labels is not None and self.cfg.cross_entropy_chunk_tokens:
+            return self._chunked_loss(x, labels)  # [b, s], no whole logits
+        logits = self.output(x)  # [s, b, v/tp]
         if labels is not None:
             # with the kernels, the loss's gradient is written into the logits' memory
             loss = vocab_parallel_cross_entropy(logits, labels.t(), self.ctx.tp_group,
@@ -184,6 +190,16 @@ class LlamaModel(nn.Module):
             return loss.t()  # [b, s]
         logits = comm.gather_from_tp(logits, self.ctx.tp_group)  # [s, b, V_padded]
         return logits.transpose(0, 1)[..., : self.cfg.vocab_size]  # [b, s, V]
+
+    def _chunked_loss(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-token loss [b, s] of the LM head run cross_entropy_chunk_tokens rows at a time."""
+        x = self.output.gather_input(x)  # [s(/tp), b, h] -> [s, b, h]
+        s, b, h = x.shape
+        loss = chunked_lm_head_loss(x.reshape(s * b, h), self.output.weight,
+                                    labels.t().reshape(s * b), self.ctx.tp_group,
+                                    self.cfg.vocab_size, self.cfg.cross_entropy_chunk_tokens,
+                                    self.use_kernels)  # [s * b]
+        return loss.view(s, b).t()  # [b, s]
 
 
 @torch.no_grad()

@@ -6,6 +6,8 @@
 - `vocab_parallel_cross_entropy`: loss from vocab-sharded logits without gathering them.
   With `use_kernels` it runs the fused Triton cross entropy (`megacpt.kernels`): one read of
   each logits shard for the statistics, the gradient written in place into the shard.
+  Its tp combine of per-shard statistics, `combine_vocab_stats`, also serves the chunked LM
+  head (`megacpt.parallel.lm_head`), which never materialises the whole logits.
 
 With sequence parallelism the activations between these layers are `[s/tp, b, h]`: a column
 layer all-gathers the sequence before its matmul and a row layer reduce-scatters after it.
@@ -47,12 +49,14 @@ class ColumnParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features // tp, in_features,
                                                dtype=dtype, device=device))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [s(/tp), b, in]
+    def gather_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The input comm of `forward`: [s(/tp), b, in] -> [s, b, in] on every tp rank."""
         if self.sequence_parallel:
-            x = comm.gather_from_sp(x, self.tp_group)  # [s, b, in]
-        else:
-            x = comm.copy_to_tp(x, self.tp_group)
-        y = F.linear(x, self.weight)  # [s, b, out/tp]
+            return comm.gather_from_sp(x, self.tp_group)  # [s, b, in]
+        return comm.copy_to_tp(x, self.tp_group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [s(/tp), b, in]
+        y = F.linear(self.gather_input(x), self.weight)  # [s, b, out/tp]
         if self.gather_output:
             y = comm.gather_from_tp(y, self.tp_group)
         return y
@@ -159,6 +163,20 @@ def _shard_targets(target: torch.Tensor, start: int, per_rank: int,
     return torch.where((t >= 0) & (t < vocab_size), local, -2)
 
 
+def combine_vocab_stats(row_max: torch.Tensor, sum_exp: torch.Tensor, tgt: torch.Tensor,
+                        group) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-shard cross-entropy statistics fp32 [n] (this shard's row max, sum of exp(x - row
+    max), target logit or 0) -> (lse, target logit) fp32 [n] over the whole vocabulary: one MAX
+    and one SUM all-reduce over `group` (none when tp = 1)."""
+    if _tp_size(group) == 1:
+        return row_max + torch.log(sum_exp), tgt
+    gmax = row_max.clone()
+    dist.all_reduce(gmax, op=dist.ReduceOp.MAX, group=group)
+    sums = torch.stack([sum_exp * torch.exp(row_max - gmax), tgt])  # [2, n]
+    dist.all_reduce(sums, group=group)  # one collective for both sums
+    return gmax + torch.log(sums[0]), sums[1]
+
+
 def _kernel_shard_loss(logits2d, target, group, vocab_size, write_grad: bool):
     """Loss [n] fp32 over vocab shards with the Triton stats (and, with write_grad, the
     unscaled gradient softmax - onehot written into logits2d [n, v/tp] in place)."""
@@ -167,14 +185,10 @@ def _kernel_shard_loss(logits2d, target, group, vocab_size, write_grad: bool):
     n_valid = min(max(vocab_size - start, 0), per_rank)  # columns past it are padding
     local = _shard_targets(target, start, per_rank, vocab_size)
     row_max, sum_exp, tgt = kernels.ce_shard_stats(logits2d, local, n_valid)  # fp32 [n] each
-    gmax = row_max.clone()
-    dist.all_reduce(gmax, op=dist.ReduceOp.MAX, group=group)
-    sums = torch.stack([sum_exp * torch.exp(row_max - gmax), tgt])  # [2, n]
-    dist.all_reduce(sums, group=group)  # one collective for both sums
-    lse = gmax + torch.log(sums[0])  # [n]
+    lse, tgt = combine_vocab_stats(row_max, sum_exp, tgt, group)  # [n] each
     if write_grad:
         kernels.ce_grad_(logits2d, lse, local, n_valid)
-    return lse - sums[1]
+    return lse - tgt
 
 
 class _VocabParallelCEKernels(torch.autograd.Function):

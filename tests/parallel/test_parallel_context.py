@@ -105,6 +105,10 @@ out = sys.argv[1] + f".{ctx.rank}"  # one file per rank: stdout of two ranks can
 with open(out, "w") as f:
     f.write(" ".join(str(v) for v in ("RESULT", ctx.rank, ctx.world_size, ctx.tp_rank,
                                       dist.get_backend(), int(t.item()))))
+# tear gloo down before the interpreter exits: a rank still tearing down its gloo threads at
+# exit can abort ("terminate called without an active exception")
+dist.barrier()
+dist.destroy_process_group()
 """
 
 
