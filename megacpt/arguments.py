@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--use-distributed-optimizer", action="store_true")
     g.add_argument("--grad-bucket-size-mb", type=float,
                    default=_d(ParallelConfig, "grad_bucket_size_mb"))
+    g.add_argument("--no-gradient-accumulation-fusion", action="store_true",
+                   help="let autograd produce weight gradients, then add them to the fp32 "
+                        "main grads (default: the linear layers accumulate into them)")
     g.add_argument("--distributed-backend", choices=["nccl", "gloo"])
     g.add_argument("--distributed-timeout-minutes", type=float,
                    default=_d(ParallelConfig, "distributed_timeout_minutes"))
@@ -256,7 +259,8 @@ def config_from_args(a: argparse.Namespace) -> tuple[Config, RunOptions]:
             pipeline_model_parallel_size=a.pipeline_model_parallel_size,
             sequence_parallel=a.sequence_parallel,
             use_distributed_optimizer=a.use_distributed_optimizer,
-            grad_bucket_size_mb=a.grad_bucket_size_mb, distributed_backend=a.distributed_backend,
+            grad_bucket_size_mb=a.grad_bucket_size_mb,
+            gradient_accumulation_fusion=not a.no_gradient_accumulation_fusion, distributed_backend=a.distributed_backend,
             distributed_timeout_minutes=a.distributed_timeout_minutes),
         data=DataConfig(data_path=list(a.data_path), split=a.split,
                         valid_data_path=_valid_paths(a.valid_data_path),

@@ -142,6 +142,9 @@ class ParallelConfig:
     """ZeRO-1: shard fp32 master weights and Adam state over dp (`--use-distributed-optimizer`)."""
     grad_bucket_size_mb: float = 25.0
     """Size of gradient all-reduce buckets in MiB."""
+    gradient_accumulation_fusion: bool = True
+    """Linear layers add weight gradients straight into the fp32 main grads
+    (`--no-gradient-accumulation-fusion` turns it off; see megacpt.parallel.wgrad)."""
     distributed_backend: str | None = None
     """nccl or gloo; None: nccl with CUDA, else gloo."""
     distributed_timeout_minutes: float = 10.0

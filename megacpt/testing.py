@@ -178,7 +178,7 @@ def train_losses(model_cfg: ModelConfig, optim_cfg: OptimizerConfig, batches: li
                  micro_batch_size: int, tp: int = 1, pp: int = 1, sequence_parallel: bool = False,
                  use_distributed_optimizer: bool = False, dtype: torch.dtype = torch.float32,
                  bucket_size_mb: float = 25.0, seed: int = 1234, device: str = "cpu",
-                 return_state: bool = False) -> dict:
+                 return_state: bool = False, gradient_accumulation_fusion: bool = True) -> dict:
     """Train from `seed` on `batches` in layout (tp, pp, dp = world / tp / pp).
 
     Runs in the current process group (or alone when none is initialised). Returns
@@ -195,7 +195,8 @@ def train_losses(model_cfg: ModelConfig, optim_cfg: OptimizerConfig, batches: li
                                 device=device)
     model = LlamaModel(model_cfg, ctx, dtype=dtype, device=device, seed=seed)
     opt = build_optimizer(model, optim_cfg, ctx, bucket_size_mb=bucket_size_mb,
-                          use_distributed_optimizer=use_distributed_optimizer)
+                          use_distributed_optimizer=use_distributed_optimizer,
+                          gradient_accumulation_fusion=gradient_accumulation_fusion)
     losses, norms = [], []
     for tokens, labels in batches:
         opt.zero_grad()

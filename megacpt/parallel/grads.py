@@ -14,6 +14,9 @@ bucket whose parameters are all done starts its data-parallel reduction asynchro
   of dp, S = padded / dp). gloo has no reduce-scatter: there the bucket is all-reduced and
   rank r reads its range.
 
+With `fuse_wgrad` the linear layers add their weight gradients into `main_grad` themselves
+(`megacpt.parallel.wgrad`); the hook then only counts the parameter as ready.
+
 `finish()` waits for every bucket, then all-reduces over tp the gradients of parameters marked
 `sequence_parallel=True` (norm weights under sequence parallelism see only s/tp tokens). The
 schedule calls it when the step's backward is done, so after `forward_backward` the main
@@ -69,7 +72,8 @@ class GradBuffer:
     """Main gradients of `named_params`, bucketed and reduced over `ctx.dp_group`."""
 
     def __init__(self, named_params: list[tuple[str, torch.nn.Parameter]], ctx: ParallelContext,
-                 bucket_size_mb: float = 25.0, shard_over_dp: bool = False):
+                 bucket_size_mb: float = 25.0, shard_over_dp: bool = False,
+                 fuse_wgrad: bool = False):
         if bucket_size_mb <= 0:
             raise ValueError(f"grad_bucket_size_mb must be > 0, got {bucket_size_mb}")
         self.ctx, self.shard_over_dp = ctx, shard_over_dp
@@ -98,13 +102,17 @@ class GradBuffer:
             for p, off in zip(b.params, b.offsets):
                 view = b.grad[off: off + p.numel()].view(p.shape)
                 p.main_grad = view
+                p.fuse_wgrad, p.grad_added_to_main_grad = fuse_wgrad, False
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(b, view)))
         self._backend = dist.get_backend(ctx.dp_group) if ctx.dp_group is not None else None
 
     # ----- backward hooks -----
     def _make_hook(self, bucket: Bucket, view: torch.Tensor):
         def hook(p: torch.Tensor) -> None:
-            view.add_(p.grad)  # fp32 += grad (any dtype)
+            if p.grad_added_to_main_grad:  # the fused linear backward already added it
+                p.grad_added_to_main_grad = False
+            else:
+                view.add_(p.grad)  # fp32 += grad (any dtype)
             p.grad = None
             if self.final_backward:
                 bucket.ready += 1
@@ -200,3 +208,6 @@ class GradBuffer:
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        for b in self.buckets:  # without the hooks, gradients must land in .grad again
+            for p in b.params:
+                p.fuse_wgrad = False

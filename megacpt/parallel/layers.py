@@ -23,6 +23,7 @@ from torch import nn
 from megacpt import kernels
 from megacpt.kernels._utils import as_rows
 from megacpt.parallel import comm
+from megacpt.parallel.wgrad import linear
 
 
 def _tp_size(group) -> int:
@@ -56,7 +57,7 @@ class ColumnParallelLinear(nn.Module):
         return comm.copy_to_tp(x, self.tp_group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [s(/tp), b, in]
-        y = F.linear(self.gather_input(x), self.weight)  # [s, b, out/tp]
+        y = linear(self.gather_input(x), self.weight)  # [s, b, out/tp]
         if self.gather_output:
             y = comm.gather_from_tp(y, self.tp_group)
         return y
@@ -78,7 +79,7 @@ class RowParallelLinear(nn.Module):
                                                dtype=dtype, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [s, b, in/tp]
-        y = F.linear(x, self.weight)  # [s, b, out] partial sum
+        y = linear(x, self.weight)  # [s, b, out] partial sum
         if self.sequence_parallel:
             return comm.reduce_scatter_to_sp(y, self.tp_group)  # [s/tp, b, out]
         return comm.reduce_from_tp(y, self.tp_group)

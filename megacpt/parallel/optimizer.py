@@ -92,7 +92,8 @@ class MegaOptimizer:
     """AdamW on fp32 masters with dp-bucketed (or ZeRO-1) gradient reduction; see module doc."""
 
     def __init__(self, model: torch.nn.Module, cfg: OptimizerConfig, ctx: ParallelContext,
-                 use_distributed_optimizer: bool = False, bucket_size_mb: float = 25.0):
+                 use_distributed_optimizer: bool = False, bucket_size_mb: float = 25.0,
+                 gradient_accumulation_fusion: bool = True):
         self.cfg, self.ctx, self.zero1 = cfg, ctx, use_distributed_optimizer
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
@@ -101,7 +102,8 @@ class MegaOptimizer:
         old = getattr(model, "grad_sync", None)
         if old is not None:  # a model given to a second optimizer: the old hooks must go
             old.remove_hooks()
-        self.buffer = GradBuffer(named, ctx, bucket_size_mb, shard_over_dp=self.zero1)
+        self.buffer = GradBuffer(named, ctx, bucket_size_mb, shard_over_dp=self.zero1,
+                                 fuse_wgrad=gradient_accumulation_fusion)
         model.grad_sync = self.buffer
         self.pieces: list[Piece] = self.buffer.pieces()
         self.replicated = [sharding.shard_kind(pc.name) == sharding.REPLICATED
@@ -281,6 +283,8 @@ class MegaOptimizer:
 
 def build_optimizer(model: torch.nn.Module, optim_cfg: OptimizerConfig, ctx: ParallelContext,
                     *, use_distributed_optimizer: bool = False,
-                    bucket_size_mb: float = 25.0) -> MegaOptimizer:
+                    bucket_size_mb: float = 25.0,
+                    gradient_accumulation_fusion: bool = True) -> MegaOptimizer:
     """The optimizer for this rank's model stage (see the module docstring)."""
-    return MegaOptimizer(model, optim_cfg, ctx, use_distributed_optimizer, bucket_size_mb)
+    return MegaOptimizer(model, optim_cfg, ctx, use_distributed_optimizer, bucket_size_mb,
+                         gradient_accumulation_fusion)

@@ -190,7 +190,8 @@ class Trainer:
         self.optimizer = build_optimizer(
             self.model, cfg.optim, self.ctx,
             use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
-            bucket_size_mb=cfg.parallel.grad_bucket_size_mb)
+            bucket_size_mb=cfg.parallel.grad_bucket_size_mb,
+            gradient_accumulation_fusion=cfg.parallel.gradient_accumulation_fusion)
         if self.resumed:
             self._resume()
         self.nonfinite = NonFiniteTracker(t.max_nonfinite_steps, self.counters.skipped_steps)
