@@ -34,6 +34,25 @@ def _barrier(ctx: ParallelContext) -> None:
         dist.barrier()
 
 
+def _agree(ctx: ParallelContext, error: Exception | None, what: str) -> None:
+    """A barrier that also tells every rank whether any rank failed `what`: then each raises
+    (naming the failed ranks) instead of the healthy ones waiting at the next barrier until
+    the distributed timeout. One process: re-raise its own error unchanged."""
+    if ctx.world_size == 1 or not dist.is_initialized():
+        if error is not None:
+            raise error
+        return
+    flags = torch.zeros(ctx.world_size, device=ctx.device)
+    flags[ctx.rank] = float(error is not None)
+    dist.all_reduce(flags)
+    failed = [r for r, f in enumerate(flags.tolist()) if f]
+    if not failed:
+        return
+    mine = f"; here (rank {ctx.rank}): {type(error).__name__}: {error}" if error else ""
+    raise CheckpointError(f"{what} failed on rank(s) {failed}{mine}; the previous checkpoint "
+                          "and the tracker are untouched") from error
+
+
 def split_optimizer_state(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
     """Optimizer state dict -> ({"name/key": tensor}, everything else)."""
     tensors, rest_state = {}, {}
@@ -79,21 +98,30 @@ def save_checkpoint(save_dir: str, iteration: int, model, optimizer, cfg: Config
     _barrier(ctx)
     with_optim = optimizer is not None and not cfg.checkpoint.no_save_optim
     opt_sd = optimizer.state_dict() if with_optim else None  # collective under ZeRO-1
-    dtype = _write_rank_files(tmp, iteration, model, opt_sd, ctx, state.get("rng"))
-    if ctx.rank == 0:
-        meta_state = {k: v for k, v in state.items() if k != "rng"}
-        fmt.write_meta(tmp, iteration, ctx.tp, ctx.pp, ctx.dp, str(dtype).replace("torch.", ""),
-                       opt_sd is not None, cfg.to_dict(), meta_state)
-        tok = cfg.data.tokenizer_model
-        if tok and os.path.isfile(tok) and not os.path.exists(
-                os.path.join(save_dir, fmt.TOKENIZER)):
-            shutil.copyfile(tok, os.path.join(save_dir, fmt.TOKENIZER))
-    _barrier(ctx)
+    error = None
+    try:  # a rank that fails here (disk full, permissions) must not leave the others waiting
+        dtype = _write_rank_files(tmp, iteration, model, opt_sd, ctx, state.get("rng"))
+        if ctx.rank == 0:
+            _write_meta(tmp, save_dir, iteration, dtype, opt_sd is not None, cfg, ctx, state)
+    except Exception as e:  # noqa: BLE001 - reported to every rank by _agree
+        error = e
+    _agree(ctx, error, f"saving checkpoint {tmp}")
     if ctx.rank == 0:
         _publish(save_dir, tmp, final, iteration)
         log.info("saved checkpoint %s (%s)", final, ctx.layout)
     _barrier(ctx)
     return final
+
+
+def _write_meta(tmp: str, save_dir: str, iteration: int, dtype: torch.dtype, with_optim: bool,
+                cfg: Config, ctx: ParallelContext, state: dict) -> None:
+    """Rank 0: meta.json (layout, dtype, resolved config, counters) and the tokenizer copy."""
+    meta_state = {k: v for k, v in state.items() if k != "rng"}
+    fmt.write_meta(tmp, iteration, ctx.tp, ctx.pp, ctx.dp, str(dtype).replace("torch.", ""),
+                   with_optim, cfg.to_dict(), meta_state)
+    tok = cfg.data.tokenizer_model
+    if tok and os.path.isfile(tok) and not os.path.exists(os.path.join(save_dir, fmt.TOKENIZER)):
+        shutil.copyfile(tok, os.path.join(save_dir, fmt.TOKENIZER))
 
 
 def _write_rank_files(tmp: str, iteration: int, model, opt_sd: dict | None,

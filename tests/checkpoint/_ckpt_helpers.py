@@ -142,3 +142,27 @@ def make_corpora(d: str, vocab: int = 330) -> dict:
         minloglevel=2, num_threads=1)
     return {"tokenizer": prefix + ".model", "corpus": corpus, "source_texts": src,
             "target_texts": tgt}
+
+
+def failing_save_worker(tmp: str) -> dict:
+    """dp2: save iteration 1, then save iteration 2 with rank 1's RNG file write failing.
+    Returns what this rank raised and (after a barrier) the iteration the tracker names and
+    the one that loads."""
+    from megacpt.checkpoint import checkpointing, load_checkpoint, save_checkpoint
+    from megacpt.checkpoint.format import read_tracker
+
+    cfg = tiny_config(num_layers=2)
+    ctx, model, opt = build(cfg, 1, 1)
+    save_checkpoint(tmp, 1, model, opt, cfg, ctx, fake_state(1))
+    if dist.get_rank() == 1:
+        def disk_full(*args, **kwargs):
+            raise OSError("No space left on device")
+        checkpointing.torch.save = disk_full  # only this spawned process is affected
+    try:
+        save_checkpoint(tmp, 2, model, opt, cfg, ctx, fake_state(2))
+        raised = None
+    except Exception as e:  # noqa: BLE001
+        raised = f"{type(e).__name__}: {e}"
+    dist.barrier()
+    it, _ = load_checkpoint(tmp, model, opt, cfg, ctx)
+    return {"raised": raised, "tracker": read_tracker(tmp), "loaded": it}

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from _ckpt_helpers import build, fake_state, run_steps, tiny_config
+from _ckpt_helpers import build, failing_save_worker, fake_state, run_steps, tiny_config
 from megacpt.checkpoint import (CheckpointError, load_checkpoint, load_model, load_weights,
                                 save_checkpoint)
 from megacpt.checkpoint import checkpointing
@@ -16,7 +16,7 @@ from megacpt.checkpoint.format import TRACKER, read_tracker
 from megacpt.checkpoint.safetensors_io import (SafetensorsError, SafetensorsReader,
                                                SafetensorsWriter, load_tensors, save_tensors)
 from megacpt.parallel.context import ParallelContext
-from megacpt.testing import random_global_batches
+from megacpt.testing import random_global_batches, run_distributed
 
 
 @pytest.fixture(scope="module")
@@ -159,3 +159,15 @@ def test_safetensors_stream_io_matches_library(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"\x05\x00")
     with pytest.raises(SafetensorsError, match="truncated file"):
         SafetensorsReader(str(tmp_path / "junk.safetensors"))
+
+
+def test_rank_failing_mid_save_fails_every_rank_promptly(tmp_path):
+    """One rank cannot write (disk full): every rank raises a CheckpointError naming it at
+    once instead of waiting for the distributed timeout, and iteration 1 stays current."""
+    out = run_distributed(failing_save_worker, 2, str(tmp_path), timeout=120)
+    for rank, r in enumerate(out):
+        assert r["raised"].startswith("CheckpointError"), r
+        assert "failed on rank(s) [1]" in r["raised"] and "previous checkpoint" in r["raised"]
+        assert r["tracker"] == 1 and r["loaded"] == 1
+    assert "No space left on device" in out[1]["raised"]  # the failing rank says why
+    assert not os.path.exists(tmp_path / "iter_0000002")
