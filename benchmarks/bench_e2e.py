@@ -10,7 +10,8 @@ formula, `ModelConfig.flops_per_token`), MFU against the device's dense bf16 pea
 Rows (benchmarks/common.py file format): {"model", "impl", "seq", "micro_batch",
 "tokens_per_sec", "tflops", "mfu", "peak_mem_gb", "ms_per_step", "accum", "recompute",
 "ce_chunk_tokens"}; impl in
-megacpt | megacpt+compile | hf | hf+compile | hf+liger. Every impl runs at every
+megacpt (Triton kernels) | megacpt+compile | megacpt-kernels (torch references instead of
+the Triton kernels) | hf | hf+compile | hf+liger. Every impl runs at every
 `--micro-batch` given; one that runs out of memory (or lacks a package) is reported and
 skipped. With `--profile N` the megacpt impls are also run for N steps under torch.profiler:
 the file gets a top-level "profile" list {"impl", "micro_batch", "name", "self_ms_per_step",
@@ -48,6 +49,8 @@ def megacpt_step_fn(cfg: ModelConfig, batch, device, dtype, variant: str = "mega
 
     if variant == "megacpt+compile":
         cfg = dataclasses.replace(cfg, compile=True)
+    elif variant == "megacpt-kernels":  # the same model with the torch references
+        cfg = dataclasses.replace(cfg, use_kernels=False)
     ctx = ParallelContext.single(device)
     model = LlamaModel(cfg, ctx, dtype=dtype, device=device)
     print(model.describe(), flush=True)
@@ -178,7 +181,7 @@ def run_one(impl: str, cfg: ModelConfig, mb: int, args, device, dtype, peak, pro
     return row
 
 
-IMPLS = ["megacpt", "megacpt+compile", "hf", "hf+compile", "hf+liger"]
+IMPLS = ["megacpt", "megacpt+compile", "megacpt-kernels", "hf", "hf+compile", "hf+liger"]
 
 
 def main(argv=None) -> str:
@@ -191,7 +194,8 @@ def main(argv=None) -> str:
                         "mean many per step; this amortises the optimizer as training does)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--impls", nargs="+", default=IMPLS, choices=IMPLS)
+    p.add_argument("--impls", nargs="+", choices=IMPLS,
+                   default=[i for i in IMPLS if i != "megacpt-kernels"])
     p.add_argument("--recompute-activations", action="store_true")
     p.add_argument("--cross-entropy-chunk-tokens", type=int, default=0,
                    help="megacpt: LM head + loss this many tokens at a time (0: whole)")

@@ -59,6 +59,8 @@ case "$stage" in
   scale)
     run e2e_mb $PY benchmarks/bench_e2e.py --model-size 1393M --micro-batch 2 8 \
         --impls megacpt megacpt+compile --out "$out/e2e_micro_batch.json"
+    run e2e_nokernels $PY benchmarks/bench_e2e.py --model-size 1393M --micro-batch 4 \
+        --impls megacpt-kernels --profile 2 --out "$out/e2e_torch_refs.json"
     run e2e_chunked_ce $PY benchmarks/bench_e2e.py --model-size 1393M --micro-batch 8 \
         --impls megacpt --cross-entropy-chunk-tokens 4096 --out "$out/e2e_chunked_ce.json"
     run overhead $PY benchmarks/bench_parallel_overhead.py --out "$out/parallel_overhead.json"
