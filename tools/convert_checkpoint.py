@@ -1,5 +1,5 @@
 """Convert checkpoints between parallel layouts, import/export HuggingFace LLaMA, import
-Megatron-LM legacy checkpoints (see megacpt.checkpoint.convert for the flags).
+Megatron-LM checkpoints, legacy or torch_dist (see megacpt.checkpoint.convert for the flags).
 
 Thin wrapper: works as `python tools/convert_checkpoint.py` from a checkout with or without
 `pip install -e .`.

@@ -3,7 +3,7 @@ vocabulary extension. The on-disk layout is documented in `megacpt.checkpoint.fo
 
     save_checkpoint(save_dir, iteration, model, optimizer, cfg, ctx, state) -> iter dir
     load_checkpoint(load_dir, model, optimizer, cfg, ctx) -> (iteration, state)
-    load_weights(path, model, ctx=None)          our ckpt in any layout / HF dir / Megatron legacy
+    load_weights(path, model, ctx=None)          ours (any layout) / HF / Megatron legacy, torch_dist
     load_model(path, device="cpu", dtype=None) -> single-device LlamaModel (logits [b, s, V])
     convert_checkpoint(load, save_dir, tp, pp, with_optimizer=True) -> iter dir
     export_to_hf(load, out_dir) -> out_dir

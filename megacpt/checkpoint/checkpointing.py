@@ -6,7 +6,8 @@
 - `load_checkpoint`: exact resume in the SAME (tp, pp) layout (dp may differ: shards do not
   depend on it); a different layout is an error that prints the conversion command.
 - `load_weights`: weights only, from our checkpoint in any layout, a HuggingFace LLaMA
-  directory or a Megatron-LM legacy checkpoint (`--init-from`, continual pre-training).
+  directory or a Megatron-LM checkpoint, legacy or torch_dist (`--init-from`, continual
+  pre-training).
 - `load_model`: one single-device model from any of those, for evaluation and generation.
 """
 from __future__ import annotations
@@ -239,7 +240,8 @@ def _load_rng(path: str):
 
 def load_weights(path: str, model, ctx: ParallelContext | None = None, **source_options) -> None:
     """Fill `model` (this rank's stage and tp shard) with weights from `path`: our checkpoint
-    in any layout, a HuggingFace LLaMA directory or a Megatron-LM legacy checkpoint."""
+    in any layout, a HuggingFace LLaMA directory or a Megatron-LM checkpoint (legacy or
+    torch_dist)."""
     ctx = ctx or model.ctx
     source_options.setdefault("make_vocab_size_divisible_by",
                               model.cfg.make_vocab_size_divisible_by)  # for HF / Megatron

@@ -1,5 +1,5 @@
 """Checkpoint conversion: any (tp, pp) layout to any other, HuggingFace import/export and
-Megatron-LM legacy import (`tools/convert_checkpoint.py`, console script `megacpt-convert`).
+Megatron-LM import, legacy or torch_dist (`tools/convert_checkpoint.py`, console script `megacpt-convert`).
 
     python tools/convert_checkpoint.py --load-dir A --save-dir B \\
         --target-tensor-parallel-size T --target-pipeline-parallel-size P [--no-optimizer]
@@ -42,7 +42,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def convert_checkpoint(load: str, save_dir: str, tp: int | None = None, pp: int | None = None,
                        *, with_optimizer: bool = True, dtype: torch.dtype | None = None,
                        progress: bool = True, **source_options) -> str:
-    """Write the checkpoint (ours in any layout, HF or Megatron legacy) at `load` to
+    """Write the checkpoint (ours in any layout, HF or Megatron legacy/torch_dist) at `load` to
     `save_dir` in layout tp x pp (default: the source's layout, or 1 x 1); returns the
     iteration directory written."""
     with open_source(load, **source_options) as src:
@@ -78,9 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--load-dir", help="our checkpoint (save dir or iter_* dir), any layout; "
-                     "HF and Megatron-LM legacy directories are detected too")
+                     "HF and Megatron-LM (legacy, torch_dist) directories are detected too")
     src.add_argument("--from-hf", help="a HuggingFace LLaMA directory to import")
-    src.add_argument("--from-megatron", help="a Megatron-LM legacy checkpoint to import")
+    src.add_argument("--from-megatron", help="a Megatron-LM checkpoint to import: legacy "
+                     "model_optim_rng.pt or Megatron-Core torch_dist (weights only)")
     dst = p.add_mutually_exclusive_group(required=True)
     dst.add_argument("--save-dir", help="where to write our checkpoint (must not exist)")
     dst.add_argument("--to-hf", help="where to write a HuggingFace LLaMA directory")
@@ -124,7 +125,9 @@ def _run(args, start: float) -> int:
         raise CheckpointError(f"--from-hf {load}: no config.json there (not a HuggingFace "
                               f"model directory)")
     if args.from_megatron and detect_format(load) != "megatron":
-        raise CheckpointError(f"--from-megatron {load}: no mp_rank_*/model_optim_rng.pt found")
+        raise CheckpointError(f"--from-megatron {load}: neither a legacy checkpoint "
+                              f"(mp_rank_*/model_optim_rng.pt) nor a torch_dist one "
+                              f"(metadata.json, *.distcp, common.pt) was found")
     opts = dict(make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
                 seq_length=args.seq_length, vocab_size=args.vocab_size,
                 tokenizer_model=args.tokenizer_model)

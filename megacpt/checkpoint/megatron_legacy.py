@@ -108,7 +108,8 @@ def _safe_globals() -> list:
 
 
 def load_legacy_file(path: str) -> dict:
-    """torch.load one model_optim_rng.pt with weights_only=True and the allow-list above."""
+    """torch.load one Megatron-LM pickle (model_optim_rng.pt, or a torch_dist checkpoint's
+    common.pt) with weights_only=True and the allow-list above."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path} is missing")
     with torch.serialization.safe_globals(_safe_globals()):
@@ -179,6 +180,41 @@ def config_from_args(args, where: str, vocab_size: int | None,
         raise CheckpointError(f"{where}: args do not describe a valid model ({e})") from None
 
 
+def config_and_tokenizer(args, where: str, vocab_size: int | None,
+                         tokenizer_model: str | None, make_vocab_size_divisible_by: int = 128
+                         ) -> tuple[str | None, Config]:
+    """(tokenizer path, our Config) from Megatron's args. The true vocabulary size comes from
+    `vocab_size`, else args.vocab_size, else the tokenizer; failing all, Megatron's padded
+    size (with a warning)."""
+    tokenizer_path = tokenizer_model or _existing(_arg(args, "tokenizer_model"))
+    vocab = vocab_size or _arg(args, "vocab_size")
+    if vocab is None and tokenizer_path:
+        from megacpt.checkpoint.hf import check_tokenizer
+
+        vocab = check_tokenizer(tokenizer_path).get_piece_size()
+    if vocab is None:
+        vocab = _arg(args, "padded_vocab_size")
+        if vocab is None:
+            raise CheckpointError(f"{where}: args has neither vocab_size nor padded_vocab_size; "
+                                  f"pass vocab_size (--vocab-size) or the tokenizer")
+        log.warning("%s: true vocabulary size unknown (pass vocab_size or the tokenizer); "
+                    "using Megatron's padded size %d", where, vocab)
+    return tokenizer_path, Config(model=config_from_args(args, where, int(vocab),
+                                                         make_vocab_size_divisible_by))
+
+
+def repad_vocab(mcfg: ModelConfig, name: str, full: torch.Tensor, where: str) -> torch.Tensor:
+    """Embedding/output rows re-padded from Megatron's padding to ours (other names as is)."""
+    if name not in ("embedding.weight", "output.weight"):
+        return full
+    if full.shape[0] < mcfg.vocab_size:
+        raise CheckpointError(f"{where}: {name} has {full.shape[0]} rows, fewer than the "
+                              f"vocabulary size {mcfg.vocab_size}")
+    out = full.new_zeros(mcfg.padded_vocab_size, mcfg.hidden_size)
+    out[: mcfg.vocab_size] = full[: mcfg.vocab_size]
+    return out
+
+
 class MegatronSource(Source):
     """A Megatron-LM legacy checkpoint (weights only; the optimizer state is not imported)."""
 
@@ -218,25 +254,12 @@ class MegatronSource(Source):
         if "model" not in first:
             raise CheckpointError(f"{grid[(0, 0)]}: no 'model' entry (virtual-pipeline "
                                   f"checkpoints with model0, model1, ... are not supported)")
-        self.tokenizer_path = tokenizer_model or _existing(_arg(args, "tokenizer_model"))
-        vocab = vocab_size or _arg(args, "vocab_size") or self._tokenizer_vocab()
-        if vocab is None:
-            vocab = args.padded_vocab_size
-            log.warning("%s: true vocabulary size unknown (pass vocab_size or the tokenizer); "
-                        "using Megatron's padded size %d", path, vocab)
-        self.cfg = Config(model=config_from_args(args, grid[(0, 0)], int(vocab),
-                                                 make_vocab_size_divisible_by))
+        self.tokenizer_path, self.cfg = config_and_tokenizer(
+            args, grid[(0, 0)], vocab_size, tokenizer_model, make_vocab_size_divisible_by)
         self.iteration, self.state = 0, {}
         self._index(sds, grid)
         self.dtype = self._parts("embedding.weight")[0].dtype
         self.cfg.training.bf16 = self.dtype == torch.bfloat16
-
-    def _tokenizer_vocab(self) -> int | None:
-        if not self.tokenizer_path:
-            return None
-        from megacpt.checkpoint.hf import check_tokenizer
-
-        return check_tokenizer(self.tokenizer_path).get_piece_size()
 
     def _index(self, sds: dict, grid: dict) -> None:
         """Map our global names to (pp stage, Megatron key) and check the tensors."""
@@ -281,15 +304,7 @@ class MegatronSource(Source):
         if name not in self._where:
             raise CheckpointError(f"{self.path}: the model has no parameter {name!r}")
         full = sharding.unshard(name, [t.clone() for t in self._parts(name)])
-        if name in ("embedding.weight", "output.weight"):
-            c = self.cfg.model
-            if full.shape[0] < c.vocab_size:
-                raise CheckpointError(f"{self.path}: {name} has {full.shape[0]} rows, fewer "
-                                      f"than the vocabulary size {c.vocab_size}")
-            out = full.new_zeros(c.padded_vocab_size, c.hidden_size)
-            out[: c.vocab_size] = full[: c.vocab_size]
-            return out
-        return full
+        return repad_vocab(self.cfg.model, name, full, self.path)
 
     def close(self) -> None:
         self._sds = {}

@@ -2,8 +2,9 @@
 
 A `Source` hides where tensors come from: our own checkpoints in any (tp, pp) layout
 (`MegacptSource`, the format in `megacpt.checkpoint.format`), HuggingFace LLaMA directories
-(`megacpt.checkpoint.hf.HFSource`) and Megatron-LM legacy checkpoints
-(`megacpt.checkpoint.megatron_legacy.MegatronSource`). Every source answers in our parameter
+(`megacpt.checkpoint.hf.HFSource`), Megatron-LM legacy checkpoints
+(`megacpt.checkpoint.megatron_legacy.MegatronSource`) and Megatron-Core torch_dist checkpoints
+(`megacpt.checkpoint.megatron_dist.MegatronDistSource`). Every source answers in our parameter
 names and layout (fused per-group QKV, fused gate-up, vocabulary padded to the multiple), one
 tensor at a time, so converters stream: memory holds about one full tensor, never the model.
 `open_source(path)` picks the reader from what the directory contains.
@@ -257,19 +258,23 @@ def split_rest(rest: dict, names: list[str]) -> dict:
 
 
 def detect_format(path: str) -> str:
-    """"hf", "megatron" or "megacpt" from the files in `path`."""
+    """"hf", "megatron" or "megacpt" from the files in `path`. "megatron" covers both
+    Megatron-LM formats, legacy (mp_rank_*/model_optim_rng.pt) and Megatron-Core torch_dist
+    (metadata.json + *.distcp); `open_source` tells them apart."""
     if os.path.isfile(os.path.join(path, "config.json")):
         return "hf"
+    from megacpt.checkpoint.megatron_dist import is_megatron_dist
     from megacpt.checkpoint.megatron_legacy import is_megatron_legacy
 
-    if is_megatron_legacy(path):
+    if is_megatron_legacy(path) or is_megatron_dist(path):
         return "megatron"
     return "megacpt"
 
 
 def open_source(path: str, **hf_options) -> Source:
-    """A reader for our checkpoint (save dir or iter dir), a HuggingFace LLaMA directory or a
-    Megatron-LM legacy checkpoint, chosen from the directory's contents."""
+    """A reader for our checkpoint (save dir or iter dir), a HuggingFace LLaMA directory, a
+    Megatron-LM legacy or a Megatron-Core torch_dist checkpoint, chosen from the directory's
+    contents."""
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint path {path} does not exist or is not a directory")
     kind = detect_format(path)
@@ -278,7 +283,11 @@ def open_source(path: str, **hf_options) -> Source:
 
         return HFSource(path, **hf_options)
     if kind == "megatron":
+        from megacpt.checkpoint.megatron_dist import MegatronDistSource, is_megatron_dist
         from megacpt.checkpoint.megatron_legacy import MegatronSource
+
+        if is_megatron_dist(path):
+            return MegatronDistSource(path, **hf_options)
 
         return MegatronSource(path, **hf_options)
     return MegacptSource(path)

@@ -166,3 +166,86 @@ def failing_save_worker(tmp: str) -> dict:
     dist.barrier()
     it, _ = load_checkpoint(tmp, model, opt, cfg, ctx)
     return {"raised": raised, "tracker": read_tracker(tmp), "loaded": it}
+
+
+# ----- Megatron-Core torch_dist checkpoints (run in a fresh interpreter, see below) -----
+
+MCORE_SHAPE = dict(num_layers=3, hidden_size=32, ffn_hidden_size=64, num_attention_heads=8,
+                   num_query_groups=4, vocab_size=200, padded_vocab_size=384, seq_length=16)
+
+
+def mcore_args(s: dict = MCORE_SHAPE, **extra):
+    """The args Megatron-LM's save_checkpoint stores (the fields an importer reads)."""
+    import argparse
+
+    return argparse.Namespace(
+        **s, group_query_attention=True, kv_channels=s["hidden_size"] // s["num_attention_heads"],
+        max_position_embeddings=s["seq_length"], make_vocab_size_divisible_by=128,
+        normalization="RMSNorm", swiglu=True, untie_embeddings_and_output_weights=True,
+        add_bias_linear=False, add_qkv_bias=False, position_embedding_type="rope",
+        rotary_base=10000, rotary_percent=1.0, rotary_interleaved=False, norm_epsilon=1e-5,
+        apply_layernorm_1p=False, tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
+        ckpt_format="torch_dist", tokenizer_model=None, **extra)
+
+
+def make_mcore_dist_checkpoint(root: str, tokens_path: str) -> None:
+    """A megatron-core GPTModel (local spec: RMSNorm, SwiGLU, GQA, RoPE, untied, no biases)
+    with random weights, saved as Megatron-LM saves torch_dist (root/iter_0000010 + tracker;
+    common.pt gets args/iteration/checkpoint_version, plus an RNG ShardedObject and an
+    optimizer-like tensor the importer must skip); writes {"tokens", "logits"} of its own
+    forward to `tokens_path`. Must run as __main__ of a fresh process: gloo world size 1."""
+    import torch.nn.functional as F
+    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core.dist_checkpointing import ShardedObject, ShardedTensor
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.tensor_parallel.random import initialize_rng_tracker
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    # megatron-core's torch_dist writer assumes CUDA and psutil; on a CPU-only torch these
+    # three calls are no-ops for what is written (CPU tensors, memory logging only)
+    torch.cuda.synchronize = lambda *a, **k: None
+    torch.cuda.current_device = lambda: "cpu"
+    filesystem_async._process_memory = lambda: 0
+    dist.init_process_group("gloo", init_method="file://" + os.path.join(root + ".store"),
+                            rank=0, world_size=1)
+    parallel_state.initialize_model_parallel(1, 1)
+    initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)  # no CUDA RNG: no-op
+    s = MCORE_SHAPE
+    cfg = TransformerConfig(
+        num_layers=s["num_layers"], hidden_size=s["hidden_size"],
+        ffn_hidden_size=s["ffn_hidden_size"], num_attention_heads=s["num_attention_heads"],
+        num_query_groups=s["num_query_groups"], normalization="RMSNorm", layernorm_epsilon=1e-5,
+        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
+        bias_activation_fusion=False, use_cpu_initialization=True, persist_layer_norm=False)
+    model = GPTModel(cfg, get_gpt_layer_local_spec(), vocab_size=s["padded_vocab_size"],
+                     max_sequence_length=s["seq_length"], position_embedding_type="rope",
+                     share_embeddings_and_output_weights=False).eval()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in model.named_parameters():  # norms near 1, everything else N(0, 0.1)
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(1 + 0.1 * noise if p.dim() == 1 else 0.1 * noise)
+        tokens = torch.randint(0, s["vocab_size"], (2, 11), generator=g)
+        pos = torch.arange(tokens.shape[1]).expand_as(tokens)
+        sq = tokens.shape[1]
+        mask = torch.ones(sq, sq).triu(1).bool()[None, None]  # [1, 1, s, s], True = masked
+        logits = model(tokens, pos, mask)  # [b, s, V']
+    torch.save({"tokens": tokens, "logits": logits}, tokens_path)
+    it = os.path.join(root, "iter_0000010")
+    os.makedirs(it)
+    from megatron.core.enums import ModelType
+
+    args = mcore_args(s, model_type=ModelType.encoder_or_decoder, params_dtype=torch.float32)
+    state = {"args": args, "checkpoint_version": 3.0, "iteration": 10,
+             "model": model.sharded_state_dict(),
+             "rng_state": ShardedObject("rng_state", {"seed": 1}, (1,), (0,), replica_id=0),
+             "optimizer": ShardedTensor.from_rank_offsets(
+                 "optimizer.state.exp_avg.output_layer.weight",
+                 torch.zeros(s["padded_vocab_size"], s["hidden_size"])),
+             "opt_param_scheduler": {"num_steps": 80}}
+    dist_checkpointing.save(state, it)
+    with open(os.path.join(root, "latest_checkpointed_iteration.txt"), "w") as f:
+        f.write("10")
+    dist.destroy_process_group()
