@@ -28,8 +28,9 @@ setup(
         "numba>=0.58",
     ],
     extras_require={
-        "test": ["pytest>=7", "transformers>=4.40", "megatron-core>=0.8", "optuna>=3.0",
-                 "matplotlib>=3.6", "triton>=3.0", "mpi4py>=3.1", "mpich"],
+        "test": ["pytest>=7", "transformers>=4.40", "protobuf", "megatron-core>=0.8",
+                 "optuna>=3.0", "matplotlib>=3.6", "triton>=3.0", "mpi4py>=3.1", "mpich"],
+        "hf": ["transformers>=4.40", "protobuf"],
         "triton": ["triton>=3.0"],
         "mpi": ["mpi4py>=3.1", "mpich"],
         "plots": ["matplotlib>=3.6"],

@@ -91,6 +91,14 @@ def test_sharded_and_bin_imports_with_tokenizer(tmp_path):
     assert special == {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
     assert open(tmp_path / "back" / "tokenizer.model", "rb").read() == open(
         corp["tokenizer"], "rb").read()
+    # transformers' own tokenizer reads the export and encodes like ours (needs protobuf)
+    pytest.importorskip("google.protobuf")
+    import sentencepiece
+
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "back"))
+    sp = sentencepiece.SentencePieceProcessor(model_file=corp["tokenizer"])
+    for text in (corp["source_texts"][0], corp["target_texts"][0] + " 2024"):  # bytes, digits
+        assert hf_tok(text, add_special_tokens=False)["input_ids"] == sp.encode(text), text
 
 
 def _edit_config(d, **changes):
