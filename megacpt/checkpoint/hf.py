@@ -14,16 +14,14 @@ Files of a HuggingFace LLaMA directory (read and written here):
     generation_config.json, tokenizer.model (SentencePiece), tokenizer_config.json,
     special_tokens_map.json
 
-Tensor mapping (ours <- HF, per layer i; `P = model.layers.{i}.`):
+Tensor mapping: the `hf` and `hf_fuse` columns of the parameter table (`megacpt.params`):
+one HF tensor, q/k/v fused per query group (HF_QKV) or tensors concatenated on dim 0
+(HF_CAT, gate and up); vocabulary rows (`vocab_rows`) are padded with zeros on import and
+cut on export. E.g. (P = model.layers.{i}.):
 
     embedding.weight                    <- model.embed_tokens.weight   (rows padded with zeros)
-    layers.i.input_norm.weight          <- P input_layernorm.weight
     layers.i.attention.qkv.weight       <- per-group fuse of P self_attn.{q,k,v}_proj.weight
-    layers.i.attention.proj.weight      <- P self_attn.o_proj.weight
-    layers.i.post_attention_norm.weight <- P post_attention_layernorm.weight
     layers.i.mlp.gate_up.weight         <- cat[P mlp.gate_proj.weight; P mlp.up_proj.weight]
-    layers.i.mlp.down.weight            <- P mlp.down_proj.weight
-    final_norm.weight                   <- model.norm.weight
     output.weight                       <- lm_head.weight              (rows padded with zeros)
 
 HF's q/k weights are already in the rotate-half convention our rotary uses: no permutation.
@@ -38,36 +36,55 @@ import shutil
 import torch
 
 from megacpt.checkpoint.format import CheckpointError, atomic_output_dir
-from megacpt.checkpoint.reader import Source
+from megacpt.checkpoint.source import Source
 from megacpt.checkpoint.safetensors_io import (SafetensorsError, SafetensorsReader,
                                                SafetensorsWriter, nbytes)
 from megacpt.checkpoint.writer import _progress
+from megacpt import params
 from megacpt.config import Config, ModelConfig
 from megacpt.parallel.sharding import qkv_from_separate, qkv_to_separate
 
 _IGNORED = re.compile(r"rotary_emb\.inv_freq$")
 
 
-def _layer_hf_names(i: int) -> dict[str, str]:
-    p = f"model.layers.{i}."
-    return {"q": p + "self_attn.q_proj.weight", "k": p + "self_attn.k_proj.weight",
-            "v": p + "self_attn.v_proj.weight", "o": p + "self_attn.o_proj.weight",
-            "gate": p + "mlp.gate_proj.weight", "up": p + "mlp.up_proj.weight",
-            "down": p + "mlp.down_proj.weight", "in_norm": p + "input_layernorm.weight",
-            "post_norm": p + "post_attention_layernorm.weight"}
+def _hf_split(cfg: ModelConfig, spec: params.ParamSpec, full: torch.Tensor) -> list:
+    """Our full tensor -> the HF tensors of its row (in `spec.hf` order)."""
+    if spec.vocab_rows:
+        full = full[: cfg.vocab_size]
+    if spec.hf_fuse == params.HF_QKV:
+        return list(qkv_to_separate(full, cfg.num_attention_heads, cfg.num_query_groups))
+    if spec.hf_fuse == params.HF_CAT:
+        return list(full.chunk(len(spec.hf)))
+    return [full]
+
+
+def _hf_fuse(cfg: ModelConfig, spec: params.ParamSpec, parts: list) -> torch.Tensor:
+    """The HF tensors of a row -> our full tensor (inverse of `_hf_split`)."""
+    if spec.hf_fuse == params.HF_QKV:
+        full = qkv_from_separate(*parts, cfg.num_attention_heads, cfg.num_query_groups)
+    elif spec.hf_fuse == params.HF_CAT:
+        full = torch.cat(parts)
+    else:
+        full = parts[0]
+    if spec.vocab_rows:  # padded rows are zero
+        out = full.new_zeros(cfg.padded_vocab_size, *full.shape[1:])
+        out[: cfg.vocab_size] = full
+        full = out
+    return full
+
+
+def hf_tensors(cfg: ModelConfig, name: str, full: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """Our full tensor `name` -> [(HF name, tensor)] (inverse of `HFSource.get`)."""
+    return list(zip(params.hf_names(name), _hf_split(cfg, params.lookup(name)[0], full)))
 
 
 def hf_shapes(cfg: ModelConfig) -> list[tuple[str, tuple]]:
     """(HF tensor name, shape) in the order our parameters produce them."""
-    h, d, f = cfg.hidden_size, cfg.head_dim, cfg.ffn_hidden_size
-    nh, ng, v = cfg.num_attention_heads, cfg.num_query_groups, cfg.vocab_size
-    out = [("model.embed_tokens.weight", (v, h))]
-    for i in range(cfg.num_layers):
-        n = _layer_hf_names(i)
-        out += [(n["in_norm"], (h,)), (n["q"], (nh * d, h)), (n["k"], (ng * d, h)),
-                (n["v"], (ng * d, h)), (n["o"], (h, nh * d)), (n["post_norm"], (h,)),
-                (n["gate"], (f, h)), (n["up"], (f, h)), (n["down"], (h, f))]
-    return out + [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
+    out = []
+    for name in params.param_names(cfg):
+        meta = torch.empty(params.full_shape(cfg, name), device="meta")
+        out += [(n, tuple(t.shape)) for n, t in hf_tensors(cfg, name, meta)]
+    return out
 
 
 def config_from_hf(hf: dict, where: str, make_vocab_size_divisible_by: int = 128,
@@ -146,6 +163,7 @@ class HFSource(Source):
         self.iteration, self.state = 0, {}
         self._files: dict = {}
         self._map = self._weight_map()
+        self._names = set(self.names())
         self._check_tensors()
         self.dtype = self._dtype("model.embed_tokens.weight")
         self.cfg.training.bf16 = self.dtype == torch.bfloat16
@@ -213,28 +231,13 @@ class HFSource(Source):
 
     # ----- tensors in our names -----
     def get(self, name: str) -> torch.Tensor:
-        c = self.cfg.model
-        if name in ("embedding.weight", "output.weight"):
-            src = self._raw("model.embed_tokens.weight" if name == "embedding.weight"
-                            else "lm_head.weight")
-            out = src.new_zeros(c.padded_vocab_size, c.hidden_size)  # padded rows are zero
-            out[: c.vocab_size] = src
-            return out
-        if name == "final_norm.weight":
-            return self._raw("model.norm.weight")
-        m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
-        if not m or int(m.group(1)) >= c.num_layers:
+        try:
+            spec, _ = params.lookup(name)
+        except params.LayoutError:
+            spec = None
+        if spec is None or name not in self._names:
             raise CheckpointError(f"{self.path}: the model has no parameter {name!r}")
-        n = _layer_hf_names(int(m.group(1)))
-        leaf = m.group(2)
-        if leaf == "attention.qkv.weight":
-            return qkv_from_separate(self._raw(n["q"]), self._raw(n["k"]), self._raw(n["v"]),
-                                     c.num_attention_heads, c.num_query_groups)
-        if leaf == "mlp.gate_up.weight":
-            return torch.cat([self._raw(n["gate"]), self._raw(n["up"])])
-        simple = {"input_norm.weight": "in_norm", "post_attention_norm.weight": "post_norm",
-                  "attention.proj.weight": "o", "mlp.down.weight": "down"}
-        return self._raw(n[simple[leaf]])
+        return _hf_fuse(self.cfg.model, spec, [self._raw(n) for n in params.hf_names(name)])
 
     def close(self) -> None:
         for f in self._files.values():
@@ -267,27 +270,6 @@ class _TorchBin:
 
     def close(self):
         self.sd = {}
-
-
-def hf_tensors(cfg: ModelConfig, name: str, full: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-    """Our full tensor `name` -> [(HF name, tensor)] (inverse of `HFSource.get`)."""
-    if name == "embedding.weight":
-        return [("model.embed_tokens.weight", full[: cfg.vocab_size])]
-    if name == "output.weight":
-        return [("lm_head.weight", full[: cfg.vocab_size])]
-    if name == "final_norm.weight":
-        return [("model.norm.weight", full)]
-    i, leaf = re.fullmatch(r"layers\.(\d+)\.(.+)", name).groups()
-    n = _layer_hf_names(int(i))
-    if leaf == "attention.qkv.weight":
-        q, k, v = qkv_to_separate(full, cfg.num_attention_heads, cfg.num_query_groups)
-        return [(n["q"], q), (n["k"], k), (n["v"], v)]
-    if leaf == "mlp.gate_up.weight":
-        gate, up = full.chunk(2)
-        return [(n["gate"], gate), (n["up"], up)]
-    simple = {"input_norm.weight": "in_norm", "post_attention_norm.weight": "post_norm",
-              "attention.proj.weight": "o", "mlp.down.weight": "down"}
-    return [(n[simple[leaf]], full)]
 
 
 def hf_config(cfg: ModelConfig, dtype: torch.dtype, bos: int | None, eos: int | None) -> dict:

@@ -22,7 +22,8 @@ import torch
 
 from megacpt.checkpoint import format as fmt
 from megacpt.checkpoint.format import CheckpointError
-from megacpt.checkpoint.reader import Source, split_rest
+from megacpt.checkpoint.reader import split_rest
+from megacpt.checkpoint.source import Source
 from megacpt.checkpoint.safetensors_io import SafetensorsWriter
 from megacpt.config import Config
 from megacpt.parallel import sharding

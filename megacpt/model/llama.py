@@ -3,7 +3,7 @@
 Pre-norm RMSNorm, rotary embeddings (base 10000, rotate-half), grouped-query attention with a
 fused per-group QKV projection, SwiGLU MLP with a fused gate-up projection, untied output
 layer, no biases. Activations inside the stack are `[s, b, h]` (`[s/tp, b, h]` with sequence
-parallelism). Parameter names are global and listed in `megacpt.parallel.sharding`.
+parallelism). Parameter names are global and listed in the table in `megacpt.params`.
 
 A pipeline stage holds the layers `ctx.stage_layers(num_layers)`; the first stage also holds
 the embedding, the last the final norm and output layer. `forward(x, labels)` takes token
@@ -14,13 +14,12 @@ hidden states (not last stage), per-token loss `[b, s]` (labels given) or logits
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from megacpt import kernels  # imports no triton until a kernel runs
+from megacpt import kernels, params  # kernels imports no triton until a kernel runs
 from megacpt.config import ModelConfig
 from megacpt.model.attention import attention, resolve_backend, rotary_tables
 from megacpt.parallel import comm, sharding
@@ -204,19 +203,15 @@ class LlamaModel(nn.Module):
 
 @torch.no_grad()
 def init_weights(model: nn.Module, seed: int) -> None:
-    """Layout-independent init: each full tensor is drawn from a generator seeded by the run
-    seed and the parameter's global name, then this rank keeps its shard. Normal(0, std) for
-    matrices, std / sqrt(2 * num_layers) for the output projections (attention proj, MLP
-    down), ones for norms."""
+    """Layout-independent init by the rule in the parameter table (`megacpt.params`): each
+    full tensor is drawn from a generator seeded by the run seed and the parameter's global
+    name, then this rank keeps its shard; constant rules (norms: ones) are filled."""
     cfg, ctx = model.cfg, model.ctx
     for name, p in model.named_parameters():
-        kind = sharding.shard_kind(name)
-        if kind == sharding.REPLICATED:
-            p.fill_(1.0)
+        std = params.init_std(cfg, name)
+        if std is None:
+            p.fill_(params.init_constant(name))
             continue
-        std = cfg.init_method_std
-        if name.endswith(("proj.weight", "down.weight")):
-            std /= math.sqrt(2.0 * cfg.num_layers)
         gen_device = p.device if p.device.type == "cuda" else "cpu"
         gen = torch.Generator(device=gen_device).manual_seed(sharding.param_seed(seed, name))
         shape = sharding.full_shape(name, p.shape, ctx.tp)

@@ -1,51 +1,22 @@
-"""How each model parameter is split over tensor-parallel ranks: the one source of truth.
+"""How each model parameter is split over tensor-parallel ranks (split, unsplit, shapes).
 
-Parameter names are global (layer indices count from 0 over the whole model, whatever the
-pipeline stage), so a name means the same tensor in every layout:
+Which rule applies to which parameter is a column of the parameter table in `megacpt.params`
+(the one place the layout is described; see its docstring for the table). Kinds:
 
-| name                                   | full shape                    | split over tp      |
-|----------------------------------------|-------------------------------|--------------------|
-| embedding.weight                       | [padded_vocab, h]             | dim 0 (rows)       |
-| layers.{i}.input_norm.weight           | [h]                           | replicated         |
-| layers.{i}.attention.qkv.weight        | [(nh + 2 ng) * d, h]          | dim 0, by groups   |
-| layers.{i}.attention.proj.weight       | [h, nh * d]                   | dim 1              |
-| layers.{i}.post_attention_norm.weight  | [h]                           | replicated         |
-| layers.{i}.mlp.gate_up.weight          | [2 ffn, h] = cat[gate; up]    | each half on dim 0 |
-| layers.{i}.mlp.down.weight             | [h, ffn]                      | dim 1              |
-| final_norm.weight                      | [h]                           | replicated         |
-| output.weight                          | [padded_vocab, h]             | dim 0 (rows)       |
-
-The fused QKV rows are interleaved per query group (Megatron's LLaMA layout): for each group
-g, its nh/ng query heads, then its key head, then its value head, each `d` rows. A contiguous
-dim-0 chunk is then whole groups, so GQA shards cleanly when tp divides ng. The fused gate-up
-is `cat[gate; up]` (Megatron's fc1); rank r holds `cat[gate_r; up_r]`.
+- ROW: contiguous chunks of dim 0 (embedding, output, the fused QKV: its rows are interleaved
+  per query group, so a chunk is whole groups and GQA shards cleanly when tp divides ng)
+- COL: contiguous chunks of dim 1 (attention proj, MLP down)
+- GATE_UP: the fused `cat[gate; up]` (Megatron's fc1); rank r holds `cat[gate_r; up_r]`
+- REPLICATED: every rank holds the whole tensor (norms)
 """
 from __future__ import annotations
 
-import re
 import zlib
 
 import torch
 
-ROW, COL, GATE_UP, REPLICATED = "row", "col", "gate_up", "replicated"
-
-_RULES = [
-    (re.compile(r"(^|\.)embedding\.weight$"), ROW),
-    (re.compile(r"(^|\.)output\.weight$"), ROW),
-    (re.compile(r"attention\.qkv\.weight$"), ROW),
-    (re.compile(r"attention\.proj\.weight$"), COL),
-    (re.compile(r"mlp\.gate_up\.weight$"), GATE_UP),
-    (re.compile(r"mlp\.down\.weight$"), COL),
-    (re.compile(r"norm\.weight$"), REPLICATED),
-]
-
-
-def shard_kind(name: str) -> str:
-    """The split rule for a parameter name (see the table above)."""
-    for pattern, kind in _RULES:
-        if pattern.search(name):
-            return kind
-    raise KeyError(f"no tensor-parallel rule for parameter {name!r}")
+from megacpt.params import COL, GATE_UP, REPLICATED, ROW, split_dim  # noqa: F401 - re-exported
+from megacpt.params import shard_kind  # noqa: F401 - re-exported: the rule of a name
 
 
 def shard(name: str, full: torch.Tensor, tp_rank: int, tp: int) -> torch.Tensor:
@@ -76,12 +47,10 @@ def unshard(name: str, parts: list[torch.Tensor]) -> torch.Tensor:
 
 def full_shape(name: str, local_shape: torch.Size, tp: int) -> torch.Size:
     """The full tensor's shape from one rank's part."""
-    kind = shard_kind(name)
+    dim = split_dim(shard_kind(name))
     shape = list(local_shape)
-    if kind in (ROW, GATE_UP):
-        shape[0] *= tp
-    elif kind == COL:
-        shape[1] *= tp
+    if dim is not None:
+        shape[dim] *= tp
     return torch.Size(shape)
 
 
@@ -100,23 +69,24 @@ def param_seed(seed: int, name: str) -> int:
 
 def qkv_from_separate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       num_heads: int, num_groups: int) -> torch.Tensor:
-    """Fuse q [nh*d, h], k [ng*d, h], v [ng*d, h] into our per-group QKV [(nh+2ng)*d, h]."""
+    """Fuse q [nh*d, h], k [ng*d, h], v [ng*d, h] into our per-group QKV [(nh+2ng)*d, h]
+    (biases: the same without the h dim)."""
     d = q.shape[0] // num_heads
-    hidden = q.shape[1]
+    rest = tuple(q.shape[1:])  # (h,) for weights, () for biases
     per = num_heads // num_groups
-    qg = q.view(num_groups, per * d, hidden)
-    kg = k.view(num_groups, d, hidden)
-    vg = v.view(num_groups, d, hidden)
-    return torch.cat([qg, kg, vg], dim=1).reshape(-1, hidden)
+    qg = q.reshape(num_groups, per * d, *rest)
+    kg = k.reshape(num_groups, d, *rest)
+    vg = v.reshape(num_groups, d, *rest)
+    return torch.cat([qg, kg, vg], dim=1).reshape(-1, *rest)
 
 
 def qkv_to_separate(qkv: torch.Tensor, num_heads: int, num_groups: int):
     """Inverse of `qkv_from_separate`: (q, k, v)."""
     per = num_heads // num_groups
     d = qkv.shape[0] // (num_heads + 2 * num_groups)
-    hidden = qkv.shape[1]
-    g = qkv.view(num_groups, (per + 2) * d, hidden)
-    q = g[:, : per * d].reshape(-1, hidden)
-    k = g[:, per * d: (per + 1) * d].reshape(-1, hidden)
-    v = g[:, (per + 1) * d:].reshape(-1, hidden)
+    rest = tuple(qkv.shape[1:])  # (h,) for weights, () for biases
+    g = qkv.reshape(num_groups, (per + 2) * d, *rest)
+    q = g[:, : per * d].reshape(-1, *rest)
+    k = g[:, per * d: (per + 1) * d].reshape(-1, *rest)
+    v = g[:, (per + 1) * d:].reshape(-1, *rest)
     return q, k, v
