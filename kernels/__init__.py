@@ -11,8 +11,10 @@ Public interface (what the model imports):
     cross_entropy(logits, target, vocab_size=None, inplace=False)
                                        per-token LM loss, padding cols >= vocab_size ignored
                                        -> loss [...] fp32 (inplace: grad written into logits)
-    ce_shard_stats, ce_grad_, ce_scale_rows_, ce_backward   vocab-parallel building blocks (see
-                                       kernels/cross_entropy.py; used by parallel/layers.py)
+    ce_shard_stats, ce_grad_, ce_scale_rows_   vocab-parallel building blocks (see
+                                       kernels/cross_entropy.py; used by the loss,
+                                       megacpt/parallel/cross_entropy.py)
+    as_rows(t, n_cols)                 [..., n] -> [rows, n] view with unit column stride
     rms_norm_ref, swiglu_ref, swiglu_fused_ref, qkv_rope_ref, cross_entropy_ref
                                        plain-torch references
     kernels_available(device) -> (ok, reason)    can the Triton path run on `device`?
@@ -34,11 +36,11 @@ import importlib
 
 import torch
 
-from ._utils import (KernelUnavailableError, cross_entropy_ref, kernels_available, qkv_rope_ref,
+from ._utils import (KernelUnavailableError, as_rows, cross_entropy_ref, kernels_available, qkv_rope_ref,
                      require_kernels, rms_norm_ref, swiglu_fused_ref, swiglu_ref)
 
 __all__ = [
-    "KernelUnavailableError", "ce_backward", "ce_grad_", "ce_scale_rows_", "ce_shard_stats", "cross_entropy",
+    "KernelUnavailableError", "as_rows", "ce_grad_", "ce_scale_rows_", "ce_shard_stats", "cross_entropy",
     "cross_entropy_ref", "kernels_available", "qkv_rope", "qkv_rope_ref", "rms_norm",
     "rms_norm_ref", "swiglu", "swiglu_fused", "swiglu_fused_ref", "swiglu_ref",
 ]
@@ -96,11 +98,6 @@ def ce_grad_(logits2d: torch.Tensor, lse: torch.Tensor, target_local: torch.Tens
 def ce_scale_rows_(g2d: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """g2d[i, :] *= scale[i] in place (a cross-entropy backward)."""
     return _kernel(g2d, "ce_scale_rows_", "cross_entropy")(g2d, scale)
-
-
-def ce_backward(ctx, grad: torch.Tensor):
-    """The backward shared by the fused cross-entropy autograd functions (cross_entropy.py)."""
-    return _kernel(grad, "ce_backward", "cross_entropy")(ctx, grad)
 
 
 def qkv_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_groups: int,

@@ -236,13 +236,14 @@ class CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return ce_backward(ctx, grad)
+        return _ce_backward(ctx, grad)
 
 
-def ce_backward(ctx, grad: torch.Tensor):
-    """Backward of the fused cross entropies (this one and the vocab-parallel one): the
-    forward saved the unscaled gradient (one tensor) and set ctx.shape, ctx.used = False;
-    rows are scaled in place by the per-token upstream grad [...]."""
+def _ce_backward(ctx, grad: torch.Tensor):
+    """Backward of `CrossEntropyFunction`: the forward saved the unscaled gradient (one
+    tensor) and set ctx.shape, ctx.used = False; rows are scaled in place by the per-token
+    upstream grad [...]. (The vocab-parallel loss, megacpt/parallel/cross_entropy.py, does
+    the same with the public `ce_scale_rows_`.)"""
     if ctx.used:
         raise RuntimeError("megacpt.kernels cross entropy: backward ran twice over one "
                            "forward; its gradient buffer is scaled in place, so "

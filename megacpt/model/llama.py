@@ -24,9 +24,8 @@ from megacpt.config import ModelConfig
 from megacpt.model.attention import attention, resolve_backend, rotary_tables
 from megacpt.parallel import comm, sharding
 from megacpt.parallel.context import ParallelContext
-from megacpt.parallel.layers import (ColumnParallelLinear, RowParallelLinear,
-                                     VocabParallelEmbedding, vocab_parallel_cross_entropy)
-from megacpt.parallel.lm_head import chunked_lm_head_loss
+from megacpt.parallel.cross_entropy import chunked_lm_head_loss, vocab_parallel_cross_entropy
+from megacpt.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,9 @@
 
 - `context`: `ParallelContext` (tp/pp/dp axes, groups, rank order), `init_distributed()`
 - `comm`: tp/sp communication primitives as autograd functions
-- `layers`: Column/RowParallelLinear, VocabParallelEmbedding, vocab-parallel cross entropy
+- `layers`: Column/RowParallelLinear, VocabParallelEmbedding
+- `cross_entropy`: the LM loss: vocab-parallel cross entropy (torch or Triton kernels), the
+  chunked LM head + loss
 - `sharding`: the per-parameter tensor-parallel split rules (global names)
 - `schedule`: `split_global_batch`, `forward_backward` (1F1B pipeline when pp > 1), the
   p2p exchange between pipeline stages (`PipeComm`)
