@@ -26,11 +26,15 @@
 `meta.json`:
 
     {"format": "megacpt-checkpoint", "version": 1, "iteration": int,
-     "layout": {"tp": int, "pp": int, "dp": int},
+     "layout": {"tp": int, "pp": int, "dp": int},  # + "vp": int from interleaved runs
      "dtype": "float32" | "bfloat16" | ...,       # of the parameters in model.safetensors
      "has_optimizer": bool,
      "config": Config.to_dict(),                   # the run's resolved config
      "state": {"scheduler": {...}, "data": {...}, "counters": {...}, ...}}   # JSON values
+
+Interleaved runs (vp virtual stages) use the same format: shard mp_rank_t_p holds the layers of
+all of pp rank p's model chunks under their global indices (`stage_param_names(..., vp)`), so
+any reader or conversion only needs "vp" from meta.json's layout to find them.
 
 Only dp-rank-0 ranks write model/optimizer shards; every rank writes its RNG file; global
 rank 0 writes meta.json, renames the directory and updates the tracker after a barrier, so a
@@ -46,7 +50,7 @@ import tempfile
 
 from megacpt.config import Config, ModelConfig
 from megacpt.parallel import sharding
-from megacpt.parallel.context import stage_layer_range
+from megacpt.parallel.context import virtual_stage_layers
 
 FORMAT_NAME, FORMAT_VERSION = "megacpt-checkpoint", 1
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -122,10 +126,12 @@ def local_shape(cfg: ModelConfig, name: str, tp: int) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def stage_param_names(cfg: ModelConfig, pp: int, pp_rank: int) -> list[str]:
-    """The global names one pipeline stage holds (same split as `ParallelContext`)."""
+def stage_param_names(cfg: ModelConfig, pp: int, pp_rank: int, vp: int = 1) -> list[str]:
+    """The global names one pipeline stage holds (same split as `ParallelContext`, vp virtual
+    stages per rank)."""
     names = ["embedding.weight"] if pp_rank == 0 else []
-    for i in stage_layer_range(cfg.num_layers, pp, pp_rank):
+    for i in (i for chunk in virtual_stage_layers(cfg.num_layers, pp, vp, pp_rank)
+              for i in chunk):
         names += layer_param_names(i)
     if pp_rank == pp - 1:
         names += ["final_norm.weight", "output.weight"]
@@ -235,9 +241,10 @@ def config_from_meta(meta: dict, where: str) -> Config:
 
 
 def write_meta(iter_dir: str, iteration: int, tp: int, pp: int, dp: int, dtype: str,
-               has_optimizer: bool, config: dict, state: dict) -> None:
+               has_optimizer: bool, config: dict, state: dict, vp: int = 1) -> None:
+    layout = {"tp": tp, "pp": pp, "dp": dp} | ({"vp": vp} if vp > 1 else {})
     meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "iteration": int(iteration),
-            "layout": {"tp": tp, "pp": pp, "dp": dp}, "dtype": dtype,
+            "layout": layout, "dtype": dtype,
             "has_optimizer": bool(has_optimizer), "config": config,
             "state": json_safe(state, "state")}
     with open(os.path.join(iter_dir, META), "w") as f:
