@@ -58,7 +58,7 @@ def megacpt_step_fn(cfg: ModelConfig, batch, device, dtype, variant: str = "mega
 
     def step():
         opt.zero_grad()
-        forward_backward(model, [batch] * accum, ctx)
+        forward_backward(model, [batch] * accum, ctx, grad_sync=opt.grad_sync)
         opt.step(1e-4)
 
     return step

@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--virtual-pipeline-model-parallel-size", type=int,
+                   help="model chunks per pipeline rank: interleaved 1F1B (bubble / vp)")
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int,
+                   help="the same as layers per chunk (Megatron's flag)")
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--use-distributed-optimizer", action="store_true")
     g.add_argument("--grad-bucket-size-mb", type=float,
@@ -258,6 +262,8 @@ def config_from_args(a: argparse.Namespace) -> tuple[Config, RunOptions]:
             tensor_model_parallel_size=a.tensor_model_parallel_size,
             pipeline_model_parallel_size=a.pipeline_model_parallel_size,
             sequence_parallel=a.sequence_parallel,
+            virtual_pipeline_model_parallel_size=a.virtual_pipeline_model_parallel_size,
+            num_layers_per_virtual_pipeline_stage=a.num_layers_per_virtual_pipeline_stage,
             use_distributed_optimizer=a.use_distributed_optimizer,
             grad_bucket_size_mb=a.grad_bucket_size_mb,
             gradient_accumulation_fusion=not a.no_gradient_accumulation_fusion, distributed_backend=a.distributed_backend,

@@ -136,6 +136,12 @@ class ParallelConfig:
     """Tensor-parallel ranks (`--tensor-model-parallel-size`)."""
     pipeline_model_parallel_size: int = 1
     """Pipeline stages (`--pipeline-model-parallel-size`)."""
+    virtual_pipeline_model_parallel_size: int | None = None
+    """Model chunks per pipeline rank for the interleaved 1F1B schedule
+    (`--virtual-pipeline-model-parallel-size`); None/1: plain 1F1B."""
+    num_layers_per_virtual_pipeline_stage: int | None = None
+    """The same given as layers per chunk (`--num-layers-per-virtual-pipeline-stage`):
+    virtual stages = num_layers / pp / this. At most one of the two."""
     sequence_parallel: bool = False
     """Shard norms/activations along the sequence over tp ranks (`--sequence-parallel`)."""
     use_distributed_optimizer: bool = False
@@ -153,6 +159,9 @@ class ParallelConfig:
     def __post_init__(self):
         _check(self.tensor_model_parallel_size >= 1, "parallel.tensor_model_parallel_size must be >= 1")
         _check(self.pipeline_model_parallel_size >= 1, "parallel.pipeline_model_parallel_size must be >= 1")
+        for name in ("virtual_pipeline_model_parallel_size", "num_layers_per_virtual_pipeline_stage"):
+            v = getattr(self, name)
+            _check(v is None or v >= 1, f"parallel.{name} must be >= 1 when given, got {v}")
         _check(self.distributed_backend in (None, "nccl", "gloo"),
                f"parallel.distributed_backend must be nccl or gloo, got {self.distributed_backend!r}")
 

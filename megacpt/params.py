@@ -180,11 +180,34 @@ def stage_layer_range(num_layers: int, pp: int, pp_rank: int) -> range:
     return range(start, start + base + (1 if pp_rank < extra else 0))
 
 
-def stage_param_names(cfg: ModelConfig, pp: int, pp_rank: int) -> list[str]:
-    """The global names one pipeline stage holds, in model order."""
+def check_virtual_split(num_layers: int, pp: int, vp: int) -> None:
+    """Interleaving needs num_layers = pp x vp x (layers per virtual stage) (as Megatron)."""
+    if vp > 1 and num_layers % (pp * vp):
+        raise LayoutError(
+            f"--num-layers {num_layers} is not divisible by --pipeline-model-parallel-size {pp} "
+            f"x {vp} virtual stages: interleaving needs equal model chunks (as Megatron); "
+            f"change --num-layers-per-virtual-pipeline-stage or run without virtual stages "
+            f"(plain pipelines split uneven layer counts)")
+
+
+def virtual_stage_layers(num_layers: int, pp: int, vp: int, pp_rank: int) -> list[range]:
+    """Megatron's layer assignment: with L = num_layers / (pp vp) layers per virtual stage,
+    chunk v of rank p holds layers [(v pp + p) L, (v pp + p + 1) L): virtual stage v pp + p of
+    the pp vp stages in model order. vp = 1: the contiguous `stage_layer_range`."""
+    if vp == 1:
+        return [stage_layer_range(num_layers, pp, pp_rank)]
+    check_virtual_split(num_layers, pp, vp)
+    n = num_layers // (pp * vp)
+    return [range((v * pp + pp_rank) * n, (v * pp + pp_rank + 1) * n) for v in range(vp)]
+
+
+def stage_param_names(cfg: ModelConfig, pp: int, pp_rank: int, vp: int = 1) -> list[str]:
+    """The global names one pipeline rank holds: all its model chunks (`vp` virtual stages per
+    rank), in the order the chunks run."""
     names = [s.template for s in specs(cfg, FIRST)] if pp_rank == 0 else []
-    for i in stage_layer_range(cfg.num_layers, pp, pp_rank):
-        names += layer_param_names(cfg, i)
+    for chunk in virtual_stage_layers(cfg.num_layers, pp, vp, pp_rank):
+        for i in chunk:
+            names += layer_param_names(cfg, i)
     if pp_rank == pp - 1:
         names += [s.template for s in specs(cfg, LAST)]
     return names

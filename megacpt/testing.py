@@ -178,8 +178,10 @@ def train_losses(model_cfg: ModelConfig, optim_cfg: OptimizerConfig, batches: li
                  micro_batch_size: int, tp: int = 1, pp: int = 1, sequence_parallel: bool = False,
                  use_distributed_optimizer: bool = False, dtype: torch.dtype = torch.float32,
                  bucket_size_mb: float = 25.0, seed: int = 1234, device: str = "cpu",
-                 return_state: bool = False, gradient_accumulation_fusion: bool = True) -> dict:
-    """Train from `seed` on `batches` in layout (tp, pp, dp = world / tp / pp).
+                 return_state: bool = False, gradient_accumulation_fusion: bool = True,
+                 vp: int = 1) -> dict:
+    """Train from `seed` on `batches` in layout (tp, pp, dp = world / tp / pp; vp virtual
+    stages per pipeline rank).
 
     Runs in the current process group (or alone when none is initialised). Returns
     {"layout", "losses", "grad_norms", "eval_loss"} (identical on every rank by contract;
@@ -192,7 +194,7 @@ def train_losses(model_cfg: ModelConfig, optim_cfg: OptimizerConfig, batches: li
     from megacpt.parallel.schedule import forward_backward, split_global_batch
 
     ctx = ParallelContext.build(tp=tp, pp=pp, sequence_parallel=sequence_parallel,
-                                device=device)
+                                device=device, vp=vp)
     model = LlamaModel(model_cfg, ctx, dtype=dtype, device=device, seed=seed)
     opt = build_optimizer(model, optim_cfg, ctx, bucket_size_mb=bucket_size_mb,
                           use_distributed_optimizer=use_distributed_optimizer,
@@ -201,7 +203,8 @@ def train_losses(model_cfg: ModelConfig, optim_cfg: OptimizerConfig, batches: li
     for tokens, labels in batches:
         opt.zero_grad()
         losses.append(forward_backward(model, split_global_batch(tokens, labels,
-                                                                 micro_batch_size, ctx), ctx))
+                                                                 micro_batch_size, ctx), ctx,
+                                       grad_sync=opt.grad_sync))
         norm, applied = opt.step(optim_cfg.lr)
         if not applied:
             raise RuntimeError(f"{ctx.layout}: optimizer step skipped (grad norm {norm})")
@@ -397,16 +400,44 @@ def comm_bytes_of_step(model_cfg: ModelConfig, optim_cfg: OptimizerConfig, batch
     mbs = split_global_batch(*batch, micro_batch_size, ctx)
     with count_comm(ctx) as counts:
         opt.zero_grad()
-        forward_backward(model, mbs, ctx)
+        forward_backward(model, mbs, ctx, grad_sync=opt.grad_sync)
         opt.step(optim_cfg.lr)
     return {"pp_rank": ctx.pp_rank, "dp_size": ctx.dp, "num_microbatches": len(mbs), **counts}
+
+
+def train_and_save(model_cfg: ModelConfig, optim_cfg: OptimizerConfig, batches: list,
+                   micro_batch_size: int, save_dir: str, tp: int = 1, pp: int = 1,
+                   vp: int = 1) -> list[float]:
+    """Train on `batches` in layout (tp, pp, vp), save a checkpoint (with optimizer) of the
+    last step to `save_dir`; returns the losses."""
+    from megacpt.checkpoint import save_checkpoint
+    from megacpt.config import Config
+    from megacpt.model import LlamaModel
+    from megacpt.parallel.context import ParallelContext
+    from megacpt.parallel.optimizer import build_optimizer
+    from megacpt.parallel.schedule import forward_backward, split_global_batch
+
+    ctx = ParallelContext.build(tp=tp, pp=pp, device="cpu", vp=vp)
+    model = LlamaModel(model_cfg, ctx, seed=1234)
+    opt = build_optimizer(model, optim_cfg, ctx)
+    losses = []
+    for tokens, labels in batches:
+        opt.zero_grad()
+        losses.append(forward_backward(model, split_global_batch(tokens, labels,
+                                                                 micro_batch_size, ctx), ctx,
+                                       grad_sync=opt.grad_sync))
+        opt.step(optim_cfg.lr)
+    cfg = Config(model=model_cfg, optim=optim_cfg)
+    save_checkpoint(save_dir, len(batches), model, opt, cfg, ctx, {"rng": None})
+    return losses
 
 
 def jobs_worker(jobs: list[tuple[str, dict]]) -> list:
     """Run named jobs of this module (`("train_losses", kwargs)`, ...) in one world."""
     allowed = {"train_losses": train_losses, "tp_forward_grads": tp_forward_grads,
                "comm_check": comm_check, "process_group_members": process_group_members,
-               "vocab_ce_check": vocab_ce_check, "comm_bytes_of_step": comm_bytes_of_step}
+               "vocab_ce_check": vocab_ce_check, "comm_bytes_of_step": comm_bytes_of_step,
+               "train_and_save": train_and_save}
     unknown = [name for name, _ in jobs if name not in allowed]
     if unknown:
         raise KeyError(f"jobs_worker: unknown jobs {unknown}; known: {sorted(allowed)}")

@@ -120,7 +120,7 @@ def _write_meta(tmp: str, save_dir: str, iteration: int, dtype: torch.dtype, wit
     """Rank 0: meta.json (layout, dtype, resolved config, counters) and the tokenizer copy."""
     meta_state = {k: v for k, v in state.items() if k != "rng"}
     fmt.write_meta(tmp, iteration, ctx.tp, ctx.pp, ctx.dp, str(dtype).replace("torch.", ""),
-                   with_optim, cfg.to_dict(), meta_state)
+                   with_optim, cfg.to_dict(), meta_state, vp=ctx.vp)
     tok = cfg.data.tokenizer_model
     if tok and os.path.isfile(tok) and not os.path.exists(os.path.join(save_dir, fmt.TOKENIZER)):
         shutil.copyfile(tok, os.path.join(save_dir, fmt.TOKENIZER))
@@ -175,10 +175,13 @@ def load_checkpoint(load_dir: str, model, optimizer, cfg: Config,
     meta = fmt.read_meta(iter_dir)
     meta_path = os.path.join(iter_dir, fmt.META)
     tp, pp = int(meta["layout"]["tp"]), int(meta["layout"]["pp"])
-    if (tp, pp) != (ctx.tp, ctx.pp):
+    vp = int(meta["layout"].get("vp", 1))
+    if (tp, pp, vp) != (ctx.tp, ctx.pp, ctx.vp):
+        v, cv = (f"vp{vp}" if vp > 1 else ""), (f"vp{ctx.vp}" if ctx.vp > 1 else "")
         raise CheckpointError(
-            f"{iter_dir} was saved in layout tp{tp}pp{pp} but this run is tp{ctx.tp}pp{ctx.pp}; "
-            f"convert it first: {convert_command(load_dir, ctx.tp, ctx.pp)}")
+            f"{iter_dir} was saved in layout tp{tp}pp{pp}{v} but this run is "
+            f"tp{ctx.tp}pp{ctx.pp}{cv}; convert it first: "
+            f"{convert_command(load_dir, ctx.tp, ctx.pp)}")
     fmt.check_same_model(fmt.config_from_meta(meta, meta_path).model, cfg.model, iter_dir)
     shard = os.path.join(iter_dir, fmt.shard_dirname(ctx.tp_rank, ctx.pp_rank))
     _load_shard(os.path.join(shard, fmt.MODEL_FILE), model)

@@ -26,11 +26,15 @@
 `meta.json`:
 
     {"format": "megacpt-checkpoint", "version": 1, "iteration": int,
-     "layout": {"tp": int, "pp": int, "dp": int},
+     "layout": {"tp": int, "pp": int, "dp": int},  # + "vp": int from interleaved runs
      "dtype": "float32" | "bfloat16" | ...,       # of the parameters in model.safetensors
      "has_optimizer": bool,
      "config": Config.to_dict(),                   # the run's resolved config
      "state": {"scheduler": {...}, "data": {...}, "counters": {...}, ...}}   # JSON values
+
+Interleaved runs (vp virtual stages) use the same format: shard mp_rank_t_p holds the layers of
+all of pp rank p's model chunks under their global indices (`stage_param_names(..., vp)`), so
+any reader or conversion only needs "vp" from meta.json's layout to find them.
 
 Only dp-rank-0 ranks write model/optimizer shards; every rank writes its RNG file; global
 rank 0 writes meta.json, renames the directory and updates the tracker after a barrier, so a
@@ -164,9 +168,10 @@ def config_from_meta(meta: dict, where: str) -> Config:
 
 
 def write_meta(iter_dir: str, iteration: int, tp: int, pp: int, dp: int, dtype: str,
-               has_optimizer: bool, config: dict, state: dict) -> None:
+               has_optimizer: bool, config: dict, state: dict, vp: int = 1) -> None:
+    layout = {"tp": tp, "pp": pp, "dp": dp} | ({"vp": vp} if vp > 1 else {})
     meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "iteration": int(iteration),
-            "layout": {"tp": tp, "pp": pp, "dp": dp}, "dtype": dtype,
+            "layout": layout, "dtype": dtype,
             "has_optimizer": bool(has_optimizer), "config": config,
             "state": json_safe(state, "state")}
     with open(os.path.join(iter_dir, META), "w") as f:

@@ -33,6 +33,7 @@ class MegacptSource(Source):
         self.tp, self.pp = int(self.meta["layout"]["tp"]), int(self.meta["layout"]["pp"])
         self.native_tp = self.tp
         self.dp = int(self.meta["layout"].get("dp", 1))
+        self.vp = int(self.meta["layout"].get("vp", 1))  # interleaved runs' virtual stages
         self.iteration = int(self.meta["iteration"])
         self.state = self.meta["state"]
         self.has_optimizer = bool(self.meta.get("has_optimizer"))
@@ -44,7 +45,7 @@ class MegacptSource(Source):
         mcfg = self.cfg.model
         fmt.check_layout(mcfg, self.tp, self.pp, f"{meta_path} layout")
         self._stage = {n: p for p in range(self.pp)
-                       for n in fmt.stage_param_names(mcfg, self.pp, p)}
+                       for n in fmt.stage_param_names(mcfg, self.pp, p, self.vp)}
         self._model, self._optim = {}, {}
         for t in range(self.tp):
             for p in range(self.pp):
@@ -63,7 +64,7 @@ class MegacptSource(Source):
                                   f"is missing (layout tp{self.tp}pp{self.pp} needs "
                                   f"{self.tp * self.pp} shards)")
         mcfg = self.cfg.model
-        want = fmt.stage_param_names(mcfg, self.pp, p)
+        want = fmt.stage_param_names(mcfg, self.pp, p, self.vp)
         try:
             r = SafetensorsReader(os.path.join(d, fmt.MODEL_FILE))
         except SafetensorsError as e:

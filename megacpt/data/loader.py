@@ -19,12 +19,51 @@ Position tracking: before yielding a micro-batch, the loader tells the dataset t
 number of samples consumed once that micro-batch's group is done
 (`dataset.set_consumed_samples(n)`, if the dataset has it), so `BlendedDataset.state_dict()`
 is right at every optimizer-step boundary on every rank.
+
+`microbatch_samples` is the order rule in one place: the sampler uses it for the stream and
+`split_global_batch` for a global batch already in memory (tests, benchmarks).
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
+
+
+def microbatch_samples(k: int, micro_batch_size: int, dp_rank: int, dp_size: int,
+                       start: int = 0) -> range:
+    """Global samples of dp rank `dp_rank`'s k-th micro-batch counted from sample `start`:
+    `[start + (k dp + r) mbs, start + (k dp + r + 1) mbs)` (see the module doc)."""
+    first = start + (k * dp_size + dp_rank) * micro_batch_size
+    return range(first, first + micro_batch_size)
+
+
+def split_global_batch(tokens: torch.Tensor, labels: torch.Tensor, micro_batch_size: int,
+                       ctx, loss_mask: torch.Tensor | None = None, device=None) -> list[dict]:
+    """This dp rank's micro-batches (ctx.dp_rank of ctx.dp) of a global batch in memory.
+
+    tokens/labels (and loss_mask) `[G, s]` are samples 0..G-1 of the rule above; returns dicts
+    with "tokens", "labels" (and "loss_mask") of `[mbs, s]`, moved to `device` (default
+    ctx.device).
+    """
+    g = tokens.shape[0]
+    if labels.shape != tokens.shape:
+        raise ValueError(f"labels shape {tuple(labels.shape)} differs from tokens shape "
+                         f"{tuple(tokens.shape)}")
+    if g % (micro_batch_size * ctx.dp):
+        raise ValueError(f"global batch of {g} samples is not divisible by micro-batch size "
+                         f"{micro_batch_size} x data-parallel size {ctx.dp}; change "
+                         f"--global-batch-size or --micro-batch-size")
+    device = ctx.device if device is None else device
+    out = []
+    for k in range(g // (micro_batch_size * ctx.dp)):
+        rows = microbatch_samples(k, micro_batch_size, ctx.dp_rank, ctx.dp)
+        rows = slice(rows.start, rows.stop)
+        mb = {"tokens": tokens[rows].to(device), "labels": labels[rows].to(device)}
+        if loss_mask is not None:
+            mb["loss_mask"] = loss_mask[rows].to(device)
+        out.append(mb)
+    return out
 
 
 class DataParallelBatchSampler(Sampler):
@@ -48,8 +87,8 @@ class DataParallelBatchSampler(Sampler):
 
     def __iter__(self):
         for k in range(len(self)):
-            first = self.consumed + k * self.group + self.rank * self.mbs
-            yield list(range(first, first + self.mbs))
+            yield list(microbatch_samples(k, self.mbs, self.rank, self.group // self.mbs,
+                                          self.consumed))
 
 
 class _Collate:

@@ -6,7 +6,10 @@ layer, no biases. Activations inside the stack are `[s, b, h]` (`[s/tp, b, h]` w
 parallelism). Parameter names are global and listed in the table in `megacpt.params`.
 
 A pipeline stage holds the layers `ctx.stage_layers(num_layers)`; the first stage also holds
-the embedding, the last the final norm and output layer. `forward(x, labels)` takes token
+the embedding, the last the final norm and output layer. With virtual stages (ctx.vp > 1) a
+rank holds vp model chunks (`ctx.chunk_layers`) and `forward(x, labels, chunk=v)` runs chunk
+v only: the embedding before chunk 0 of the first rank, the head after the last chunk of the
+last rank. `forward(x, labels)` takes token
 ids `[b, s]` on the first stage or the previous stage's hidden states otherwise, and returns
 hidden states (not last stage), per-token loss `[b, s]` (labels given) or logits
 `[b, s, vocab_size]` (no labels; gathered over tp, vocabulary padding removed).
@@ -135,6 +138,7 @@ class LlamaModel(nn.Module):
                                                     sp, dtype=dtype, device=device)
         # compiled layers get inductor's fused code instead of the Triton kernels
         layer_kernels = self.use_kernels and not cfg.compile
+        self.chunks = ctx.chunk_layers(cfg.num_layers)  # global layer indices per model chunk
         self.layers = nn.ModuleDict({
             str(i): TransformerLayer(cfg, ctx, self.backend, layer_kernels, dtype, device)
             for i in ctx.stage_layers(cfg.num_layers)})
@@ -162,20 +166,27 @@ class LlamaModel(nn.Module):
                 f"compiled layers={'on' if self.cfg.compile else 'off'}, LM-head loss "
                 f"{f'in chunks of {chunk} tokens' if chunk else 'whole'}")
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        if self.pre_process:
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None,
+                chunk: int | None = None) -> torch.Tensor:
+        """Run model chunk `chunk` of this rank (None: all of its layers, vp = 1 only)."""
+        if chunk is None and len(self.chunks) > 1:
+            raise ValueError("a rank with virtual pipeline stages runs one chunk at a time: "
+                             "pass chunk=")
+        v = 0 if chunk is None else chunk
+        if self.pre_process and v == 0:
             x = self.embedding(x)  # [b, s] -> [s(/tp), b, h]
         s = x.shape[0] * (self.ctx.tp if self.ctx.sequence_parallel else 1)
         if s > self.rope_cos.shape[0]:
             raise ValueError(f"sequence of {s} tokens is longer than max_position_embeddings "
                              f"{self.rope_cos.shape[0]}")
         cos, sin = self.rope_cos[:s], self.rope_sin[:s]
-        for layer in self.layers.values():
+        for i in self.chunks[v]:
+            layer = self.layers[str(i)]
             if self.cfg.recompute_activations and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, use_reentrant=False)
             else:
                 x = layer(x, cos, sin)
-        if not self.post_process:
+        if not self.post_process or v != len(self.chunks) - 1:
             return x
         x = self.final_norm(x)
         if labels is not None and self.cfg.cross_entropy_chunk_tokens:

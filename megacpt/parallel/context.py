@@ -19,7 +19,8 @@ import torch
 import torch.distributed as dist
 
 from megacpt.config import ConfigError, ModelConfig
-from megacpt.params import check_layout, stage_layer_range  # noqa: F401 - re-exported
+from megacpt.params import (check_layout, check_virtual_split,  # noqa: F401 - re-exported
+                            stage_layer_range, virtual_stage_layers)
 
 
 @dataclass
@@ -39,6 +40,12 @@ class ParallelContext:
     #: all tp x pp ranks of one data-parallel replica (model-parallel group): the global
     #: gradient norm is summed over it
     mp_group: object = None
+    #: virtual pipeline stages (model chunks) per pipeline rank
+    #: (`--virtual-pipeline-model-parallel-size`); > 1 runs the interleaved 1F1B schedule
+    vp: int = 1
+    #: NCCL only: the pipeline group has run its first collective, so pairwise
+    #: batch_isend_irecv may follow (set once by `schedule.PipeComm`)
+    p2p_ready: bool = False
 
     # ----- coordinates -----
     @property
@@ -74,8 +81,8 @@ class ParallelContext:
 
     @property
     def layout(self) -> str:
-        """Short name of the layout, e.g. tp2pp2dp1."""
-        return f"tp{self.tp}pp{self.pp}dp{self.dp}"
+        """Short name of the layout, e.g. tp2pp2dp1 (tp1pp2dp1vp2 with virtual stages)."""
+        return f"tp{self.tp}pp{self.pp}dp{self.dp}" + (f"vp{self.vp}" if self.vp > 1 else "")
 
     @property
     def distributed(self) -> bool:
@@ -92,14 +99,14 @@ class ParallelContext:
     def build(cls, tp: int = 1, pp: int = 1, sequence_parallel: bool = False,
               device: str | torch.device | None = None,
               dp: int | None = None,
-              timeout_minutes: float | None = None) -> "ParallelContext":
+              timeout_minutes: float | None = None, vp: int = 1) -> "ParallelContext":
         """Build groups over the already-initialised default process group.
 
         dp is derived as world_size / (tp * pp) unless given, in which case tp * pp * dp must
         equal the world size. Every rank must call this (group creation is collective); it
         may be called again over the same default group for another layout. `timeout_minutes`
         bounds every collective on the new groups (a dead peer ends the job instead of hanging);
-        None keeps torch's default.
+        None keeps torch's default. `vp` virtual stages per pipeline rank need pp > 1.
         """
         world = dist.get_world_size() if dist.is_initialized() else 1
         rank = dist.get_rank() if dist.is_initialized() else 0
@@ -113,10 +120,13 @@ class ParallelContext:
                 f"tensor ({tp}) x pipeline ({pp}) x data ({dp}) parallel sizes = {tp * pp * dp} "
                 f"but the world has {world} ranks; launch {tp * pp * dp} ranks or change the "
                 f"sizes so that their product is {world}")
+        if vp < 1 or (vp > 1 and pp == 1):
+            raise ConfigError(f"--virtual-pipeline-model-parallel-size {vp} needs "
+                              f"--pipeline-model-parallel-size > 1 (got {pp}); use 1 virtual stage")
         dp = world // (tp * pp)
         dev = torch.device(device) if device is not None else default_device()
         ctx = cls(tp=tp, pp=pp, dp=dp, rank=rank, world_size=world,
-                  sequence_parallel=sequence_parallel and tp > 1, device=dev)
+                  sequence_parallel=sequence_parallel and tp > 1, device=dev, vp=vp)
         assert ctx.tp * ctx.pp * ctx.dp == ctx.world_size
         if world > 1:
             ctx._make_groups(timeout_minutes)
@@ -167,11 +177,41 @@ class ParallelContext:
         LayoutError, a ConfigError, saying what to change)."""
         check_layout(cfg, self.tp, self.pp, self.sequence_parallel, what="--tensor/pipeline"
                      "-model-parallel-size layout")
+        check_virtual_split(cfg.num_layers, self.pp, self.vp)
 
-    def stage_layers(self, num_layers: int, pp_rank: int | None = None) -> range:
-        """Global layer indices held by a pipeline stage (uneven splits: earlier stages +1)."""
+    def stage_layers(self, num_layers: int, pp_rank: int | None = None) -> list[int]:
+        """Global layer indices held by a pipeline rank, in the order its chunks run
+        (uneven splits without virtual stages: earlier stages +1)."""
+        return [i for chunk in self.chunk_layers(num_layers, pp_rank) for i in chunk]
+
+    def chunk_layers(self, num_layers: int, pp_rank: int | None = None) -> list[range]:
+        """The layers of each model chunk (virtual stage) of a pipeline rank."""
         r = self.pp_rank if pp_rank is None else pp_rank
-        return stage_layer_range(num_layers, self.pp, r)
+        return virtual_stage_layers(num_layers, self.pp, self.vp, r)
+
+
+def resolve_virtual_stages(num_layers: int, pp: int, vp: int | None,
+                           layers_per_virtual_stage: int | None) -> int:
+    """Virtual stages per pipeline rank from Megatron's two flags (at most one given):
+    `--virtual-pipeline-model-parallel-size` directly, or
+    `--num-layers-per-virtual-pipeline-stage` N: vp = num_layers / pp / N."""
+    if vp is not None and layers_per_virtual_stage is not None:
+        raise ConfigError("give --virtual-pipeline-model-parallel-size or "
+                          "--num-layers-per-virtual-pipeline-stage, not both")
+    if layers_per_virtual_stage is not None:
+        n = layers_per_virtual_stage
+        if n < 1 or num_layers % pp or (num_layers // pp) % n:
+            raise ConfigError(f"--num-layers-per-virtual-pipeline-stage {n}: --num-layers "
+                              f"{num_layers} / --pipeline-model-parallel-size {pp} must be a "
+                              f"multiple of it")
+        vp = num_layers // pp // n
+    vp = 1 if vp is None else vp
+    if vp < 1:
+        raise ConfigError(f"--virtual-pipeline-model-parallel-size must be >= 1, got {vp}")
+    if vp > 1 and pp == 1:
+        raise ConfigError("virtual pipeline stages need --pipeline-model-parallel-size > 1")
+    check_virtual_split(num_layers, pp, vp)
+    return vp
 
 
 def default_device() -> torch.device:

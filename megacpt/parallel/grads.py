@@ -14,7 +14,8 @@ bucket whose parameters are all done starts its data-parallel reduction asynchro
   of dp, S = padded / dp). gloo has no reduce-scatter: there the bucket is all-reduced and
   rank r reads its range.
 
-With `fuse_wgrad` the linear layers add their weight gradients into `main_grad` themselves
+Each parameter carries `main_grad` (its slice) and `grad_buffer` (this buffer; a new buffer
+over the same parameters removes the old one's hooks). With `fuse_wgrad` the linear layers add their weight gradients into `main_grad` themselves
 (`megacpt.parallel.wgrad`); the hook then only counts the parameter as ready.
 
 `finish()` waits for every bucket, then all-reduces over tp the gradients of parameters marked
@@ -98,8 +99,12 @@ class GradBuffer:
             padded = -(-b.numel // mult) * mult
             b.grad = torch.zeros(padded, dtype=torch.float32, device=named_params[0][1].device)
         self._hooks = []
+        for old in {id(p.grad_buffer): p.grad_buffer for _, p in named_params
+                    if "grad_buffer" in p.__dict__}.values():
+            old.remove_hooks()  # the parameters move to this buffer
         for b in self.buckets:
             for p, off in zip(b.params, b.offsets):
+                p.grad_buffer = self
                 view = b.grad[off: off + p.numel()].view(p.shape)
                 p.main_grad = view
                 p.fuse_wgrad, p.grad_added_to_main_grad = fuse_wgrad, False

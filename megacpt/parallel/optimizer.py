@@ -99,12 +99,9 @@ class MegaOptimizer:
         if not named:
             raise ValueError("build_optimizer: the model has no trainable parameters")
         self.named = dict(named)
-        old = getattr(model, "grad_sync", None)
-        if old is not None:  # a model given to a second optimizer: the old hooks must go
-            old.remove_hooks()
+        # a model given to a second optimizer: GradBuffer removes the old buffer's hooks
         self.buffer = GradBuffer(named, ctx, bucket_size_mb, shard_over_dp=self.zero1,
                                  fuse_wgrad=gradient_accumulation_fusion)
-        model.grad_sync = self.buffer
         self.pieces: list[Piece] = self.buffer.pieces()
         self.replicated = [sharding.shard_kind(pc.name) == sharding.REPLICATED
                            for pc in self.pieces]
@@ -124,6 +121,11 @@ class MegaOptimizer:
         self._masters_stale = False
         log.info("optimizer: %s on %s, ZeRO-1 %s, %d gradient buckets", self.impl, ctx.layout,
                  "on" if self.zero1 else "off", len(self.buffer.buckets))
+
+    @property
+    def grad_sync(self) -> GradBuffer:
+        """What the pipeline step needs: `forward_backward(..., grad_sync=opt.grad_sync)`."""
+        return self.buffer
 
     # ----- helpers -----
     def _piece_values(self, pc: Piece) -> torch.Tensor:

@@ -1,10 +1,10 @@
-"""Forward/backward over the micro-batches of one global batch, pipelined with 1F1B when pp > 1.
+"""Forward/backward over the micro-batches of one global batch, pipelined with 1F1B when pp > 1
+(interleaved 1F1B, `megacpt.parallel.interleaved`, with virtual stages: ctx.vp > 1).
 
-Global-batch rule (every layout consumes the same samples in the same order):
-`split_global_batch` cuts the global batch `[G, s]` into `G / mbs` micro-batches of `mbs`
-consecutive samples, numbered 0, 1, ...; data-parallel rank `r` takes micro-batches
-`r, r + dp, r + 2 dp, ...` (Megatron's sampler order: micro-step `m` of the step consumes
-samples `[(m dp + r) mbs, (m dp + r + 1) mbs)` on rank r). Each dp rank runs
+Global-batch rule (every layout consumes the same samples in the same order): the one rule of
+`megacpt.data.loader` (`microbatch_samples`): micro-step `m` of the step consumes samples
+`[(m dp + r) mbs, (m dp + r + 1) mbs)` on data-parallel rank r; the trainer's loader and
+`split_global_batch` (for a global batch already in memory) both follow it. Each dp rank runs
 `M = G / (mbs dp)` micro-batches.
 
 Loss scaling: each micro-batch's mean token loss divided by M is back-propagated, so once the
@@ -15,8 +15,12 @@ the whole global batch. `forward_backward` returns that mean (a float, the same 
 - warm-up: `min(P - p - 1, M)` forward passes (`run_warmup`),
 - steady state: the remaining forwards each followed by one backward (`run_steady`),
 - cool-down: the backwards left over from warm-up (`run_cooldown`).
-At most `P - p` micro-batches' activations are alive on stage p. Interleaved (virtual)
-stages are not implemented.
+At most `P - p` micro-batches' activations are alive on stage p.
+
+Gradient synchronisation is explicit: `forward_backward(..., grad_sync=optimizer.grad_sync)`
+tells the optimizer's gradient buffer before each backward whether it is the last one of
+its model chunk in this step (so bucket reductions start during the backward) and finishes
+the reduction at the end; without it the optimizer step reduces the gradients itself.
 
 Point-to-point (`PipeComm`): stage p sends its output hidden states `[s(/tp), b, h]` to stage
 p + 1 of the same (tp rank, dp rank) pipeline and receives the gradient of that output back.
@@ -25,7 +29,8 @@ stage sending forward while receiving backward (the steady state) never deadlock
 neighbour doing the mirror-image exchange. NCCL posts them as one `batch_isend_irecv` group
 (separately launched NCCL sends and receives between a pair can block each other); gloo
 posts plain `isend`/`irecv`, tagged by direction. The step functions only call PipeComm's
-six exchanges, so tests substitute an in-process implementation.
+six exchanges (interleaving: `exchange` on the ring), so tests substitute an in-process
+implementation.
 """
 from __future__ import annotations
 
@@ -34,7 +39,9 @@ from collections import deque
 import torch
 import torch.distributed as dist
 
+from megacpt.data.loader import split_global_batch  # noqa: F401  (the one batching rule)
 from megacpt.parallel.context import ParallelContext
+from megacpt.parallel.interleaved import run_interleaved
 
 
 # ----- point-to-point exchange between pipeline stages -----
@@ -55,11 +62,11 @@ class PipeComm:
         self.next_rank, self.prev_rank = ctx.next_stage_rank, ctx.prev_stage_rank
         self.group = ctx.pp_group
         self.batched = ctx.pp > 1 and dist.get_backend(self.group) == "nccl"
-        if self.batched and not getattr(ctx, "_p2p_ready", False):
+        if self.batched and not ctx.p2p_ready:
             # NCCL: the first operation on a group must involve all of its ranks, so a pair's
             # batch_isend_irecv must not be the first; every stage builds a PipeComm
             dist.all_reduce(torch.zeros(1, device=device), group=self.group)
-            ctx._p2p_ready = True
+            ctx.p2p_ready = True
 
     def _empty(self) -> torch.Tensor:
         return torch.empty(self.shape, dtype=self.dtype, device=self.device)
@@ -70,8 +77,13 @@ class PipeComm:
                                f"{tuple(t.shape)} {t.dtype}, expected {self.shape} {self.dtype}")
         return t.detach().contiguous()
 
-    def _exchange(self, send_next=None, send_prev=None, recv_prev=False, recv_next=False):
-        """Post every requested operation, then wait for all; returns (from_prev, from_next)."""
+    def exchange(self, send_next=None, send_prev=None, recv_prev=False, recv_next=False):
+        """Post every requested operation, then wait for all; returns (from_prev, from_next).
+
+        The neighbours are on the ring (stage P - 1's next is stage 0), as interleaving needs;
+        sends are posted before receives and forward before backward on every rank, so with
+        NCCL (untagged) the pairs match in order even when both neighbours are the same rank.
+        """
         ops, from_prev, from_next = [], None, None
         if send_next is not None:
             ops.append(("send", self._check(send_next, "output activation"), self.next_rank,
@@ -102,61 +114,34 @@ class PipeComm:
     # ----- the six exchanges of the 1F1B schedule -----
     def recv_forward(self) -> torch.Tensor | None:
         """The previous stage's output (None on the first stage)."""
-        return None if self.first else self._exchange(recv_prev=True)[0]
+        return None if self.first else self.exchange(recv_prev=True)[0]
 
     def send_forward(self, y: torch.Tensor) -> None:
         """Send this stage's output to the next stage (no-op on the last stage)."""
         if not self.last:
-            self._exchange(send_next=y)
+            self.exchange(send_next=y)
 
     def recv_backward(self) -> torch.Tensor | None:
         """Gradient of this stage's output from the next stage (None on the last stage)."""
-        return None if self.last else self._exchange(recv_next=True)[1]
+        return None if self.last else self.exchange(recv_next=True)[1]
 
     def send_backward(self, grad_x: torch.Tensor | None) -> None:
         """Send the gradient of this stage's input back (no-op on the first stage)."""
         if not self.first:
-            self._exchange(send_prev=grad_x)
+            self.exchange(send_prev=grad_x)
 
     def send_forward_recv_backward(self, y: torch.Tensor) -> torch.Tensor | None:
         if self.last:
             return None
-        return self._exchange(send_next=y, recv_next=True)[1]
+        return self.exchange(send_next=y, recv_next=True)[1]
 
     def send_backward_recv_forward(self, grad_x: torch.Tensor | None) -> torch.Tensor | None:
         if self.first:
             return None
-        return self._exchange(send_prev=grad_x, recv_prev=True)[0]
+        return self.exchange(send_prev=grad_x, recv_prev=True)[0]
 
 
 # ----- micro-batches -----
-def split_global_batch(tokens: torch.Tensor, labels: torch.Tensor, micro_batch_size: int,
-                       ctx: ParallelContext, loss_mask: torch.Tensor | None = None,
-                       device=None) -> list[dict]:
-    """This dp rank's micro-batches of a global batch (the rule in the module docstring).
-
-    tokens/labels (and loss_mask) `[G, s]`; returns dicts with "tokens", "labels" (and
-    "loss_mask") of `[mbs, s]`, moved to `device` (default ctx.device).
-    """
-    g = tokens.shape[0]
-    if labels.shape != tokens.shape:
-        raise ValueError(f"labels shape {tuple(labels.shape)} differs from tokens shape "
-                         f"{tuple(tokens.shape)}")
-    if g % (micro_batch_size * ctx.dp):
-        raise ValueError(f"global batch of {g} samples is not divisible by micro-batch size "
-                         f"{micro_batch_size} x data-parallel size {ctx.dp}; change "
-                         f"--global-batch-size or --micro-batch-size")
-    device = ctx.device if device is None else device
-    out = []
-    for j in range(ctx.dp_rank, g // micro_batch_size, ctx.dp):
-        rows = slice(j * micro_batch_size, (j + 1) * micro_batch_size)
-        mb = {"tokens": tokens[rows].to(device), "labels": labels[rows].to(device)}
-        if loss_mask is not None:
-            mb["loss_mask"] = loss_mask[rows].to(device)
-        out.append(mb)
-    return out
-
-
 def warmup_count(pp: int, pp_rank: int, num_microbatches: int, forward_only: bool) -> int:
     """Forward passes before the first backward on stage `pp_rank` (all of them if no grads)."""
     if forward_only:
@@ -174,50 +159,55 @@ def microbatch_loss(per_token: torch.Tensor, mb: dict) -> torch.Tensor:
 
 
 class StageRunner:
-    """Forward and backward steps of one pipeline stage over a list of micro-batches.
+    """Forward and backward steps of one pipeline rank over a list of micro-batches.
 
-    Keeps the (input, output) pairs of forwarded micro-batches in FIFO order until their
-    backward; the last stage's output is the scaled loss. `grad_sync` (the optimizer's
-    gradient buffer, when any) is told which backward is the last of the step so it can start
-    reducing gradient buckets while the backward runs.
+    Keeps the (input, output) pairs of forwarded micro-batches in FIFO order per model chunk
+    until their backward; the last virtual stage's output is the scaled loss. `grad_sync` (the
+    optimizer's gradient buffer, or None) is told before each backward whether it is the
+    chunk's last of the step, so it can start reducing gradient buckets during the backward.
     """
 
     def __init__(self, model, microbatches: list[dict], ctx: ParallelContext,
-                 forward_only: bool = False):
+                 forward_only: bool = False, grad_sync=None, chunks: int = 1):
         self.model, self.mbs, self.ctx, self.forward_only = model, microbatches, ctx, forward_only
-        self.num = len(microbatches)
-        self.pending: deque = deque()  # (input, output) awaiting backward
-        self.forwards = self.backwards = 0
+        self.num, self.chunks, self.grad_sync = len(microbatches), chunks, grad_sync
+        self.pending = [deque() for _ in range(chunks)]  # per chunk: (input, output)
+        self.forwards, self.backwards = [0] * chunks, [0] * chunks
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)  # no host sync
-        self.max_pending = 0
-        self.grad_sync = getattr(model, "grad_sync", None)
+        self.alive = self.max_pending = 0  # chunk activations held now / at most
 
-    def forward_step(self, x: torch.Tensor | None) -> torch.Tensor:
-        """Run the next micro-batch; x is the received activation (None on the first stage)."""
-        mb = self.mbs[self.forwards]
-        self.forwards += 1
-        if self.ctx.is_first_stage:
-            inp = mb["tokens"]
-        else:
-            inp = x.requires_grad_(not self.forward_only)
-        if self.ctx.is_last_stage:
-            per_token = self.model(inp, mb["labels"])  # [b, s]
+    def _remember(self, chunk: int, x, out) -> None:
+        self.pending[chunk].append((x, out))
+        self.alive += 1
+        self.max_pending = max(self.max_pending, self.alive)
+
+    def forward_step(self, x: torch.Tensor | None, chunk: int = 0) -> torch.Tensor:
+        """Run chunk `chunk` on its next micro-batch; x is the received activation (None on
+        the first virtual stage)."""
+        mb = self.mbs[self.forwards[chunk]]
+        self.forwards[chunk] += 1
+        first = self.ctx.is_first_stage and chunk == 0
+        last = self.ctx.is_last_stage and chunk == self.chunks - 1
+        kw = {"chunk": chunk} if self.chunks > 1 else {}
+        inp = mb["tokens"] if first else x.requires_grad_(not self.forward_only)
+        if last:
+            per_token = self.model(inp, mb["labels"], **kw)  # [b, s]
             loss = microbatch_loss(per_token, mb)
             self.loss_sum += loss.detach().double()
             out = loss / self.num
         else:
-            out = self.model(inp)  # [s(/tp), b, h]
+            out = self.model(inp, **kw)  # [s(/tp), b, h]
         if not self.forward_only:
-            self.pending.append((None if self.ctx.is_first_stage else inp, out))
-            self.max_pending = max(self.max_pending, len(self.pending))
+            self._remember(chunk, None if first else inp, out)
         return out
 
-    def backward_step(self, grad_out: torch.Tensor | None) -> torch.Tensor | None:
-        """Backward of the oldest pending micro-batch; returns the gradient of its input."""
-        x, out = self.pending.popleft()
-        self.backwards += 1
+    def backward_step(self, grad_out: torch.Tensor | None, chunk: int = 0):
+        """Backward of chunk `chunk`'s oldest pending micro-batch; returns its input grad."""
+        x, out = self.pending[chunk].popleft()
+        self.alive -= 1
+        self.backwards[chunk] += 1
         if self.grad_sync is not None:
-            self.grad_sync.set_final_backward(self.backwards == self.num)
+            self.grad_sync.set_final_backward(self.backwards[chunk] == self.num)
         if grad_out is None:
             torch.autograd.backward(out)
         else:
@@ -276,13 +266,16 @@ def _activation_shape(model, mb: dict, ctx: ParallelContext) -> tuple[int, int, 
 
 
 def forward_backward(model, microbatches: list[dict], ctx: ParallelContext, *,
-                     forward_only: bool = False) -> float:
-    """Run all micro-batches through this rank's stage (1F1B when pp > 1), backward unless
-    `forward_only`; return the mean micro-batch loss over all micro-batches and dp ranks,
-    identical on every rank."""
+                     forward_only: bool = False, grad_sync=None) -> float:
+    """Run all micro-batches through this rank's stage (1F1B when pp > 1, interleaved with
+    virtual stages), backward unless `forward_only`; return the mean micro-batch loss over all
+    micro-batches and dp ranks, identical on every rank.
+
+    `grad_sync`: the optimizer's gradient buffer (`optimizer.grad_sync`); given, its
+    data-parallel reduction overlaps the backward and is complete when this returns."""
     if not microbatches:
         raise ValueError("forward_backward needs at least one micro-batch")
-    stage = StageRunner(model, microbatches, ctx, forward_only)
+    stage = StageRunner(model, microbatches, ctx, forward_only, grad_sync, ctx.vp)
     with torch.set_grad_enabled(not forward_only):
         if ctx.pp == 1:
             for _ in range(stage.num):
@@ -293,9 +286,12 @@ def forward_backward(model, microbatches: list[dict], ctx: ParallelContext, *,
             dtype = next(model.parameters()).dtype
             comm = PipeComm(ctx, _activation_shape(model, microbatches[0], ctx), dtype,
                             ctx.device)
-            run_1f1b(stage, comm, ctx.pp, ctx.pp_rank)
-    if stage.grad_sync is not None and not forward_only:
-        stage.grad_sync.finish()  # main grads final (dp-reduced) when this returns
+            if ctx.vp > 1:
+                run_interleaved(stage, comm, ctx.pp, ctx.pp_rank, ctx.vp)
+            else:
+                run_1f1b(stage, comm, ctx.pp, ctx.pp_rank)
+    if grad_sync is not None and not forward_only:
+        grad_sync.finish()  # main grads final (dp-reduced) when this returns
     return _reduce_loss(stage.loss_sum / stage.num, ctx)
 
 

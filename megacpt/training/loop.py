@@ -46,7 +46,7 @@ import torch
 from megacpt.arguments import RunOptions, save_config
 from megacpt.config import Config
 from megacpt.model.llama import LlamaModel
-from megacpt.parallel.context import ParallelContext, init_distributed
+from megacpt.parallel.context import ParallelContext, init_distributed, resolve_virtual_stages
 from megacpt.parallel.optimizer import build_optimizer
 from megacpt.parallel.schedule import forward_backward
 from megacpt.training import checks
@@ -152,9 +152,12 @@ def build_context(cfg: Config) -> ParallelContext:
     """Initialise torch.distributed when launched by torchrun/mpiexec and build the context."""
     p = cfg.parallel
     init_distributed(p.distributed_backend, p.distributed_timeout_minutes)
+    vp = resolve_virtual_stages(cfg.model.num_layers, p.pipeline_model_parallel_size,
+                                p.virtual_pipeline_model_parallel_size,
+                                p.num_layers_per_virtual_pipeline_stage)
     return ParallelContext.build(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
                                  p.sequence_parallel, device=cfg.training.device,
-                                 timeout_minutes=p.distributed_timeout_minutes)
+                                 timeout_minutes=p.distributed_timeout_minutes, vp=vp)
 
 
 class Trainer:
@@ -271,7 +274,7 @@ class Trainer:
         mbs, counts = self.data.next_microbatches()  # this dp rank's [mbs, s] batches
         lr = self.schedule.step()
         self.optimizer.zero_grad()
-        loss = forward_backward(self.model, mbs, ctx)
+        loss = forward_backward(self.model, mbs, ctx, grad_sync=self.optimizer.grad_sync)
         hook = self.callbacks.get("after_backward")
         if hook is not None:
             replaced = hook(self, self.iteration + 1, loss)

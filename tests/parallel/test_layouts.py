@@ -6,11 +6,15 @@ forward-only loss after training and the gradient norms must match the reference
 within 1e-5 relative in fp32. Also checked in the same worlds: the comm primitives against
 their definitions, tp2/tp4 (with and without sequence parallelism) forward loss, logits,
 initial weights and every unsharded gradient against the unsplit model, and ZeRO-1 optimizer
-state against plain data parallelism, reloaded into one process.
+state against plain data parallelism, reloaded into one process. Interleaved 1F1B (virtual
+stages 2: pp2, pp4, tp2pp2, pp2dp2) runs an 8-layer model against its own single-process
+reference, and a pp2vp2 checkpoint continues in one process like the uninterrupted run.
 """
 import pytest
 import torch
 
+from megacpt.checkpoint import convert_checkpoint, load_checkpoint
+from megacpt.config import Config
 from megacpt import testing as T
 from megacpt.model import LlamaModel
 from megacpt.parallel.optimizer import build_optimizer
@@ -23,6 +27,14 @@ MBS, GLOBAL, STEPS = 2, 8, 5
 BATCHES = T.random_global_batches(STEPS, GLOBAL, CFG.seq_length, CFG.vocab_size, seed=11)
 GRAD_TOKENS, GRAD_LABELS = T.random_global_batches(1, 4, CFG.seq_length, CFG.vocab_size,
                                                    seed=5)[0]
+
+CFG8 = T.tiny_model_config(num_layers=8)  # 8 = pp4 x vp2 chunks of one layer
+# a smaller LR than OPT's: this model at lr 1e-2 is chaotic enough that tp2's summation order
+# alone moves step 5 by 4e-4 (measured with and without virtual stages alike); the clip binds
+OPT8 = T.tiny_optim_config(lr=3e-3)
+VIRTUAL = {2: [dict(pp=2, vp=2)],
+           4: [dict(pp=4, vp=2), dict(tp=2, pp=2, vp=2), dict(pp=2, vp=2)]}
+VIRTUAL_NAMES = {2: ["tp1pp2dp1vp2"], 4: ["tp1pp4dp1vp2", "tp2pp2dp1vp2", "tp1pp2dp2vp2"]}
 
 LAYOUTS = {
     2: [dict(tp=2), dict(tp=2, sequence_parallel=True), dict(pp=2), dict(),
@@ -58,6 +70,11 @@ def _state_jobs():
             for dt in (torch.float32, torch.bfloat16) for z in (False, True)]
 
 
+def _virtual(world):
+    return [("train_losses", dict(model_cfg=CFG8, optim_cfg=OPT8, batches=BATCHES,
+                                  micro_batch_size=MBS, **lay)) for lay in VIRTUAL[world]]
+
+
 def _spawn(world, extra=()):
     jobs = list(extra) + [_train(**lay) for lay in LAYOUTS[world]]
     return T.run_distributed(T.jobs_worker, world, jobs, timeout=420)
@@ -70,9 +87,24 @@ def reference():
 
 
 @pytest.fixture(scope="module")
-def world2():
+def reference8():
+    with T.torch_threads(1):
+        ref = T.train_losses(CFG8, OPT8, BATCHES, MBS)
+    assert max(ref["grad_norms"]) > OPT8.clip_grad and len(set(ref["losses"])) == STEPS
+    return ref
+
+
+@pytest.fixture(scope="module")
+def interleaved_ckpt(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("pp2vp2") / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def world2(interleaved_ckpt):
+    save = ("train_and_save", dict(model_cfg=CFG8, optim_cfg=OPT8, batches=BATCHES[:2],
+                                   micro_batch_size=MBS, save_dir=interleaved_ckpt, pp=2, vp=2))
     return _spawn(2, [("comm_check", {}), _grads(2, False), _grads(2, True)] + _state_jobs()
-                  + [("vocab_ce_check", {"vocab_size": 100})])
+                  + [("vocab_ce_check", {"vocab_size": 100}), save] + _virtual(2))
 
 
 COUNTED = [dict(tp=2, pp=2), dict(tp=2, pp=2, sequence_parallel=True),
@@ -86,7 +118,8 @@ def _count(**layout):
 
 @pytest.fixture(scope="module")
 def world4():
-    return _spawn(4, [_grads(4, False), _grads(4, True)] + [_count(**c) for c in COUNTED])
+    return _spawn(4, [_grads(4, False), _grads(4, True)] + [_count(**c) for c in COUNTED]
+                  + _virtual(4))
 
 
 GROUP_LAYOUTS = [(2, 2), (4, 1), (1, 4), (2, 4), (8, 1)]
@@ -124,6 +157,35 @@ def test_reference_is_not_trivial(reference):
 def test_layouts_equal_single_process(reference, world, request):
     ranks = request.getfixturevalue(f"world{world}")
     _check_against(reference, _layout_results(ranks, world), EXPECTED[world])
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_interleaved_layouts_equal_single_process(reference8, world, request):
+    ranks = request.getfixturevalue(f"world{world}")
+    n, k = len(LAYOUTS[world]), len(VIRTUAL[world])
+    for r in ranks[1:]:
+        assert [x["losses"] for x in r[-n - k:-n]] == [x["losses"] for x in ranks[0][-n - k:-n]]
+    _check_against(reference8, ranks[0][-n - k:-n], VIRTUAL_NAMES[world])
+
+
+def test_interleaved_checkpoint_continues_in_one_process(reference8, world2, interleaved_ckpt,
+                                                          tmp_path):
+    """pp2vp2 (layers 0,1,4,5 | 2,3,6,7 per rank) saved after 2 steps, converted to tp1pp1 with
+    its optimizer state: steps 3-5 give the uninterrupted single-process losses."""
+    assert world2[0][8] == pytest.approx(reference8["losses"][:2], rel=1e-5)
+    conv = convert_checkpoint(interleaved_ckpt, str(tmp_path / "tp1pp1"), tp=1, pp=1)
+    model = LlamaModel(CFG8, seed=None)
+    opt = build_optimizer(model, OPT8, model.ctx)
+    it, _ = load_checkpoint(conv, model, opt, Config(model=CFG8, optim=OPT8), model.ctx)
+    assert it == 2
+    losses = []
+    for tokens, labels in BATCHES[2:]:
+        opt.zero_grad()
+        losses.append(forward_backward(model, split_global_batch(tokens, labels, MBS,
+                                                                 model.ctx), model.ctx,
+                                       grad_sync=opt.grad_sync))
+        opt.step(OPT8.lr)
+    assert losses == pytest.approx(reference8["losses"][2:], rel=1e-5)
 
 
 def test_sequence_parallel_equals_without(world2):

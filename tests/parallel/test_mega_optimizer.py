@@ -78,7 +78,8 @@ def test_bf16_params_fp32_masters_and_main_grads():
 def _one_step(model, opt, tokens, labels, lr=1e-2):
     ctx = model.ctx
     opt.zero_grad()
-    loss = forward_backward(model, split_global_batch(tokens, labels, 2, ctx), ctx)
+    loss = forward_backward(model, split_global_batch(tokens, labels, 2, ctx), ctx,
+                            grad_sync=opt.grad_sync)
     return loss, opt.step(lr)
 
 
@@ -88,7 +89,8 @@ def test_nonfinite_gradient_skips_update():
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt.zero_grad()
     tokens, labels = BATCHES[0]
-    forward_backward(model, split_global_batch(tokens, labels, 2, model.ctx), model.ctx)
+    forward_backward(model, split_global_batch(tokens, labels, 2, model.ctx), model.ctx,
+                     grad_sync=opt.grad_sync)
     model.get_parameter("final_norm.weight").main_grad[0] = float("nan")
     norm, applied = opt.step(1e-2)
     assert not applied and math.isnan(norm) and opt.step_count == 0

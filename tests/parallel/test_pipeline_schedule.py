@@ -12,10 +12,13 @@ import pytest
 import torch
 
 from megacpt.model import LlamaModel
-from megacpt.parallel.context import ParallelContext
+from megacpt.config import ConfigError
+from megacpt.parallel.context import ParallelContext, resolve_virtual_stages
 from megacpt.parallel.schedule import (StageRunner, microbatch_loss, run_1f1b, run_cooldown,
                                        run_steady, run_warmup, split_global_batch,
                                        warmup_count)
+from megacpt.parallel.interleaved import (chunk_of, interleaved_warmup, microbatch_of,
+                                          run_interleaved)
 from megacpt.testing import tiny_model_config
 
 TIMEOUT = 30.0
@@ -56,19 +59,32 @@ class QueueComm:
         self.send_backward(g)
         return self.recv_forward()
 
+    def exchange(self, send_next=None, send_prev=None, recv_prev=False, recv_next=False):
+        """PipeComm.exchange on the ring (stage pp - 1's next is stage 0)."""
+        if send_next is not None:
+            self.chans[("fwd", self.rank)].put(_detach(send_next))
+        if send_prev is not None:
+            self.chans[("bwd", self.rank)].put(_detach(send_prev))
+        x = self._get(("fwd", (self.rank - 1) % self.pp)) if recv_prev else None
+        g = self._get(("bwd", (self.rank + 1) % self.pp)) if recv_next else None
+        return x, g
+
 
 def _detach(t):
     return t.detach().clone() if isinstance(t, torch.Tensor) else t
 
 
-def run_threads(stages: list, forward_only: bool = False) -> None:
+def run_threads(stages: list, vp: int = 1) -> None:
     pp = len(stages)
     chans = {(k, r): queue.Queue() for k in ("fwd", "bwd") for r in range(pp)}
     errors = []
 
     def body(r):
         try:
-            run_1f1b(stages[r], QueueComm(r, pp, chans), pp, r)
+            if vp == 1:
+                run_1f1b(stages[r], QueueComm(r, pp, chans), pp, r)
+            else:
+                run_interleaved(stages[r], QueueComm(r, pp, chans), pp, r, vp)
         except BaseException as e:  # surfaced in the main thread below
             errors.append((r, e))
 
@@ -82,30 +98,34 @@ def run_threads(stages: list, forward_only: bool = False) -> None:
 
 
 class RecordingStage(StageRunner):
-    """Replaces the model by tokens naming (stage, micro-batch) and records every step."""
+    """Replaces the model by tokens naming (virtual stage, micro-batch) and records every
+    step as (kind, chunk, micro-batch); checks each received token is the right one."""
 
-    def __init__(self, rank: int, pp: int, num: int, forward_only: bool = False):
-        ctx = ParallelContext(pp=pp, rank=rank, world_size=pp)
-        super().__init__(None, [{}] * num, ctx, forward_only)
-        self.rank, self.events, self.fwd_queue = rank, [], []
+    def __init__(self, rank: int, pp: int, num: int, forward_only: bool = False, vp: int = 1):
+        ctx = ParallelContext(pp=pp, rank=rank, world_size=pp, vp=vp)
+        super().__init__(None, [{}] * num, ctx, forward_only, chunks=vp)
+        self.rank, self.events = rank, []
 
-    def forward_step(self, x):
-        i = self.forwards
-        assert x == (None if self.rank == 0 else ("act", self.rank - 1, i))
-        self.forwards += 1
-        self.events.append(("F", i))
+    def _vstage(self, chunk):
+        return chunk * self.ctx.pp + self.rank
+
+    def forward_step(self, x, chunk=0):
+        i, v = self.forwards[chunk], self._vstage(chunk)
+        assert x == (None if v == 0 else ("act", v - 1, i)), (self.rank, chunk, x)
+        self.forwards[chunk] += 1
+        self.events.append(("F", chunk, i))
         if not self.forward_only:
-            self.pending.append((i, None))
-            self.max_pending = max(self.max_pending, len(self.pending))
-        return ("act", self.rank, i)
+            self._remember(chunk, i, None)
+        return ("act", v, i)
 
-    def backward_step(self, g):
-        i, _ = self.pending.popleft()
-        last = self.rank == self.ctx.pp - 1
-        assert g == (None if last else ("grad", self.rank + 1, i))
-        self.backwards += 1
-        self.events.append(("B", i))
-        return None if self.rank == 0 else ("grad", self.rank, i)
+    def backward_step(self, g, chunk=0):
+        i, _ = self.pending[chunk].popleft()
+        self.alive -= 1
+        v, last = self._vstage(chunk), self.ctx.pp * self.chunks - 1
+        assert g == (None if v == last else ("grad", v + 1, i)), (self.rank, chunk, g)
+        self.backwards[chunk] += 1
+        self.events.append(("B", chunk, i))
+        return None if v == 0 else ("grad", v, i)
 
 
 def test_warmup_count():
@@ -120,15 +140,15 @@ def test_1f1b_order_and_memory_bound(pp, num):
     stages = [RecordingStage(r, pp, num) for r in range(pp)]
     run_threads(stages)
     for r, st in enumerate(stages):
-        fwd = [i for k, i in st.events if k == "F"]
-        bwd = [i for k, i in st.events if k == "B"]
+        fwd = [i for k, _, i in st.events if k == "F"]
+        bwd = [i for k, _, i in st.events if k == "B"]
         assert fwd == list(range(num)) and bwd == list(range(num))
         warm = warmup_count(pp, r, num, False)
         # warm-up forwards, then strictly alternating F/B, then the cool-down backwards
-        expect = [("F", i) for i in range(warm)]
+        expect = [("F", 0, i) for i in range(warm)]
         for i in range(num - warm):
-            expect += [("F", warm + i), ("B", i)]
-        expect += [("B", i) for i in range(num - warm, num)]
+            expect += [("F", 0, warm + i), ("B", 0, i)]
+        expect += [("B", 0, i) for i in range(num - warm, num)]
         assert st.events == expect
         assert st.max_pending == min(pp - r, num)
 
@@ -137,7 +157,7 @@ def test_forward_only_runs_no_backward():
     stages = [RecordingStage(r, 3, 4, forward_only=True) for r in range(3)]
     run_threads(stages)
     for st in stages:
-        assert st.events == [("F", i) for i in range(4)] and st.max_pending == 0
+        assert st.events == [("F", 0, i) for i in range(4)] and st.max_pending == 0
 
 
 def test_phase_functions_compose():
@@ -147,7 +167,8 @@ def test_phase_functions_compose():
     run_warmup(st, comm, 0)
     run_steady(st, comm, 3)
     run_cooldown(st, comm, 0)
-    assert st.events == [("F", 0), ("B", 0), ("F", 1), ("B", 1), ("F", 2), ("B", 2)]
+    assert st.events == [("F", 0, 0), ("B", 0, 0), ("F", 0, 1), ("B", 0, 1), ("F", 0, 2),
+                         ("B", 0, 2)]
 
 
 def test_split_global_batch_rule():
@@ -197,6 +218,90 @@ def test_threaded_pipeline_matches_single_model():
     assert [list(s.model.layers) for s in stages] == [["0", "1"], ["2", "3"], ["4"]]
     run_threads(stages)
 
+    assert stages[-1].loss_sum.item() / num == pytest.approx(ref_loss.item(), rel=1e-6)
+    ref_grads = {n: p.grad for n, p in ref.named_parameters()}
+    got = {n: p.grad for s in stages for n, p in s.model.named_parameters()}
+    assert sorted(got) == sorted(ref_grads)
+    for n, g in got.items():
+        torch.testing.assert_close(g, ref_grads[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def interleaved_order(pp: int, rank: int, vp: int, num: int) -> list[tuple[str, int, int]]:
+    """The order Megatron's interleaved schedule runs (F/B, chunk, micro-batch) on `rank`."""
+    total, warm = num * vp, interleaved_warmup(pp, rank, vp, num, False)
+
+    def f(k):
+        return ("F", chunk_of(k, pp, vp, True), microbatch_of(k, pp, vp))
+
+    def b(k):
+        return ("B", chunk_of(k, pp, vp, False), microbatch_of(k, pp, vp))
+
+    order = [f(k) for k in range(warm)]
+    for k in range(total - warm):
+        order += [f(k + warm), b(k)]
+    return order + [b(k) for k in range(total - warm, total)]
+
+
+@pytest.mark.parametrize("pp,vp,num", [(2, 2, 2), (2, 2, 4), (2, 3, 6), (3, 2, 6), (4, 2, 4),
+                                       (4, 2, 8), (4, 3, 12)])
+def test_interleaved_order_messages_and_memory(pp, vp, num):
+    """Every stage gets the right activation and gradient for each (chunk, micro-batch),
+    in Megatron's order, holding at most warm-up + 1 chunk activations."""
+    stages = [RecordingStage(r, pp, num, vp=vp) for r in range(pp)]
+    run_threads(stages, vp)
+    for r, st in enumerate(stages):
+        assert st.events == interleaved_order(pp, r, vp, num), r
+        warm = interleaved_warmup(pp, r, vp, num, False)
+        assert st.max_pending == min(warm + 1, num * vp)
+        assert st.forwards == st.backwards == [num] * vp
+
+
+def test_interleaved_forward_only():
+    stages = [RecordingStage(r, 2, 4, forward_only=True, vp=2) for r in range(2)]
+    run_threads(stages, 2)
+    for st in stages:
+        assert [e[0] for e in st.events] == ["F"] * 8 and st.max_pending == 0
+
+
+def test_interleaved_needs_microbatches_multiple_of_pp():
+    stages = [RecordingStage(r, 2, 3, vp=2) for r in range(2)]
+    with pytest.raises(ValueError, match="multiple of --pipeline-model-parallel-size 2"):
+        run_interleaved(stages[0], None, 2, 0, 2)
+
+
+def test_megatron_layer_assignment_and_uneven_refusal():
+    ctx = ParallelContext(pp=2, rank=1, world_size=2, vp=2)
+    assert ctx.chunk_layers(8) == [range(2, 4), range(6, 8)]
+    assert ctx.stage_layers(8) == [2, 3, 6, 7]
+    assert ParallelContext(pp=4, rank=0, world_size=4, vp=3).stage_layers(12) == [0, 4, 8]
+    with pytest.raises(ConfigError, match="--num-layers 5 is not divisible by "
+                                          "--pipeline-model-parallel-size 2 x 2 virtual"):
+        ctx.check_model(tiny_model_config(num_layers=5))
+    assert resolve_virtual_stages(8, 2, None, 2) == 2  # --num-layers-per-virtual-pipeline-stage
+    assert resolve_virtual_stages(8, 2, None, None) == 1
+    with pytest.raises(ConfigError, match="must be a multiple of it"):
+        resolve_virtual_stages(8, 2, None, 3)
+    with pytest.raises(ConfigError, match="not both"):
+        resolve_virtual_stages(8, 2, 2, 2)
+
+
+@pytest.mark.parametrize("pp,vp,layers", [(2, 2, 4), (2, 3, 6)])
+def test_threaded_interleaved_matches_single_model(pp, vp, layers):
+    """Interleaved LLaMA chunks in threads: loss and every gradient equal the unsplit model."""
+    torch.manual_seed(0)
+    cfg = tiny_model_config(num_layers=layers)
+    num = 2 * pp
+    tokens = torch.randint(0, cfg.vocab_size, (num * 2, cfg.seq_length))
+    labels = torch.randint(0, cfg.vocab_size, (num * 2, cfg.seq_length))
+    mbs = split_global_batch(tokens, labels, 2, ParallelContext())
+    ref = LlamaModel(cfg, seed=7)
+    ref_loss = sum(ref(mb["tokens"], mb["labels"]).mean() for mb in mbs) / num
+    ref_loss.backward()
+    stages = []
+    for r in range(pp):
+        ctx = ParallelContext(pp=pp, rank=r, world_size=pp, vp=vp)
+        stages.append(StageRunner(LlamaModel(cfg, ctx, seed=7), mbs, ctx, chunks=vp))
+    run_threads(stages, vp)
     assert stages[-1].loss_sum.item() / num == pytest.approx(ref_loss.item(), rel=1e-6)
     ref_grads = {n: p.grad for n, p in ref.named_parameters()}
     got = {n: p.grad for s in stages for n, p in s.model.named_parameters()}

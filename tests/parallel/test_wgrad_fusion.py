@@ -41,7 +41,7 @@ def _main_grads(fuse: bool, dtype=torch.float32, **cfg):
     tokens, labels = BATCHES[0]
     mbs = [{"tokens": tokens[i:i + 2], "labels": labels[i:i + 2]} for i in (0, 2)]
     opt.zero_grad()
-    loss = forward_backward(model, mbs, ctx)
+    loss = forward_backward(model, mbs, ctx, grad_sync=opt.grad_sync)
     grads = {n: p.main_grad.clone() for n, p in model.named_parameters()}
     return loss, grads, model, opt
 
