@@ -59,9 +59,11 @@ def test_crash_mid_save_keeps_previous_checkpoint(cfg, batches, tmp_path, monkey
         return real(path, tensors, metadata)
 
     monkeypatch.setattr(checkpointing, "save_tensors", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError, match="iter_0000002.tmp failed: OSError: disk full; "
+                       "the previous checkpoint and the tracker are untouched"):
         save_checkpoint(str(tmp_path), 2, model, opt, cfg, ctx, fake_state(2))
-    assert read_tracker(str(tmp_path)) == 1 and os.path.isdir(tmp_path / "iter_0000002.tmp")
+    assert read_tracker(str(tmp_path)) == 1  # the partial save's space is freed at once
+    assert not os.path.exists(tmp_path / "iter_0000002.tmp")
     assert not os.path.exists(tmp_path / "iter_0000002")
     it, _ = load_checkpoint(str(tmp_path), model, opt, cfg, ctx)
     assert it == 1
