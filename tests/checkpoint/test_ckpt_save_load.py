@@ -1,4 +1,5 @@
 """Single-process save/resume, weights-only loading, and the errors for bad checkpoints."""
+import copy
 import json
 import os
 
@@ -111,8 +112,12 @@ def test_damaged_shards_are_named(cfg, tmp_path):
     save_file(tensors, str(f))
     with pytest.raises(CheckpointError, match=r"down.weight' has shape \(32, 65\) but the config"):
         load_model(str(tmp_path))
+    with pytest.raises(CheckpointError, match=r"model.safetensors: xxh3_128 checksum mismatch"):
+        load_checkpoint(str(tmp_path), model, None, cfg, ctx)  # refused before any shape check
+    unverified = copy.deepcopy(cfg)
+    unverified.checkpoint.verify_checksums = False
     with pytest.raises(CheckpointError, match=r"has shape \(32, 65\), the model expects"):
-        load_checkpoint(str(tmp_path), model, None, cfg, ctx)
+        load_checkpoint(str(tmp_path), model, None, unverified, ctx)
     data = open(f, "rb").read()
     open(f, "wb").write(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="model.safetensors.*truncated"):
