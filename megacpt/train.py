@@ -25,8 +25,6 @@ import logging
 import os
 import sys
 
-import torch.distributed as dist
-
 from megacpt.training.signals import PreemptionHandler
 
 EXIT_OK, EXIT_TRAINING_ERROR, EXIT_BAD_INPUT, EXIT_ABORTED = 0, 1, 2, 130
@@ -53,6 +51,7 @@ def cpu_threads() -> None:
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     with PreemptionHandler() as preempt:  # first: a signal during start-up is not lost
+        logging.getLogger("megacpt.train").info("megacpt.train starting (pid %d)", os.getpid())
         try:
             return _main(argv, preempt)
         except KeyboardInterrupt:
@@ -64,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None, preempt: PreemptionHandler) -> int:
     cpu_threads()
     log = logging.getLogger("megacpt.train")
+    import torch.distributed as dist
+
     from megacpt.arguments import parse_args
     from megacpt.checkpoint.format import CheckpointError
     from megacpt.config import ConfigError
