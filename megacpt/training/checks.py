@@ -9,9 +9,9 @@ Each failure raises `ConfigError` naming the flag (or file), the field and what 
   corpus) reaches the model's vocabulary size;
 - `--init-from` is our checkpoint (any layout) or a HuggingFace LLaMA directory whose shape
   matches the model, and whose vocabulary is not larger than the model's embedding;
-- a `--load` directory that holds a tracker points at a complete checkpoint, and one that
-  holds `iter_*` checkpoints but no tracker is refused (it would silently start again at
-  iteration 0 and overwrite them);
+- a `--load` directory that holds a tracker points at a complete checkpoint; one that holds
+  `iter_*` checkpoints but no tracker resumes from the newest that verifies, with a warning
+  (`--load` is set to it), instead of starting again at iteration 0 over them;
 - the blend names distinct prefixes with positive weights, and `--split` leaves each a
   non-empty train split;
 - `--save` and `--log-dir` can be created and written to; `--save` has room for about one
@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 
@@ -55,10 +56,10 @@ def check_inputs(cfg: Config, opts) -> None:
         check_tokenizer_sidecar(flag, name, prefix, d.tokenizer_model)
     if cfg.checkpoint.init_from:
         check_init_source(cfg.checkpoint.init_from, cfg)
+    if cfg.checkpoint.load and not has_checkpoint(cfg.checkpoint.load):
+        cfg.checkpoint.load = resume_untracked(cfg.checkpoint.load)
     if cfg.checkpoint.load and has_checkpoint(cfg.checkpoint.load):
         saved_state(cfg.checkpoint.load)
-    elif cfg.checkpoint.load:
-        check_untracked(cfg.checkpoint.load)
     for flag, path in (("--save", cfg.checkpoint.save), ("--log-dir", cfg.logging.log_dir)):
         if path:
             check_writable(flag, path)
@@ -123,20 +124,31 @@ def check_tokenizer_sidecar(flag: str, name: str, prefix: str, tokenizer: str | 
                  sidecar.SUFFIX)
 
 
-def check_untracked(load: str) -> None:
-    """`--load DIR` without a tracker but with checkpoints in it: refuse (see module doc)."""
+def resume_untracked(load: str) -> str:
+    """`--load DIR` without a tracker: the newest complete checkpoint in DIR that verifies
+    (a save killed between its rename and the tracker update, or a deleted tracker), with a
+    warning; DIR itself when it holds none (a fresh start)."""
+    from megacpt.checkpoint import integrity
     from megacpt.checkpoint.format import META, TRACKER
 
     if not os.path.isdir(load):
-        return
-    found = sorted(n for n in os.listdir(load) if n.startswith("iter_")
+        return load
+    found = sorted(n for n in os.listdir(load) if re.fullmatch(r"iter_\d+", n)
                    and os.path.isfile(os.path.join(load, n, META)))
-    if found:
-        raise ConfigError(
-            f"--load {load} holds checkpoints ({', '.join(found[-3:])}) but no {TRACKER}, so "
-            f"it is unclear which to resume from; starting at iteration 0 would overwrite them. "
-            f"Resume from one explicitly (--load {os.path.join(load, found[-1])}) or write its "
-            f"iteration number into {os.path.join(load, TRACKER)}")
+    rejected = []
+    for name in reversed(found):
+        cand = os.path.join(load, name)
+        bad = integrity.problems(cand)
+        if not bad:
+            log.warning("--load %s has no %s: resuming from its newest complete checkpoint "
+                        "%s%s", load, TRACKER, cand, f" (skipping {', '.join(rejected)}: it "
+                        f"does not verify)" if rejected else "")
+            return cand
+        rejected.append(f"{name} ({bad[0]})")
+    if rejected:
+        raise ConfigError(f"--load {load} has no {TRACKER} and none of its checkpoints "
+                          f"verifies: {'; '.join(rejected)}")
+    return load
 
 
 def check_writable(flag: str, path: str) -> None:

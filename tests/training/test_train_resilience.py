@@ -35,17 +35,25 @@ def test_torn_last_metrics_row_is_dropped_on_resume(tmp_path):
         read_metrics(logs)
 
 
-def test_load_dir_with_checkpoints_but_no_tracker_is_refused(tmp_path):
+def test_load_dir_without_tracker_resumes_from_newest_verified_checkpoint(tmp_path, caplog):
+    """A deleted tracker (or a save killed between its rename and the tracker update) must
+    not start again at iteration 0 over the existing checkpoints."""
     ck = str(tmp_path / "ck")
-    train(*config(mock_args("--save", ck, "--save-interval", "1", iters=2)))
+    train(*config(mock_args("--save", ck, "--save-interval", "1", iters=3)))
     os.remove(f"{ck}/latest_checkpointed_iteration.txt")
-    with pytest.raises(ConfigError, match=r"holds checkpoints \(iter_0000001, iter_0000002\) "
-                                          r"but no latest_checkpointed_iteration.txt.*--load "
-                                          r".*iter_0000002"):
-        Trainer(*config(mock_args("--save", ck, "--load", ck, iters=2)))
-    resumed = Trainer(*config(mock_args("--load", f"{ck}/iter_0000002", iters=2)))
+    data = bytearray(open(f"{ck}/iter_0000003/rng/rank_0.pt", "rb").read())
+    data[-30] ^= 1
+    open(f"{ck}/iter_0000003/rng/rank_0.pt", "wb").write(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="megacpt.train"):
+        resumed = Trainer(*config(mock_args("--save", ck, "--load", ck, iters=3)))
     assert resumed.iteration == 2
     assert resumed.last_checkpoint == f"{ck}/iter_0000002"  # not .../iter_0000002/iter_0000002
+    assert f"no latest_checkpointed_iteration.txt: resuming from its newest complete " \
+           f"checkpoint {ck}/iter_0000002 (skipping iter_0000003" in caplog.text
+    shutil.rmtree(f"{ck}/iter_0000002")
+    shutil.rmtree(f"{ck}/iter_0000001")
+    with pytest.raises(ConfigError, match="none of its checkpoints verifies: iter_0000003"):
+        Trainer(*config(mock_args("--save", ck, "--load", ck, iters=3)))
 
 
 def test_save_failures_are_one_line_and_keep_the_previous_checkpoint(tmp_path):
