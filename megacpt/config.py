@@ -286,6 +286,9 @@ class CheckpointConfig:
     LLaMA directory; fresh optimizer, iteration 0, LR re-warm-up (the paper's CPT)."""
     no_save_optim: bool = False
     """Leave optimizer state out of saved checkpoints."""
+    verify_checksums: bool = True
+    """Check the checksums recorded in a checkpoint's meta.json before loading it (`--load`,
+    `--init-from`); off with `--no-verify-checksums` (saves one read of the files)."""
 
 
 @dataclass

@@ -14,9 +14,10 @@
     python -m megacpt.train --model-size tiny --mock-data --vocab-size 512 --seq-length 64 \\
         --train-iters 20 --log-interval 5
 
-Exit codes: 0 finished (or stopped by SIGTERM/SIGUSR1 or --exit-interval after saving),
-1 training error (non-finite losses, a dead rank, an unreadable checkpoint), 2 bad
-configuration or input (reported before any compute).
+Exit codes: 0 finished (or stopped by SIGTERM/SIGUSR1/SIGINT or --exit-interval after
+saving), 1 training error (non-finite losses, a dead rank, an unreadable checkpoint, a full
+disk), 2 bad configuration or input (reported before any compute), 130 aborted by a second
+SIGINT (no save). Errors are one line each, never a traceback.
 """
 from __future__ import annotations
 
@@ -24,9 +25,9 @@ import logging
 import os
 import sys
 
-import torch.distributed as dist
+from megacpt.training.signals import PreemptionHandler
 
-EXIT_OK, EXIT_TRAINING_ERROR, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OK, EXIT_TRAINING_ERROR, EXIT_BAD_INPUT, EXIT_ABORTED = 0, 1, 2, 130
 
 
 def setup_logging() -> None:
@@ -49,40 +50,81 @@ def cpu_threads() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
+    with PreemptionHandler() as preempt:  # first: a signal during start-up is not lost
+        logging.getLogger("megacpt.train").info("megacpt.train starting (pid %d)", os.getpid())
+        try:
+            return _main(argv, preempt)
+        except KeyboardInterrupt:
+            logging.getLogger("megacpt.train").error(
+                "aborted by a second SIGINT: no checkpoint saved (the last one is kept)")
+            return EXIT_ABORTED
+
+
+def _main(argv: list[str] | None, preempt: PreemptionHandler) -> int:
     cpu_threads()
     log = logging.getLogger("megacpt.train")
+    import torch.distributed as dist
+
     from megacpt.arguments import parse_args
     from megacpt.checkpoint.format import CheckpointError
     from megacpt.config import ConfigError
     from megacpt.data.indexed import IndexedFormatError
-    from megacpt.training.faults import TrainingError
+    from megacpt.training.checks import check_device
+    from megacpt.training.faults import TrainingError, collective_guard
     from megacpt.training.loop import Trainer, build_context
 
     try:
         cfg, opts = parse_args(argv)
+        check_device(cfg)
     except ConfigError as e:
         log.error("bad configuration: %s", e)
         return EXIT_BAD_INPUT
+    rank = int(os.environ.get("RANK", "0"))
+    timeout = cfg.parallel.distributed_timeout_minutes
     try:
-        ctx = build_context(cfg)
-        trainer = Trainer(cfg, opts, ctx)
+        with collective_guard(rank, timeout, "start-up"):
+            ctx = build_context(cfg)
+            trainer = Trainer(cfg, opts, ctx)
     except (ConfigError, IndexedFormatError) as e:
         log.error("bad input: %s", e)
         return EXIT_BAD_INPUT
     except CheckpointError as e:
         log.error("checkpoint error: %s", e)
         return EXIT_BAD_INPUT
+    except TrainingError as e:
+        log.error("%s", e)
+        return EXIT_TRAINING_ERROR
+    except OSError as e:
+        log.error("start-up failed: %s", _os_error(e))
+        return EXIT_TRAINING_ERROR
     try:
-        result = trainer.run()
+        result = trainer.run(preempt)
     except (TrainingError, CheckpointError, ConfigError) as e:
         log.error("training stopped: %s", e)
+        return EXIT_TRAINING_ERROR
+    except OSError as e:
+        log.error("training stopped: %s", _os_error(e))
         return EXIT_TRAINING_ERROR
     log.info("finished at iteration %d (%s); %d skipped steps; last checkpoint: %s",
              result.iteration, result.reason, result.skipped_steps, result.last_checkpoint)
     if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+        try:
+            with collective_guard(rank, timeout, "shutdown"):
+                dist.barrier()
+                dist.destroy_process_group()
+        except TrainingError as e:  # the work is saved; a peer left early
+            log.warning("%s", e)
     return EXIT_OK
+
+
+def _os_error(e: OSError) -> str:
+    """One line for a file-system error: what failed, on which file, and what to do."""
+    what = e.strerror or str(e)
+    where = f" ({e.filename})" if e.filename else ""
+    hint = {28: "; free disk space", 27: "; the file-size limit (ulimit -f) was reached",
+            30: "; the file system is read-only", 13: "; check the permissions"}.get(
+                e.errno or 0, "")
+    return f"{what}{where}{hint}"
 
 
 if __name__ == "__main__":

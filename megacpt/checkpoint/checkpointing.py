@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from megacpt.checkpoint import format as fmt
+from megacpt.checkpoint import integrity
 from megacpt.checkpoint.format import CheckpointError
 from megacpt.checkpoint.format import load_plain
 from megacpt.checkpoint.registry import open_source
@@ -41,8 +42,11 @@ def _agree(ctx: ParallelContext, error: Exception | None, what: str) -> None:
     (naming the failed ranks) instead of the healthy ones waiting at the next barrier until
     the distributed timeout. One process: re-raise its own error unchanged."""
     if ctx.world_size == 1 or not dist.is_initialized():
-        if error is not None:
+        if isinstance(error, CheckpointError):
             raise error
+        if error is not None:  # e.g. OSError: disk full, file-size limit, read-only
+            raise CheckpointError(f"{what} failed: {type(error).__name__}: {error}; the "
+                                  "previous checkpoint and the tracker are untouched") from error
         return
     flags = torch.zeros(ctx.world_size, device=ctx.device)
     flags[ctx.rank] = float(error is not None)
@@ -107,7 +111,19 @@ def save_checkpoint(save_dir: str, iteration: int, model, optimizer, cfg: Config
             _write_meta(tmp, save_dir, iteration, dtype, opt_sd is not None, cfg, ctx, state)
     except Exception as e:  # noqa: BLE001 - reported to every rank by _agree
         error = e
-    _agree(ctx, error, f"saving checkpoint {tmp}")
+    try:
+        _agree(ctx, error, f"saving checkpoint {tmp}")
+        digests = integrity.gather_checksums(tmp, ctx)  # collective: each rank hashes its files
+        try:
+            if ctx.rank == 0:
+                integrity.record_checksums(tmp, digests)
+        except Exception as e:  # noqa: BLE001 - reported to every rank by _agree
+            error = e
+        _agree(ctx, error, f"recording checksums in {tmp}")
+    except CheckpointError:
+        if ctx.rank == 0:  # every rank is past writing: free the space the partial save took
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if ctx.rank == 0:
         _publish(save_dir, tmp, final, iteration)
         log.info("saved checkpoint %s (%s)", final, ctx.layout)
@@ -156,6 +172,9 @@ def _publish(save_dir: str, tmp: str, final: str, iteration: int) -> None:
     fmt.write_tracker(save_dir, iteration)
     if old:
         shutil.rmtree(old, ignore_errors=True)
+    for name in os.listdir(save_dir):  # temp dirs of saves killed mid-write
+        if name.startswith("iter_") and name.endswith((".tmp", ".old")):
+            shutil.rmtree(os.path.join(save_dir, name), ignore_errors=True)
 
 
 def convert_command(load_dir: str, tp: int, pp: int) -> str:
@@ -172,6 +191,8 @@ def load_checkpoint(load_dir: str, model, optimizer, cfg: Config,
     (e.g. after a layout conversion or with a different world size).
     """
     iter_dir = fmt.resolve_iter_dir(load_dir)
+    if cfg.checkpoint.verify_checksums:
+        integrity.verify_for_rank(iter_dir, ctx)
     meta = fmt.read_meta(iter_dir)
     meta_path = os.path.join(iter_dir, fmt.META)
     tp, pp = int(meta["layout"]["tp"]), int(meta["layout"]["pp"])
@@ -242,14 +263,17 @@ def _load_rng(path: str):
         return load_plain(path)
 
 
-def load_weights(path: str, model, ctx: ParallelContext | None = None, **source_options) -> None:
+def load_weights(path: str, model, ctx: ParallelContext | None = None, *, verify: bool = True,
+                 **source_options) -> None:
     """Fill `model` (this rank's stage and tp shard) with weights from `path`: our checkpoint
     in any layout, a HuggingFace LLaMA directory or a Megatron-LM checkpoint (legacy or
-    torch_dist)."""
+    torch_dist). `verify`: check our checkpoints' recorded checksums first."""
     ctx = ctx or model.ctx
     source_options.setdefault("make_vocab_size_divisible_by",
                               model.cfg.make_vocab_size_divisible_by)  # for HF / Megatron
     with open_source(path, **source_options) as src, torch.no_grad():
+        if verify and src.kind == "megacpt":
+            integrity.verify_model_files(src.iter_dir, src.tp, src.pp)
         fmt.check_same_model(src.cfg.model, model.cfg, f"{path} ({src.kind})")
         for name, p in model.named_parameters():
             part = src.get_shard(name, ctx.tp, ctx.tp_rank)

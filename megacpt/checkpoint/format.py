@@ -119,11 +119,20 @@ def read_tracker(save_dir: str) -> int | None:
 def write_tracker(save_dir: str, iteration: int) -> None:
     """Atomically point `save_dir` at `iteration` (temp file + os.replace)."""
     fd, tmp = tempfile.mkstemp(dir=save_dir, prefix=".tracker-")
-    with os.fdopen(fd, "w") as f:
-        f.write(f"{iteration}\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(save_dir, TRACKER))
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{iteration}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(save_dir, TRACKER))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    for name in os.listdir(save_dir):  # leftovers of saves killed mid-write (one writer)
+        if name.startswith(".tracker-"):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(save_dir, name))
 
 
 def resolve_iter_dir(path: str) -> str:

@@ -22,8 +22,16 @@ is right at every optimizer-step boundary on every rank.
 
 `microbatch_samples` is the order rule in one place: the sampler uses it for the stream and
 `split_global_batch` for a global batch already in memory (tests, benchmarks).
+
+Signals and randomness: worker processes ignore SIGTERM, SIGUSR1 and SIGINT (a signal sent to
+the process group must reach only the trainer, which saves and stops; a killed worker would
+end it with a traceback instead), and the loader draws its workers' base seed from its own
+generator, never from the global torch RNG, so building a loader (e.g. the first validation
+after a resume) leaves the training RNG streams exactly where an uninterrupted run has them.
 """
 from __future__ import annotations
+
+import signal
 
 import numpy as np
 import torch
@@ -91,6 +99,15 @@ class DataParallelBatchSampler(Sampler):
                                           self.consumed))
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:  # noqa: ARG001 - worker_init_fn
+    """DataLoader `worker_init_fn`: only the main process reacts to stop signals."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
 class _Collate:
     def __init__(self, default_name: str):
         self.default_name = default_name
@@ -133,7 +150,9 @@ def build_loader(dataset, micro_batch_size: int, consumed_samples: int, dp_rank:
     kwargs = {}
     if num_workers > 0:
         kwargs["prefetch_factor"] = prefetch_factor or 4
+        kwargs["worker_init_fn"] = ignore_stop_signals
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
                         collate_fn=_Collate(getattr(dataset, "name", "")),
-                        pin_memory=pin_memory, **kwargs)
+                        pin_memory=pin_memory, generator=torch.Generator().manual_seed(0),
+                        **kwargs)
     return DataParallelLoader(dataset, loader, sampler)

@@ -4,7 +4,8 @@
         --tokenizer-type SentencePieceTokenizer --tokenizer-model M.model \\
         --output-prefix P --workers N [--append-eod] [--partitions K] [--log-interval D]
 
-writes `P_{key}_document.bin/.idx` per json key (format: `megacpt.data.indexed`). Each
+writes `P_{key}_document.bin/.idx` per json key (format: `megacpt.data.indexed`) and beside
+each a `.tokenizer.json` record of the tokenizer that made it (`megacpt.data.sidecar`). Each
 document (input line) becomes one sequence: the tokenizer's ids for its text (no BOS), then
 the EOD id with `--append-eod`; document order is kept. Blank lines are ignored; any other
 line that is not a JSON object with the keys as strings stops the run with `FILE:LINE:
@@ -44,6 +45,7 @@ import time
 import numpy as np
 
 from megacpt.data.indexed import IndexedDataset, IndexedDatasetBuilder, IndexedFormatError
+from megacpt.data import sidecar
 from megacpt.data.indexed import best_dtype, strip_suffix
 from megacpt.data.jsonl import BadLine, is_gzip, open_input, parse_line
 from megacpt.data.tokenizer import TOKENIZER_TYPES, build_tokenizer
@@ -270,6 +272,10 @@ def run(args) -> dict:
     if args.partitions > 1 and args.partition_index is None:
         merge_shards([f"{args.output_prefix}_{k}" for k in range(args.partitions)],
                      args.output_prefix, args.json_keys, args.keep_partitions)
+    done = args.output_prefix if args.partition_index is None else \
+        f"{args.output_prefix}_{args.partition_index}"
+    for out in output_prefixes(done, args.json_keys).values():  # which tokenizer made it
+        sidecar.write(out, args.tokenizer_model, tok.vocab_size)
     report["seconds"] = time.time() - t0
     return report
 
@@ -343,10 +349,20 @@ def merge_main(argv=None) -> None:
 
 def main(argv=None) -> None:
     args = get_args(argv)
+    if not os.path.isfile(args.tokenizer_model):
+        print(f"error: --tokenizer-model {args.tokenizer_model}: file not found (train one "
+              f"with tools/train_tokenizer.py)", file=sys.stderr)
+        raise SystemExit(2)
+    if not os.path.isfile(args.input):
+        print(f"error: --input {args.input}: file not found", file=sys.stderr)
+        raise SystemExit(2)
     try:
         r = run(args)
     except BadLine as e:
         raise SystemExit(f"error: {e}") from None
+    except (FileNotFoundError, ValueError) as e:  # unreadable tokenizer model, bad shards
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     outs = output_prefixes(args.output_prefix if args.partition_index is None
                            else f"{args.output_prefix}_{args.partition_index}", args.json_keys)
     print(f"done: {r['docs']} documents, {r['tokens']} tokens, {r['bytes'] / 1e6:.1f} MB in "

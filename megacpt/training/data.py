@@ -159,7 +159,13 @@ class TrainData:
             for name, prefix in cfg.data.valid_data_path.items():
                 self.valid[name] = _real_valid(cfg, name, prefix, self.eval_samples)
         else:
-            self.train, self.valid = _build_real(cfg, self.eval_samples, data_state, ctx)
+            try:
+                self.train, self.valid = _build_real(cfg, self.eval_samples, data_state, ctx)
+            except ValueError as e:  # e.g. an empty train split; IndexedFormatError is one
+                raise ConfigError(str(e)) from None
+        #: dataset name -> prefix (error messages name the file)
+        self.prefixes = {} if self.mock else {n: p for n, _, p in train_prefixes(cfg)}
+        self.prefixes.update(cfg.data.valid_data_path)
         self.blend = dict(self.train.weights)
         self.target = cfg.data.target or next(iter(self.blend))
         if self.target not in self.blend and self.target not in self.valid:
@@ -192,13 +198,25 @@ class TrainData:
     def valid_names(self) -> list[str]:
         return list(self.valid)
 
-    def _check_ids(self, tokens: torch.Tensor, labels: torch.Tensor, what: str) -> None:
+    def _check_ids(self, tokens: torch.Tensor, labels: torch.Tensor, what: str,
+                   names: list[str] | None = None) -> None:
         hi = int(torch.maximum(tokens.max(), labels.max()))
         lo = int(torch.minimum(tokens.min(), labels.min()))
-        if hi >= self.vocab or lo < 0:
-            raise ConfigError(f"{what} holds token id {hi if hi >= self.vocab else lo}, "
-                              f"outside the model's vocabulary of {self.vocab} (ids 0.."
-                              f"{self.vocab - 1})")
+        if hi < self.vocab and lo >= 0:
+            return
+        bad = ((tokens >= self.vocab) | (tokens < 0) | (labels >= self.vocab)
+               | (labels < 0)).any(dim=1)  # [b]
+        row = int(bad.nonzero()[0, 0])
+        ids = torch.cat([tokens[row], labels[row]])
+        worst = int(ids[(ids >= self.vocab) | (ids < 0)][0])
+        source = ""
+        if names:
+            prefix = self.prefixes.get(names[row])
+            source = f" (dataset {names[row]!r}" + (f", file {prefix}.bin)" if prefix else ")")
+        raise ConfigError(f"{what}{source} holds token id {worst}, outside the model's "
+                          f"vocabulary of {self.vocab} (ids 0..{self.vocab - 1}); the data "
+                          f"was tokenized with a larger vocabulary than --tokenizer-model/"
+                          f"--vocab-size gives")
 
     def next_microbatches(self) -> tuple[list[dict], dict[str, int]]:
         """This dp rank's micro-batches of the next step, on the device, and how many
@@ -213,7 +231,7 @@ class TrainData:
                                   f"was built for {len(self.train)} samples") from None
             if not self.mock:
                 self._check_ids(batch["tokens"], batch["labels"],
-                                f"training micro-batch at sample {start}")
+                                f"training micro-batch at sample {start}", batch["dataset"])
             mbs.append({"tokens": batch["tokens"].to(self.ctx.device, non_blocking=True),
                         "labels": batch["labels"].to(self.ctx.device, non_blocking=True)})
         self.consumed_samples += self.global_batch
@@ -236,7 +254,8 @@ class TrainData:
             loader = build_loader(ds, self.mbs, 0, self.ctx.dp_rank, self.ctx.dp, 0)
             out = []
             for batch in loader:
-                self._check_ids(batch["tokens"], batch["labels"], f"validation set {name!r}")
+                self._check_ids(batch["tokens"], batch["labels"], f"validation set {name!r}",
+                                [name] * len(batch["tokens"]))
                 out.append({"tokens": batch["tokens"].to(self.ctx.device),
                             "labels": batch["labels"].to(self.ctx.device)})
             self._valid_cache[name] = out

@@ -1,8 +1,8 @@
 """Fault handling in the training loop: preemption signals, non-finite steps, dead ranks.
 
-- `PreemptionHandler`: SIGTERM / SIGUSR1 set a flag instead of killing the process; the loop
-  asks `should_stop()` once per step, which agrees over all ranks (max over the world), saves
-  a checkpoint and exits 0. A second signal of the same kind while saving is ignored.
+- `PreemptionHandler` (`megacpt.training.signals`, re-exported here): SIGTERM / SIGUSR1 /
+  SIGINT set a flag instead of killing the process; the loop saves and exits 0 at the next
+  step boundary; a second SIGINT aborts at once.
 - `NonFiniteTracker`: counts steps whose loss or gradient norm is not finite (the step is
   skipped: no parameter update); after `max_consecutive` in a row it raises `NonFiniteError`
   naming the step and the last good checkpoint.
@@ -22,17 +22,15 @@ import contextlib
 import logging
 import math
 import os
-import signal
 import threading
 import time
 from typing import Callable
 
-import torch
 import torch.distributed as dist
 
-log = logging.getLogger("megacpt.train")
+from megacpt.training.signals import PREEMPTION_SIGNALS, PreemptionHandler  # noqa: F401
 
-PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+log = logging.getLogger("megacpt.train")
 
 
 class TrainingError(RuntimeError):
@@ -45,54 +43,6 @@ class NonFiniteError(TrainingError):
 
 class DeadRankError(TrainingError):
     """A collective failed or timed out: another rank most likely died."""
-
-
-class PreemptionHandler:
-    """Context manager turning preemption signals into a flag the loop checks each step."""
-
-    def __init__(self, signals=PREEMPTION_SIGNALS):
-        self.signals = tuple(signals)
-        self.received: int | None = None
-        self._old = {}
-
-    def _handle(self, signum, frame):  # noqa: ARG002 - signal handler signature
-        if self.received is None:
-            log.warning("received %s: will save a checkpoint and exit after this step",
-                        signal.Signals(signum).name)
-        self.received = signum
-
-    def __enter__(self) -> "PreemptionHandler":
-        if threading.current_thread() is not threading.main_thread():
-            log.warning("not on the main thread: preemption signals are not handled")
-            return self
-        for s in self.signals:
-            self._old[s] = signal.signal(s, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for s, old in self._old.items():
-            signal.signal(s, old)
-        self._old.clear()
-
-    def should_stop(self, group=None) -> bool:
-        """True on every rank when any rank received a signal (a collective when distributed)."""
-        flag = 1 if self.received is not None else 0
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
-            t = torch.tensor([flag], dtype=torch.int32,
-                             device=_collective_device())
-            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-            flag = int(t.item())
-        return bool(flag)
-
-    @property
-    def signal_name(self) -> str | None:
-        return None if self.received is None else signal.Signals(self.received).name
-
-
-def _collective_device() -> torch.device:
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 class NonFiniteTracker:

@@ -34,6 +34,7 @@ reads them back (numpy's state array and Python's state tuple are not plain tens
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -188,6 +189,8 @@ class Trainer:
         self.counters = Counters()
         self.iteration = 0
         self.last_checkpoint: str | None = None
+        #: the newest checkpoint saved outside a streak of skipped (non-finite) steps
+        self.last_good_checkpoint: str | None = None
         if not self.resumed:  # weights first, so the optimizer's fp32 masters copy them
             self._init_weights()
         self.optimizer = build_optimizer(
@@ -214,7 +217,7 @@ class Trainer:
         if ck.load:
             self._log0("no checkpoint in --load %s yet: starting at iteration 0", ck.load)
         if ck.init_from:
-            load_weights(ck.init_from, self.model, self.ctx)
+            load_weights(ck.init_from, self.model, self.ctx, verify=ck.verify_checksums)
             self._log0("initialised weights from %s (CPT: fresh optimizer, iteration 0, "
                        "LR warm-up over %d steps)", ck.init_from, self.schedule.warmup_iters)
 
@@ -227,9 +230,15 @@ class Trainer:
         if state.get("rng") is not None:
             set_rng_state(state["rng"])
         self.iteration = int(it)
-        self.last_checkpoint = checks.iteration_dir(ck.load, self.iteration)
+        self.last_checkpoint = self.last_good_checkpoint = checks.resolved_iter_dir(ck.load)
         self._log0("resumed from %s at iteration %d (%d tokens consumed)",
                    self.last_checkpoint, self.iteration, self.counters.consumed_tokens)
+        old_blend = ((state.get("data") or {}).get("segment") or {}).get("weights")
+        if old_blend and self.ctx.rank == 0 and not checks.same_blend(old_blend, self.data.blend):
+            log.warning("the blend changed on resume: checkpoint %s -> now %s (a new blend "
+                        "segment starts at sample %d; each dataset continues where it stopped)",
+                        _fmt_blend(old_blend), _fmt_blend(self.data.blend),
+                        self.data.consumed_samples)
 
     def run_kind(self) -> str:
         return self.cfg.logging.run_kind or ("cpt" if self.cfg.checkpoint.init_from else "scratch")
@@ -287,7 +296,7 @@ class Trainer:
         self.iteration += 1
         self.counters.add_batch(counts, self.cfg.model.seq_length)
         skipped = not applied or not NonFiniteTracker.finite(grad_norm)
-        self.nonfinite.record(self.iteration, skipped, loss, grad_norm, self.last_checkpoint)
+        self.nonfinite.record(self.iteration, skipped, loss, grad_norm, self.last_good_checkpoint)
         self.counters.skipped_steps = self.nonfinite.total
         dt = time.perf_counter() - start
         c, fpt = self.counters, self.flops_per_token
@@ -338,23 +347,33 @@ class Trainer:
         save_checkpoint(self.cfg.checkpoint.save, self.iteration, self.model, self.optimizer,
                         self.cfg, self.ctx, state)
         self.last_checkpoint = checks.iteration_dir(self.cfg.checkpoint.save, self.iteration)
+        if self.nonfinite.consecutive == 0:  # not saved inside a streak of skipped steps
+            self.last_good_checkpoint = self.last_checkpoint
         self._log0("checkpoint of iteration %d took %.1fs", self.iteration,
                    time.perf_counter() - start)
         return self.last_checkpoint
 
     # ----- the loop -----
-    def run(self) -> TrainResult:
-        """Train to --train-iters (or until --exit-interval / a preemption signal)."""
+    def run(self, preempt: PreemptionHandler | None = None) -> TrainResult:
+        """Train to --train-iters (or until --exit-interval / a preemption signal).
+
+        `preempt`: a handler installed earlier (the CLI installs one before start-up, so a
+        signal during start-up is kept); by default one is installed for the run."""
         result = TrainResult(self.iteration, "done")
         timeout = self.cfg.parallel.distributed_timeout_minutes
         watchdog = Watchdog(60 * timeout, self.ctx.rank, enabled=self.ctx.distributed)
         try:
-            with PreemptionHandler() as preempt, watchdog, \
-                    collective_guard(self.ctx.rank, timeout):
-                if not self.resumed and self.iteration == 0:
+            with (contextlib.nullcontext(preempt) if preempt else PreemptionHandler()) as preempt, \
+                    watchdog, collective_guard(self.ctx.rank, timeout):
+                if preempt.should_stop():  # signalled during start-up: nothing new to save
+                    self._log0("stopped by %s before the first step (iteration %d)",
+                               preempt.signal_name or "a signal on another rank",
+                               self.iteration)
+                    result.reason = "signal"
+                elif not self.resumed and self.iteration == 0:
                     result.valid = self.evaluate()
                 self.throughput.start(self.iteration, self.counters.consumed_tokens)
-                while self.iteration < self.train_iters:
+                while self.iteration < self.train_iters and result.reason != "signal":
                     watchdog.beat(f"step {self.iteration + 1}")
                     row = self.train_step()
                     result.losses[row["iteration"]] = row["lm_loss"]
@@ -389,6 +408,10 @@ class Trainer:
         if exiting and it < self.train_iters:
             return "exit_interval"
         return None
+
+
+def _fmt_blend(weights: dict) -> str:
+    return "{" + ", ".join(f"{n}: {float(w):.4g}" for n, w in weights.items()) + "}"
 
 
 def train(cfg: Config, opts: RunOptions | None = None, ctx: ParallelContext | None = None,

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 
 import torch
 
+from megacpt.config import ConfigError
 from megacpt.hardware import peak_bf16_flops
 
 log = logging.getLogger("megacpt.train")
@@ -133,15 +134,22 @@ class MetricsLogger:
             return 0
         keep, dropped = [], 0
         with open(self.path, encoding="utf-8") as f:
-            for line in f:
-                if not line.strip():
-                    continue
+            lines = [line for line in f if line.strip()]
+        for n, line in enumerate(lines, 1):
+            try:
                 row = json.loads(line)
-                if row.get("type") in ("train", "valid", "resume") and \
-                        row.get("iteration", 0) > iteration:
-                    dropped += 1
-                else:
-                    keep.append(line if line.endswith("\n") else line + "\n")
+            except json.JSONDecodeError as e:
+                if not is_torn(lines, n):
+                    raise ConfigError(f"{self.path}:{n}: not a JSON object ({e.msg}); fix or "
+                                      f"delete that line") from None
+                log.warning("%s: dropped its torn last line %d (a crash or a full disk cut "
+                            "it short)", self.path, n)
+                continue
+            if row.get("type") in ("train", "valid", "resume") and \
+                    row.get("iteration", 0) > iteration:
+                dropped += 1
+            else:
+                keep.append(line if line.endswith("\n") else line + "\n")
         tmp = self.path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             f.writelines(keep)
@@ -154,24 +162,34 @@ class MetricsLogger:
             self._tb = None
 
 
+def is_torn(lines: list[str], n: int) -> bool:
+    """Line n (1-based) is the last one and has no newline: a row whose write was cut short."""
+    return n == len(lines) and not lines[-1].endswith("\n")
+
+
 def read_metrics(path: str, kind: str | None = None) -> list[dict]:
     """Rows of a metrics.jsonl file (a run directory or the file itself), optionally of one type.
 
-    A malformed line is an error naming the file and line number.
+    A malformed line is an error naming the file and line number, except a last line without
+    its newline: a crash or a full disk cut that row short, and it is skipped (on resume the
+    trainer also drops it from the file).
     """
     if os.path.isdir(path):
         path = os.path.join(path, METRICS_FILE)
     rows = []
     with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
+        lines = f.readlines()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if is_torn(lines, n):  # a crash or a full disk cut it short: the row is lost
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not a JSON object ({e.msg})") from None
-            if kind is None or row.get("type") == kind:
-                rows.append(row)
+            raise ValueError(f"{path}:{n}: not a JSON object ({e.msg})") from None
+        if kind is None or row.get("type") == kind:
+            rows.append(row)
     return rows
 
 

@@ -1,4 +1,5 @@
 """Single-process save/resume, weights-only loading, and the errors for bad checkpoints."""
+import copy
 import json
 import os
 
@@ -59,9 +60,11 @@ def test_crash_mid_save_keeps_previous_checkpoint(cfg, batches, tmp_path, monkey
         return real(path, tensors, metadata)
 
     monkeypatch.setattr(checkpointing, "save_tensors", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError, match="iter_0000002.tmp failed: OSError: disk full; "
+                       "the previous checkpoint and the tracker are untouched"):
         save_checkpoint(str(tmp_path), 2, model, opt, cfg, ctx, fake_state(2))
-    assert read_tracker(str(tmp_path)) == 1 and os.path.isdir(tmp_path / "iter_0000002.tmp")
+    assert read_tracker(str(tmp_path)) == 1  # the partial save's space is freed at once
+    assert not os.path.exists(tmp_path / "iter_0000002.tmp")
     assert not os.path.exists(tmp_path / "iter_0000002")
     it, _ = load_checkpoint(str(tmp_path), model, opt, cfg, ctx)
     assert it == 1
@@ -109,8 +112,12 @@ def test_damaged_shards_are_named(cfg, tmp_path):
     save_file(tensors, str(f))
     with pytest.raises(CheckpointError, match=r"down.weight' has shape \(32, 65\) but the config"):
         load_model(str(tmp_path))
+    with pytest.raises(CheckpointError, match=r"model.safetensors: xxh3_128 checksum mismatch"):
+        load_checkpoint(str(tmp_path), model, None, cfg, ctx)  # refused before any shape check
+    unverified = copy.deepcopy(cfg)
+    unverified.checkpoint.verify_checksums = False
     with pytest.raises(CheckpointError, match=r"has shape \(32, 65\), the model expects"):
-        load_checkpoint(str(tmp_path), model, None, cfg, ctx)
+        load_checkpoint(str(tmp_path), model, None, unverified, ctx)
     data = open(f, "rb").read()
     open(f, "wb").write(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="model.safetensors.*truncated"):

@@ -67,3 +67,62 @@ def real_args(corpus: dict, *extra: str, iters: int = 6) -> list:
 
 def config(argv):
     return parse_args(argv)
+
+
+# ----- the trainer's CLI in subprocesses (signal, disk and chaos tests) -----
+
+def start_cli(argv: list, rank: int = 0, world: int = 1, port: int | None = None,
+              new_session: bool = False, preexec_fn=None, env: dict | None = None):
+    """`python -m megacpt.train ARGV` as rank `rank` of `world` (env:// variables, like
+    torchrun sets them); its merged output is collected line by line in `proc.lines`."""
+    import subprocess
+    import sys
+    import threading
+
+    extra = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    if world > 1:
+        extra.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                     LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT=str(port))
+    proc = subprocess.Popen([sys.executable, "-m", "megacpt.train", *argv],
+                            env={**os.environ, **extra, **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=new_session, preexec_fn=preexec_fn)
+    proc.lines = []
+
+    def read():
+        for line in proc.stdout:
+            proc.lines.append(line)
+
+    proc.reader = threading.Thread(target=read, daemon=True)
+    proc.reader.start()
+    return proc
+
+
+def output(proc) -> str:
+    proc.reader.join(timeout=30)
+    return "".join(proc.lines)
+
+
+def wait_until(cond, procs, timeout: float = 180, what: str = "the condition"):
+    """Poll `cond()` every 10 ms; fail early if a process ends first."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not cond():
+        for p in procs:
+            assert p.poll() is None, f"process ended (rc {p.returncode}) before {what}:\n" \
+                                     + output(p)
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def printed(proc, text: str) -> bool:
+    return any(text in line for line in list(proc.lines))
+
+
+def train_rows(logs: str) -> list:
+    from megacpt.training.metrics import read_metrics
+
+    path = os.path.join(logs, "metrics.jsonl")
+    return read_metrics(logs, "train") if os.path.exists(path) else []

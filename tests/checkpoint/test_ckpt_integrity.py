@@ -1,0 +1,107 @@
+"""Checksums in meta.json: recorded at save, verified on load; a flipped bit is refused with
+the file's name and the newest older checkpoint that verifies."""
+import json
+import os
+import sys
+
+import pytest
+
+from megacpt.checkpoint import CheckpointError, integrity
+from megacpt.training.loop import Trainer, train
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "training"))
+from _train_helpers import config, mock_args  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def saved(_one_thread, tmp_path_factory):
+    """A save dir with iter_1..iter_3 (one per step) of a tiny mock run."""
+    ck = str(tmp_path_factory.mktemp("ck") / "ck")
+    train(*config(mock_args("--save", ck, "--save-interval", "1", iters=3)))
+    return ck
+
+
+def _copy(saved, tmp_path):
+    import shutil
+
+    dst = str(tmp_path / "ck")
+    shutil.copytree(saved, dst)
+    return dst
+
+
+def _flip_bit(path: str, offset_from_end: int = 3) -> None:
+    data = bytearray(open(path, "rb").read())
+    data[len(data) - offset_from_end] ^= 0x10  # inside the last tensor's bytes
+    open(path, "wb").write(bytes(data))
+
+
+def test_checksums_cover_every_file(saved):
+    it3 = f"{saved}/iter_0000003"
+    meta = json.load(open(f"{it3}/meta.json"))
+    sums = meta["checksums"]
+    assert sums["algorithm"] == integrity.default_algorithm() == "xxh3_128"
+    files = sorted(os.path.relpath(os.path.join(r, f), it3) for r, _, fs in os.walk(it3)
+                   for f in fs if f != "meta.json")
+    assert sorted(sums["files"]) == files and len(files) == 4
+    assert integrity.problems(it3) == []
+
+
+def test_flipped_bit_is_refused_naming_file_and_older_good_checkpoint(saved, tmp_path):
+    ck = _copy(saved, tmp_path)
+    bad = f"{ck}/iter_0000003/mp_rank_00_000/model.safetensors"
+    _flip_bit(bad)
+    argv = mock_args("--save", ck, "--load", ck, iters=3)
+    with pytest.raises(CheckpointError) as e:
+        Trainer(*config(argv))
+    msg = str(e.value)
+    assert bad in msg and "checksum mismatch" in msg
+    assert f"newest older checkpoint that verifies is {ck}/iter_0000002" in msg
+    assert f"--load {ck}/iter_0000002" in msg and "--no-verify-checksums" in msg
+    _flip_bit(f"{ck}/iter_0000002/rng/rank_0.pt", 40)  # the older one is damaged too
+    with pytest.raises(CheckpointError, match="verifies is .*iter_0000001"):
+        Trainer(*config(argv))
+    trainer = Trainer(*config(argv + ["--no-verify-checksums"]))  # the user's explicit choice
+    assert trainer.iteration == 3
+
+
+def test_edited_meta_is_refused(saved, tmp_path):
+    ck = _copy(saved, tmp_path)
+    path = f"{ck}/iter_0000003/meta.json"
+    meta = json.load(open(path))
+    meta["state"]["counters"]["consumed_samples"] += 4
+    json.dump(meta, open(path, "w"))
+    with pytest.raises(CheckpointError, match="meta.json: its content does not match"):
+        Trainer(*config(mock_args("--load", ck, iters=3)))
+
+
+def test_init_from_verifies_the_weights(saved, tmp_path):
+    ck = _copy(saved, tmp_path)
+    _flip_bit(f"{ck}/iter_0000003/mp_rank_00_000/model.safetensors")
+    with pytest.raises(CheckpointError, match="model.safetensors: xxh3_128 checksum mismatch"):
+        Trainer(*config(mock_args("--init-from", ck, iters=1)))
+
+
+def test_sha256_fallback_and_old_checkpoints(saved, tmp_path, monkeypatch):
+    """Without xxhash, sha256 is recorded and verified; a checkpoint without the field (an
+    older megacpt) loads unverified."""
+    monkeypatch.setattr(integrity, "default_algorithm", lambda: "sha256")
+    ck = str(tmp_path / "ck")
+    train(*config(mock_args("--save", ck, iters=1)))
+    meta = json.load(open(f"{ck}/iter_0000001/meta.json"))
+    assert meta["checksums"]["algorithm"] == "sha256"
+    assert integrity.problems(f"{ck}/iter_0000001") == []
+    _flip_bit(f"{ck}/iter_0000001/mp_rank_00_000/optimizer.safetensors")
+    assert "sha256 checksum mismatch" in integrity.problems(f"{ck}/iter_0000001")[0]
+    del meta["checksums"]
+    json.dump(meta, open(f"{ck}/iter_0000001/meta.json", "w"))
+    assert integrity.problems(f"{ck}/iter_0000001") == []

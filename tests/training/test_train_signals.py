@@ -1,0 +1,117 @@
+"""Stop signals as schedulers send them: to the process group (DataLoader workers included),
+during start-up, SIGINT once (save) and twice (abort at once), and through torchrun."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from megacpt.training.signals import PreemptionHandler
+from _train_helpers import (mock_args, output, printed, start_cli, train_rows, wait_until)
+
+
+def _tracker(ck: str) -> int:
+    return int(open(f"{ck}/latest_checkpointed_iteration.txt").read())
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_signal_to_process_group_with_loader_workers_saves_and_exits_zero(tmp_path, sig):
+    """The whole group gets the signal (what schedulers do), the loader worker too: the
+    worker must ignore it and the trainer save at the next step boundary, exit 0."""
+    ck, logs = str(tmp_path / "ck"), str(tmp_path / "log")
+    argv = mock_args("--save", ck, "--log-dir", logs, "--num-workers", "1", iters=3000)
+    proc = start_cli(argv, new_session=True)
+    try:
+        wait_until(lambda: train_rows(logs), [proc], what="the first step")
+        os.killpg(proc.pid, getattr(signal, sig))
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    out = output(proc)
+    assert proc.returncode == 0, out
+    assert "Traceback" not in out and "DataLoader worker" not in out, out
+    assert f"stopped by {sig}" in out, out
+    saved = _tracker(ck)
+    assert saved == train_rows(logs)[-1]["iteration"] and 0 < saved < 3000
+
+
+def test_signal_during_start_up_exits_zero_before_the_first_step(tmp_path):
+    logs = str(tmp_path / "log")
+    proc = start_cli(mock_args("--log-dir", logs, iters=3000))
+    try:
+        wait_until(lambda: printed(proc, "megacpt.train starting"), [proc], what="start-up")
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = output(proc)
+    assert proc.returncode == 0 and "before the first step" in out, out
+    assert "Traceback" not in out and not train_rows(logs)
+
+
+def test_second_sigint_aborts_at_once(tmp_path):
+    ck = str(tmp_path / "ck")
+    proc = start_cli(mock_args("--save", ck, iters=3000))
+    try:
+        wait_until(lambda: printed(proc, "megacpt.train starting"), [proc], what="start-up")
+        proc.send_signal(signal.SIGINT)
+        wait_until(lambda: printed(proc, "received SIGINT"), [proc], what="the first SIGINT")
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = output(proc)
+    assert proc.returncode == 130, out
+    assert "aborted by a second SIGINT" in out and "Traceback" not in out, out
+    assert not os.path.exists(f"{ck}/latest_checkpointed_iteration.txt")
+
+
+def test_handler_second_sigint_raises_keyboard_interrupt():
+    with PreemptionHandler() as h:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)  # the first SIGINT only sets the flag
+        assert h.should_stop() and h.signal_name == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):  # the handler runs at the next bytecode boundary
+                pass
+
+
+def test_sigterm_to_torchrun_saves_on_every_rank(tmp_path):
+    """SIGTERM to the launcher: torchrun forwards it to each rank's process group; both ranks
+    save the same step and exit 0, with no traceback from any rank."""
+    ck, logs, rank_logs = str(tmp_path / "ck"), str(tmp_path / "log"), str(tmp_path / "ranks")
+    argv = mock_args("--save", ck, "--log-dir", logs, "--num-workers", "1", iters=3000)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           "2", "--log-dir", rank_logs, "--redirects", "3", "-m", "megacpt.train", *argv]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        wait_until(lambda: train_rows(logs), [proc], what="the first step")
+        proc.send_signal(signal.SIGTERM)
+        launcher_out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    ranks = {}
+    for root, _, files in os.walk(rank_logs):
+        for f in files:
+            if f in ("stdout.log", "stderr.log"):
+                ranks.setdefault(os.path.basename(root), "")
+                ranks[os.path.basename(root)] += open(os.path.join(root, f)).read()
+    assert len(ranks) == 2, (launcher_out, ranks)
+    for name, text in ranks.items():
+        assert "Traceback" not in text and "DataLoader worker" not in text, (name, text)
+    assert "stopped by SIGTERM" in "".join(ranks.values()), ranks
+    saved = _tracker(ck)
+    assert saved == train_rows(logs)[-1]["iteration"]
+    meta = json.load(open(f"{ck}/iter_{saved:07d}/meta.json"))
+    assert sorted(meta["checksums"]["files"]) == [
+        "mp_rank_00_000/model.safetensors", "mp_rank_00_000/optimizer.pt",
+        "mp_rank_00_000/optimizer.safetensors", "rng/rank_0.pt", "rng/rank_1.pt"]
