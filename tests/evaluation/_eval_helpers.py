@@ -9,10 +9,10 @@ import os
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DATA = os.path.join(REPO, "examples", "data")
-SEQ = 64
+SEQ = 128
 
 
-def build_assets(out: str, iters: int = 12) -> dict:
+def build_assets(out: str, iters: int = 10) -> dict:
     from megacpt import train
     from megacpt.checkpoint import export_to_hf
     from megacpt.data import preprocess, tokenizer_train
@@ -44,9 +44,10 @@ def build_assets(out: str, iters: int = 12) -> dict:
     assert code == 0, code
     hf = export_to_hf(ckpt, os.path.join(out, "hf"), progress=False)
     tasks = {}
-    for lang in ("en", "zh"):
+    for lang, chars in (("en", 160), ("zh", 60)):  # some items longer than SEQ, some not
         tasks[lang] = write_demo_task(f"{DATA}/{lang}_valid.jsonl.gz", lang,
-                                      os.path.join(out, f"demo_{lang}.jsonl"), num_items=10)
+                                      os.path.join(out, f"demo_{lang}.jsonl"), num_items=10,
+                                      context_chars=chars)
     return {"tokenizer": tok + ".model", "ckpt": ckpt, "hf": hf, "tasks": tasks}
 
 
@@ -69,3 +70,56 @@ def eval_worker(load: str, tasks: dict, tp: int, pp: int, batch_size: int) -> di
     results, _ = evaluate_tasks(model, items, batch_size=batch_size, progress=False,
                                 return_lls=True)
     return results
+
+
+def layouts_worker(load: str, tasks: dict) -> dict:
+    """In a 4-rank world: tp2 x dp2, then pp2 x dp2 (batch size 4)."""
+    return {"tp2dp2": eval_worker(load, tasks, 2, 1, 4),
+            "pp2dp2": eval_worker(load, tasks, 1, 2, 4)}
+
+
+LM_EVAL_YAML = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {path}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{gold}}}}"
+target_delimiter: "{delimiter}"
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+
+
+def write_lm_eval_tasks(tasks: dict[str, str], out: str) -> str:
+    """An lm-eval include directory with one local-data YAML task per task file (each file's
+    items share one delimiter, the first item's)."""
+    os.makedirs(out, exist_ok=True)
+    for name, path in tasks.items():
+        delim = read_items(path)[0].get("target_delimiter", " ")
+        with open(os.path.join(out, f"{name}.yaml"), "w") as f:
+            f.write(LM_EVAL_YAML.format(name=name, path=path, delimiter=delim))
+    return out
+
+
+def lm_eval_hf(hf_dir: str, include: str, names: list[str], batch_size: int = 4) -> dict:
+    """lm-eval's own `hf` model on an HF directory: {task: {"acc", "acc_norm",
+    "lls": per-doc per-choice log-likelihoods}}."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    lm = HFLM(pretrained=hf_dir, batch_size=batch_size, device="cpu", dtype="float32")
+    res = lm_eval.simple_evaluate(model=lm, tasks=names, log_samples=True,
+                                  task_manager=TaskManager(include_path=include))
+    out = {}
+    for name in names:
+        samples = sorted(res["samples"][name], key=lambda s: s["doc_id"])
+        out[name] = {"acc": res["results"][name]["acc,none"],
+                     "acc_norm": res["results"][name]["acc_norm,none"],
+                     "lls": [[float(r[0]) for r in s["filtered_resps"]] for s in samples]}
+    return out
