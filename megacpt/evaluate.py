@@ -146,6 +146,10 @@ def run(args) -> dict:
     tasks = {name: read_task_file(path) for name, path in files.items()}
     if args.limit:
         tasks = {n: items[: args.limit] for n, items in tasks.items()}
+    if args.lm_eval_tasks:  # before any loading: say how to install it when missing
+        from megacpt.evaluation.lm_eval_adapter import require_lm_eval
+
+        require_lm_eval()
     ctx = build_eval_context(args)
     dtype = torch.bfloat16 if args.bf16 else (torch.float32 if args.fp32 else None)
     model = EvalModel.load(args.load, ctx, args.tokenizer_model, dtype, args.attention_backend)

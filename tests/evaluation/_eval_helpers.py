@@ -115,7 +115,8 @@ def lm_eval_hf(hf_dir: str, include: str, names: list[str], batch_size: int = 4)
 
     lm = HFLM(pretrained=hf_dir, batch_size=batch_size, device="cpu", dtype="float32")
     res = lm_eval.simple_evaluate(model=lm, tasks=names, log_samples=True,
-                                  task_manager=TaskManager(include_path=include))
+                                  task_manager=TaskManager(include_path=include,
+                                                           include_defaults=False))
     out = {}
     for name in names:
         samples = sorted(res["samples"][name], key=lambda s: s["doc_id"])
