@@ -36,6 +36,7 @@ setup(
         "plots": ["matplotlib>=3.6"],
         "optuna": ["optuna>=3.0"],
         "gpu": ["flash-attn"],
+        "eval": ["lm-eval>=0.4.2", "transformers>=4.40", "protobuf"],
     },
     entry_points={
         "console_scripts": [
@@ -44,6 +45,8 @@ setup(
             "megacpt-preprocess=megacpt.data.preprocess:main",
             "megacpt-convert=megacpt.checkpoint.convert:main",
             "megacpt-fit=megacpt.scaling.cli:main",
+            "megacpt-evaluate=megacpt.evaluate:main",
+            "megacpt-generate=megacpt.generate:main",
         ],
     },
 )

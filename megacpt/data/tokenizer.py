@@ -52,6 +52,19 @@ class SentencePieceTokenizer:
     def piece_to_id(self, piece: str) -> int:
         return self._sp.piece_to_id(piece)
 
+    def token_bytes(self) -> list[int]:
+        """UTF-8 bytes each id stands for (bits per byte): a byte-fallback piece 1, control
+        and unknown pieces 0, others their text with "\u2581" as one space byte."""
+        out = []
+        for i in range(self.vocab_size):
+            if self._sp.is_byte(i):
+                out.append(1)
+            elif self._sp.is_control(i) or self._sp.is_unknown(i):
+                out.append(0)
+            else:
+                out.append(len(self._sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8")))
+        return out
+
     @property
     def vocab(self) -> dict[str, int]:
         return {self._sp.id_to_piece(i): i for i in range(self.vocab_size)}

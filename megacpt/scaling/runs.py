@@ -175,7 +175,7 @@ def load_run(path: str, valid_name: str | None = None) -> dict:
     train = {"iteration": np.array(train_its, dtype=np.int64),
              "rows": [train_by_it[i] for i in train_its]}
     N = float(header["num_parameters"])
-    cols = {k: [] for k in ("iteration", "loss", "D", "tokens", "flops")}
+    cols = {k: [] for k in ("iteration", "loss", "D", "tokens", "flops", "bpb")}
     sources, dropped = set(), 0
     for it in sorted(valid_by_it):
         lineno, row = valid_by_it[it]
@@ -187,7 +187,8 @@ def load_run(path: str, valid_name: str | None = None) -> dict:
             continue
         sources.add(src)
         flops = _field(path, lineno, row, "flops") if row.get("flops") is not None else np.nan
-        for key, val in zip(cols, (it, loss, D, total, flops)):
+        bpb = float(row["bpb"]) if row.get("bpb") is not None else np.nan  # bits per byte
+        for key, val in zip(cols, (it, loss, D, total, flops, bpb)):
             cols[key].append(val)
     arrays = {k: np.array(v, dtype=np.int64 if k == "iteration" else np.float64)
               for k, v in cols.items()}
@@ -209,7 +210,8 @@ def load_runs(dirs, valid_name: str | None = None) -> list[dict]:
     Returns one dict per run: name, path, header, model_size, N, run_kind, target,
     valid_name, blend, init_from, and arrays over its validation points (sorted by
     iteration): iteration, loss, D (target tokens), tokens (total), flops (logged total,
-    NaN if absent), C (= 6 N D); plus D_source and dropped_zero_tokens.
+    NaN if absent), bpb (bits per byte, NaN if absent), C (= 6 N D); plus D_source and
+    dropped_zero_tokens.
     """
     if isinstance(dirs, (str, os.PathLike)):
         dirs = [dirs]

@@ -51,6 +51,7 @@ from megacpt.parallel.context import ParallelContext, init_distributed, resolve_
 from megacpt.parallel.optimizer import build_optimizer
 from megacpt.parallel.schedule import forward_backward
 from megacpt.training import checks
+from megacpt.training.bits_per_byte import bits_per_byte, bytes_per_token
 from megacpt.training.data import TrainData
 from megacpt.training.faults import (NonFiniteTracker, PreemptionHandler, Watchdog,
                                      collective_guard)
@@ -191,6 +192,7 @@ class Trainer:
         self.last_checkpoint: str | None = None
         #: the newest checkpoint saved outside a streak of skipped (non-finite) steps
         self.last_good_checkpoint: str | None = None
+        self._bytes_per_token: dict[str, float | None] = {}  # per validation set
         if not self.resumed:  # weights first, so the optimizer's fp32 masters copy them
             self._init_weights()
         self.optimizer = build_optimizer(
@@ -324,17 +326,33 @@ class Trainer:
         """Mean loss on each named validation set (the same samples every time)."""
         out = {}
         self.model.eval()
+        bpbs = {}
         for name in self.data.valid_names:
             mbs = self.data.valid_microbatches(name)
             loss = forward_backward(self.model, mbs, self.ctx, forward_only=True)
             out[name] = loss
+            bpbs[name] = bits_per_byte(loss, self._valid_bytes_per_token(name, mbs))
             self.metrics.valid(name, self.iteration, loss, self.counters.consumed_tokens,
-                               self.counters.flops(self.flops_per_token))
+                               self.counters.flops(self.flops_per_token), bpb=bpbs[name])
         self.model.train()
         if out:
-            self._log0("validation at iteration %d: %s", self.iteration,
-                       ", ".join(f"{k} {v:.4f}" for k, v in out.items()))
+            self._log0("validation at iteration %d: %s", self.iteration, ", ".join(
+                f"{k} {v:.4f}" + (f" ({bpbs[k]:.4f} bpb)" if bpbs[k] is not None else "")
+                for k, v in out.items()))
         return out
+
+    def _valid_bytes_per_token(self, name: str, mbs: list[dict]) -> float | None:
+        """UTF-8 bytes per token of validation set `name` (cached; None without a tokenizer)."""
+        cache = self._bytes_per_token
+        if name not in cache:
+            tok = self.cfg.data.tokenizer_model
+            cache[name] = None
+            if tok and os.path.isfile(tok):
+                from megacpt.data.tokenizer import SentencePieceTokenizer
+
+                table = torch.tensor(SentencePieceTokenizer(tok).token_bytes(), dtype=torch.float64)
+                cache[name] = bytes_per_token(mbs, table, self.ctx)
+        return cache[name]
 
     # ----- checkpoints -----
     def save(self) -> str:

@@ -23,7 +23,9 @@ train (one per optimizer step, skipped steps included)::
 valid (one per named validation set per evaluation)::
 
     {"type": "valid", "split": "valid", "name": "zh", "iteration": i, "loss": float,
-     "consumed_tokens": int, "flops": float, "time": unix seconds}
+     "bpb": float (bits per UTF-8 byte, `megacpt.training.bits_per_byte`; only with a
+     tokenizer, absent on mock data), "consumed_tokens": int, "flops": float,
+     "time": unix seconds}
 
 resume (a run resumed with `--load`)::
 
@@ -116,12 +118,17 @@ class MetricsLogger:
                                     fields["consumed_tokens"])
 
     def valid(self, name: str, iteration: int, loss: float, consumed_tokens: int,
-              flops: float) -> None:
-        self.write({"type": "valid", "split": "valid", "name": name, "iteration": iteration,
-                    "loss": loss, "consumed_tokens": consumed_tokens, "flops": flops})
+              flops: float, bpb: float | None = None) -> None:
+        row = {"type": "valid", "split": "valid", "name": name, "iteration": iteration,
+               "loss": loss, "consumed_tokens": consumed_tokens, "flops": flops}
+        if bpb is not None:
+            row["bpb"] = bpb
+        self.write(row)
         if self._tb is not None and math.isfinite(loss):
             self._tb.add_scalar(f"valid/{name}", loss, iteration)
             self._tb.add_scalar(f"valid_vs_tokens/{name}", loss, consumed_tokens)
+            if bpb is not None:
+                self._tb.add_scalar(f"valid_bpb/{name}", bpb, iteration)
 
     def has_header(self) -> bool:
         if not self.path or not os.path.exists(self.path):

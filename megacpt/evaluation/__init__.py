@@ -1,0 +1,10 @@
+"""Downstream evaluation: multiple-choice task files scored like lm-evaluation-harness, on any
+checkpoint in any layout (`megacpt.evaluate` is the CLI).
+
+    read_task_file(path) -> [TaskItem]                   tasks.py (format, metrics)
+    EvalModel.load(path, ctx) ; loglikelihoods(...)      runner.py (layouts, batching)
+    evaluate_tasks(model, {name: items}) -> (metrics, stats)   megacpt.evaluate
+"""
+from megacpt.evaluation.tasks import EvalInputError, TaskItem, read_task_file
+
+__all__ = ["EvalInputError", "TaskItem", "read_task_file"]
