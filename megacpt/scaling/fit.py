@@ -87,7 +87,7 @@ def evaluate(theta, design: Design, logl, weights, delta=HUBER_DELTA, order=2):
     """Objective (order 0), + gradient (1), + Gauss-Newton/IRLS curvature (2) for a batch.
 
     theta [S, P] (float32 or float64: the arithmetic follows its dtype); logl [n];
-    weights [n] or [S, n].  Returns f [S], grad [S, P], H [S, P, P] with
+    weights [n] or [S, n]; design.const [K, n] or [S, K, n].  Returns f [S], grad [S, P], H [S, P, P] with
     H = sum_i w_i c_i g_i g_i^T, g_i = d LSE_i / d theta and c_i = Huber'(r_i) / r_i
     (1 inside delta, delta/|r_i| outside): the curvature of the quadratic that majorises each
     Huber term at r_i (iteratively reweighted least squares).  It is positive semi-definite.
@@ -96,11 +96,11 @@ def evaluate(theta, design: Design, logl, weights, delta=HUBER_DELTA, order=2):
     const, J = design.const.astype(dt, copy=False), design.J.astype(dt, copy=False)
     logl, weights = logl.astype(dt, copy=False), weights.astype(dt, copy=False)
     S, P = theta.shape
-    K, n = const.shape
+    K, n = const.shape[-2:]
     T = np.empty((S, K, n), dtype=dt)  # [S, K, n] the LSE terms
     cols = [np.flatnonzero(np.any(J[k] != 0, axis=0)) for k in range(K)]  # used params
     for k in range(K):  # broadcasts, not BLAS: tiny matmuls only add threading overhead
-        T[:, k] = const[k]
+        T[:, k] = const[:, k] if const.ndim == 3 else const[k]
         for p in cols[k]:
             T[:, k] += theta[:, p, None] * J[k][None, :, p]
     m = T.max(axis=1, keepdims=True)
@@ -160,7 +160,7 @@ def newton_batch(theta0, design, logl, weights, delta=HUBER_DELTA, max_iter=150,
         mu = lam[idx] * np.maximum(np.trace(Hi, axis1=1, axis2=2) / P, 1e-300)
         step = np.linalg.solve(Hi + mu[:, None, None] * eye, g[idx][..., None])[..., 0]
         trial = (theta[idx] - step).astype(dtype)
-        ft = evaluate(trial, design, logl, w_idx, delta, order=0)
+        ft = evaluate(trial, design.take(idx), logl, w_idx, delta, order=0)
         ok = np.isfinite(ft) & (ft < f[idx])
         acc, rej = idx[ok], idx[~ok]
         small = (f[acc] - ft[ok]) <= rtol * np.abs(f[acc])
@@ -171,7 +171,7 @@ def newton_batch(theta0, design, logl, weights, delta=HUBER_DELTA, max_iter=150,
         active[rej[lam[rej] > 1e10]] = False
         upd = acc[~small]
         if upd.size:
-            _, g[upd], H[upd] = evaluate(theta[upd], design, logl,
+            _, g[upd], H[upd] = evaluate(theta[upd], design.take(upd), logl,
                                          weights[upd] if per_start_w else weights, delta)
         bar.update(1)
         bar.set_postfix(active=int(active.sum()))
@@ -409,6 +409,10 @@ def bootstrap(law: LawSpec, fit: dict, loss, N=None, D=None, C=None, *, K=100, s
 
 
 def _progress_bar(total, desc, enabled):
+    """A tqdm bar on stderr, shown only when enabled and stderr is a terminal (no bars in logs)."""
+    import sys
+
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, mininterval=0.5)
+    show = bool(enabled) and hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, disable=not show, leave=False, mininterval=0.5)

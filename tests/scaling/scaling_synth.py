@@ -61,3 +61,18 @@ def write_run(run_dir, N, kind, params, noise=0.002, seed=0, target="zh", replay
     with open(path, "w") as fh:
         fh.writelines(json.dumps(r) + "\n" for r in rows)
     return path
+
+
+def synth_points(rng, params, sizes, run_sd=0.005, point_sd=0.002, n_ckpt=12, tpp=(0.5, 20),
+                 label="run"):
+    """A synthetic study in memory: one run per size, n_ckpt checkpoints log-spaced over
+    tokens-per-parameter tpp, loss = law * exp(run offset + checkpoint noise)."""
+    from megacpt.scaling.runs import Points
+
+    N = np.repeat(np.asarray(sizes, dtype=np.float64), n_ckpt)
+    D = N * np.tile(np.geomspace(*tpp, n_ckpt), len(sizes))
+    offset = np.repeat(rng.normal(0, run_sd, len(sizes)), n_ckpt)
+    loss = predict(params, N=N, D=D) * np.exp(offset + rng.normal(0, point_sd, N.size))
+    group = np.repeat(np.array([f"{label}-{i}" for i in range(len(sizes))], dtype=object),
+                      n_ckpt)
+    return Points(N, D, loss, 6 * N * D, group, label)

@@ -63,7 +63,9 @@ def test_fit_cpt_compare_and_plots(study_dir, tmp_path, capsys):
                  "--output", str(cpt_fit), "--bootstrap", "8"]) == 0
     c = json.loads(cpt_fit.read_text())
     assert c["A"] == s["A"] and c["gamma"] == pytest.approx(0.08, abs=0.01)
-    assert set(c["bootstrap"]["ci95"]) >= {"B", "beta", "gamma", "alloc_a"}
+    assert set(c["intervals"]) >= {"B", "beta", "gamma", "a", "N_coef", "N_opt@7.86e+20"}
+    assert c["bootstrap"]["method"].startswith("cluster") and not c["bootstrap"]["base_refit"]
+    assert any("hold the base's E, A, alpha fixed" in w for w in c["warnings"])
     capsys.readouterr()
 
     assert main(["compare", "--runs", cpt, "--base", str(scratch_fit),
