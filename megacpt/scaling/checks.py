@@ -16,8 +16,10 @@ laws imply with what the runs show:
   laws' 1 - D_cpt(L) / D_scratch(L) at the same N and loss (D(L) solved from each law), with
   the laws' 95 % band from their bootstrap samples;
 - "frontier": per strategy, the lowest loss the runs reach at each compute level (Eq. 3's
-  points) against the law's L_opt(C) (only where the law's N_opt(C) lies inside the data's
-  N range), and power laws E' + A'/C^g fitted to both;
+  points, `curves.frontier_points`) against the same envelope of the law's predicted curves
+  on the runs' own (N, D) design (a design that stops at 20 tokens per parameter never
+  reaches a law's compute-optimal L_opt(C), so that is not the comparison), and power laws
+  E' + A'/C^g fitted to both;
     {"transfer": {"pairs": [{"N", "loss", "empirical", "law", "law_lo", "law_hi",
                              "outside"}], "median_empirical", "median_law",
                   "fraction_outside"},
@@ -33,8 +35,7 @@ from __future__ import annotations
 import numpy as np
 
 from .curves import fit_frontier, frontier_points, transfer_metrics
-from .intervals import (allocation_arrays, expanded_tail, fit_points, law_params,
-                        optimal_loss)
+from .intervals import expanded_tail, fit_points, law_params
 from .runs import Points
 
 
@@ -206,18 +207,29 @@ def _fmt_front(f):
     return f"{f['E']:.3g} + {f['A']:.4g} C^-{f['g']:.4f}"
 
 
+def _law_frontier(pts: Points, p: dict):
+    """Frontier points of the law's predicted curves on the runs' own (N, D) design."""
+    loss = np.asarray(_predict(p, pts.N, pts.D), dtype=np.float64).reshape(-1)
+    if not np.all(np.isfinite(loss) & (loss > 0)):
+        return None
+    return frontier_points(Points(pts.N, pts.D, loss, pts.C, pts.group, pts.source),
+                           n_levels=30)[1]
+
+
 def _frontier_check(pts: Points, p: dict, samples, n_cl, tolerance) -> dict:
+    """Eq. 3 points of the runs against those of the law's curves on the same design."""
     C, emp = frontier_points(pts, n_levels=30)
-    al = allocation_arrays(p)
-    n_opt = al["N_coef"] * C ** al["a"]
-    inside = (n_opt >= pts.N.min()) & (n_opt <= pts.N.max())
-    C, emp = C[inside], emp[inside]
-    law = optimal_loss(p, al, C) if C.size else np.array([])
+    law = _law_frontier(pts, p)
+    law = np.full(C.size, np.nan) if law is None or law.size != C.size else law
     lo = hi = None
-    if samples is not None and C.size:
-        lo, hi = _band(optimal_loss(samples, allocation_arrays(samples), C), n_cl)
+    if samples is not None:
+        rows = []
+        for i in range(len(samples["B"])):
+            f = _law_frontier(pts, {k: v[i] for k, v in samples.items()})
+            rows.append(f if f is not None and f.size == C.size else np.full(C.size, np.nan))
+        lo, hi = _band(np.array(rows), n_cl)
     outside, frac = _verdict(emp, law, lo, hi, tolerance)
-    out = {"C": C.tolist(), "empirical": emp.tolist(), "law": np.asarray(law).tolist(),
+    out = {"C": C.tolist(), "empirical": emp.tolist(), "law": law.tolist(),
            "law_lo": None if lo is None else lo.tolist(),
            "law_hi": None if hi is None else hi.tolist(), "outside": outside.tolist(),
            "fraction_outside": frac, "empirical_fit": None, "law_fit": None}

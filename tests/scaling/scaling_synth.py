@@ -3,6 +3,7 @@
 Losses follow known laws (the paper's Table 2a) with multiplicative log-normal noise, so a fit
 can be checked against the parameters that generated the data.
 """
+import itertools
 import json
 import os
 
@@ -13,6 +14,11 @@ SCRATCH = {"E": 1.55, "A": 420.0, "B": 719.5, "alpha": 0.40, "beta": 0.30}
 CPT = {"E": 1.55, "A": 420.0, "B": 433.3, "alpha": 0.40, "beta": 0.20, "gamma": 0.08}
 SIZES = (1e7, 4e7, 1.6e8, 6.4e8, 2.56e9)
 TOKENS_PER_ITER = 1.0e6
+# coarse start grids (243 and 36 starts, none at the truth) for tests that fit many studies
+GRID_S = np.array(list(itertools.product([0, 10, 20], [0, 10, 20], [-1, 0, 1], [0, 0.5, 1],
+                                         [0, 0.5, 1])), dtype=float)
+GRID_C = np.array(list(itertools.product([0, 5, 10, 20], [0, 0.5, 1], [-0.25, 0, 0.25])),
+                  dtype=float)
 
 
 def write_run(run_dir, N, kind, params, noise=0.002, seed=0, target="zh", replay=0.3,

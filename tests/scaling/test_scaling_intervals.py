@@ -1,6 +1,4 @@
 """Intervals that cover: cluster bootstrap over runs, the CPT base refitted per resample."""
-import itertools
-
 import numpy as np
 import pytest
 
@@ -9,13 +7,8 @@ from megacpt.scaling.intervals import (allocation_arrays, cluster_weights, deriv
                                        expanded_tail, fit_points)
 from megacpt.scaling.laws import allocation, optimal_allocation
 
-from scaling_synth import CPT, SCRATCH, synth_points
+from scaling_synth import CPT, GRID_C, GRID_S, SCRATCH, synth_points
 
-# coarse start grids (243 and 36 starts, none at the truth) keep the 20 studies cheap
-GRID_S = np.array(list(itertools.product([0, 10, 20], [0, 10, 20], [-1, 0, 1], [0, 0.5, 1],
-                                         [0, 0.5, 1])), dtype=float)
-GRID_C = np.array(list(itertools.product([0, 5, 10, 20], [0, 0.5, 1], [-0.25, 0, 0.25])),
-                  dtype=float)
 TRUE_A_S = SCRATCH["beta"] / (SCRATCH["alpha"] + SCRATCH["beta"])
 TRUE_A_C = CPT["beta"] / (CPT["alpha"] + CPT["beta"] - CPT["gamma"])
 
