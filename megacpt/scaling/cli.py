@@ -5,10 +5,13 @@
         [--base-input FILE.csv... | --base-runs DIR...] [--compute C...] [--holdout-largest K]
     allocate --law chinchilla|cpt --params PARAMS.json [--compute C...]
     check --scratch PATH... --cpt PATH... --scratch-fit FIT.json --cpt-fit FIT.json
-        --output CHECK.json
+        --output CHECK.json [--plot PNG]
     compare --base FIT.json (--input FILE.csv... | --runs DIR...) [--output TABLE.json]
     transfer --scratch PATH... --cpt PATH... --output TRANSFER.json [--plot PNG]
     plot --kind fit|isoloss|compute|transfer --output PNG [kind-specific inputs]
+
+Every figure is written as PNG with a PDF and an SVG beside it (same name).  Progress bars
+appear only when stderr is a terminal.
 
 PATH in --scratch/--cpt is a CSV file (*.csv) or a run directory (see megacpt.scaling.runs).
 FIT.json: {"E","A","B","alpha","beta"[,"gamma"],"huber","n_points","allocation":{"a","b",
@@ -138,10 +141,10 @@ def cmd_fit(args):
         from . import plots
 
         if args.law == "frontier":
-            out = plots.plot_loss_compute({"data": (pts, result)}, args.plot)
+            plots.plot_loss_compute({"data": (pts, result)}, args.plot)
         else:
-            out = plots.plot_fit(pts, result, args.plot)
-        log.info("wrote %s", ", ".join(out) if isinstance(out, list) else out)
+            plots.plot_fit(pts, result, args.plot)
+        log.info("wrote %s (+ .pdf, .svg)", args.plot)
 
 
 def cmd_allocate(args):
@@ -216,6 +219,11 @@ def cmd_check(args):
         print(f"{name} frontier: runs {checks._fmt_front(f['empirical_fit'])}, law "
               f"{checks._fmt_front(f['law_fit'])}")
     print("consistent" if not out["mismatch"] else "MISMATCH:\n  " + "\n  ".join(out["messages"]))
+    if args.plot:
+        from . import plots
+
+        plots.plot_consistency(out, args.plot)
+        log.info("wrote %s (+ .pdf, .svg)", args.plot)
     if not out["intervals"]:
         print("warning: no bootstrap samples in the fits: compared with a fixed tolerance "
               "(fit with --bootstrap K for intervals)", file=sys.stderr)
@@ -329,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--valid-name", default=None)
     p.add_argument("--levels", type=int, default=20, help="loss levels per pair")
     p.add_argument("--output", required=True, metavar="CHECK.json")
+    p.add_argument("--plot", metavar="PNG", help="runs vs laws figure (+ PDF and SVG beside)")
     p.set_defaults(func=cmd_check)
 
     _add_plot_parser(sub)

@@ -360,12 +360,15 @@ def fit_result(law, theta, f, design, logl, delta, **extra) -> dict:
 
 
 def bootstrap(law: LawSpec, fit: dict, loss, N=None, D=None, C=None, *, K=100, seed=0,
-              n_starts=4, delta=HUBER_DELTA, chunk=2048, progress=False) -> dict:
+              n_starts=4, delta=HUBER_DELTA, chunk=2048, progress=False, groups=None) -> dict:
     """Percentile bootstrap: refit on K resamples (with replacement) of the points.
 
     Each resample is a weight vector (multiplicities); it is refitted from the best
     `n_starts` distinct minima of the full fit, all resamples batched together.
-    Returns {"K", "seed", "ci95": {param: [lo, hi]}, "se": {param: std}, "median": {...}}.
+    Returns {"K", "seed", "samples": {param: [K values]}, "ci95": {param: [lo, hi]},
+    "se": {param: std}, "median": {...}}.  Resampling points treats checkpoints of one run
+    as independent: for runs, `intervals.cluster_bootstrap` (`groups` here draws whole
+    groups instead, with the same refit).
     """
     if K < 2:
         raise ValueError(f"bootstrap needs K >= 2 resamples, got {K}")
@@ -376,7 +379,12 @@ def bootstrap(law: LawSpec, fit: dict, loss, N=None, D=None, C=None, *, K=100, s
     starts = np.array(fit.get("minima_theta") or [fit["theta"]])[:n_starts]  # [M, P]
     M = len(starts)
     rng = np.random.default_rng(seed)
-    counts = rng.multinomial(n, np.full(n, 1.0 / n), size=K).astype(np.float64)  # [K, n]
+    if groups is not None:  # whole groups (runs) with replacement
+        _, codes = np.unique(np.asarray(groups).astype(str), return_inverse=True)
+        G = int(codes.max()) + 1
+        counts = rng.multinomial(G, np.full(G, 1.0 / G), size=K).astype(np.float64)[:, codes]
+    else:
+        counts = rng.multinomial(n, np.full(n, 1.0 / n), size=K).astype(np.float64)  # [K, n]
     theta_all = np.repeat(starts[None], K, 0).reshape(K * M, -1)
     w_all = np.repeat(counts, M, 0)  # [K*M, n]
     theta_fit, f_fit = np.empty_like(theta_all), np.empty(K * M)
@@ -402,6 +410,8 @@ def bootstrap(law: LawSpec, fit: dict, loss, N=None, D=None, C=None, *, K=100, s
     keys = [k for k in rows[0] if not (law.base and k in law.base)]
     table = {k: np.array([r[k] for r in rows], dtype=np.float64) for k in keys}
     return {"K": K, "seed": seed,
+            "samples": {k: [float(x) if np.isfinite(x) else None for x in v]
+                        for k, v in table.items()},
             "ci95": {k: [float(np.nanpercentile(v, 2.5)), float(np.nanpercentile(v, 97.5))]
                      for k, v in table.items()},
             "se": {k: float(np.nanstd(v, ddof=1)) for k, v in table.items()},

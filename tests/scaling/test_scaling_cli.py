@@ -89,6 +89,8 @@ def test_fit_cpt_compare_and_plots(study_dir, tmp_path, capsys):
     for name in ("fit", "isoloss", "compute", "transfer"):
         data = (tmp_path / f"{name}.png").read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20000
+        assert (tmp_path / f"{name}.pdf").read_bytes()[:5] == b"%PDF-"
+        assert b"<svg" in (tmp_path / f"{name}.svg").read_bytes()[:2000]
 
 
 def test_cli_errors(tmp_path, study_dir, capsys):
