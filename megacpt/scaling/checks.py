@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .curves import fit_frontier, frontier_points, transfer_metrics
+from .curves import frontier_points, transfer_metrics
 from .intervals import expanded_tail, fit_points, law_params
 from .runs import Points
 

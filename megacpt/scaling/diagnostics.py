@@ -135,12 +135,14 @@ def interval_problems(fit: dict) -> list[str]:
     if fit["law"] == "cpt" and not fit.get("bootstrap", {}).get("base_refit", False):
         out.append("the CPT intervals hold the base's E, A, alpha fixed and leave out its "
                    "uncertainty (give the scratch data: --base-input / --base-runs)")
+    values = {**(fit.get("allocation") or {}), **fit}
     for k in ("alpha", "beta", "gamma", "a"):
         ci = iv.get(k, "absent")
         if ci is None:
             out.append(f"{k}: more than 2.5% of the resamples give no value; no interval")
-        elif ci != "absent" and k in fit and (ci[1] - ci[0]) > max(0.5 * abs(fit[k]), 0.1):
-            out.append(f"{k} = {fit[k]:.3g} is poorly determined: 95% interval "
+        elif ci != "absent" and k in values and \
+                (ci[1] - ci[0]) > max(0.5 * abs(values[k]), 0.1):
+            out.append(f"{k} = {values[k]:.3g} is poorly determined: 95% interval "
                        f"[{ci[0]:.3g}, {ci[1]:.3g}]")
     samples = fit.get("bootstrap", {}).get("samples", {})
     if "a" in samples:

@@ -87,10 +87,11 @@ def evaluate(theta, design: Design, logl, weights, delta=HUBER_DELTA, order=2):
     """Objective (order 0), + gradient (1), + Gauss-Newton/IRLS curvature (2) for a batch.
 
     theta [S, P] (float32 or float64: the arithmetic follows its dtype); logl [n];
-    weights [n] or [S, n]; design.const [K, n] or [S, K, n].  Returns f [S], grad [S, P], H [S, P, P] with
-    H = sum_i w_i c_i g_i g_i^T, g_i = d LSE_i / d theta and c_i = Huber'(r_i) / r_i
-    (1 inside delta, delta/|r_i| outside): the curvature of the quadratic that majorises each
-    Huber term at r_i (iteratively reweighted least squares).  It is positive semi-definite.
+    weights [n] or [S, n]; design.const [K, n] or [S, K, n].  Returns f [S], grad [S, P],
+    H [S, P, P] with H = sum_i w_i c_i g_i g_i^T, g_i = d LSE_i / d theta and
+    c_i = Huber'(r_i) / r_i (1 inside delta, delta/|r_i| outside): the curvature of the
+    quadratic that majorises each Huber term at r_i (iteratively reweighted least squares).
+    It is positive semi-definite.
     """
     dt = theta.dtype
     const, J = design.const.astype(dt, copy=False), design.J.astype(dt, copy=False)

@@ -326,6 +326,21 @@ def plot_transfer(transfer: dict, path: str, formats=FORMATS) -> str:
     for ax in (ax1, ax2):
         ax.set_xscale("log")
         ax.grid(True, which="both", alpha=0.25)
+    moved = np.abs(np.concatenate([np.asarray(p["transferred_tokens"], dtype=float)
+                                   for p in transfer["pairs"]]))
+    moved = moved[np.isfinite(moved) & (moved > 0)]
+    if moved.size and moved.max() > 100 * np.percentile(moved, 10):  # sizes span decades
+        from matplotlib.ticker import FuncFormatter
+
+        lt = float(np.percentile(moved, 10))
+        ax2.set_yscale("symlog", linthresh=lt)
+
+        def _tok(v, _):
+            if v == 0 or abs(v) < 10 * lt:  # the linear core: no crowded labels
+                return "0" if v == 0 else ""
+            return f"${'-' if v < 0 else ''}10^{{{int(round(np.log10(abs(v))))}}}$"
+
+        ax2.yaxis.set_major_formatter(FuncFormatter(_tok))
     ax1.set_xlabel("from-scratch compute to reach the loss (FLOPs)")
     ax1.set_ylabel("FLOPs saved by CPT at equal loss (%)")
     ax1.set_title("compute saved by continual pre-training")
