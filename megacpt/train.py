@@ -49,20 +49,34 @@ def cpu_threads() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
-    cpu_threads()
     log = logging.getLogger("megacpt.train")
     from megacpt.arguments import parse_args
-    from megacpt.checkpoint.format import CheckpointError
     from megacpt.config import ConfigError
-    from megacpt.data.indexed import IndexedFormatError
-    from megacpt.training.faults import TrainingError
-    from megacpt.training.loop import Trainer, build_context
 
     try:
         cfg, opts = parse_args(argv)
     except ConfigError as e:
         log.error("bad configuration: %s", e)
         return EXIT_BAD_INPUT
+    return run(cfg, opts)
+
+
+def run(cfg, opts=None) -> int:
+    """Train one resolved `Config` (+ `RunOptions`); the exit code of `main`.
+
+    Programs that build configs (studies, the quickstart) call this directly;
+    `megacpt.arguments.config_to_argv(cfg, opts)` is the same run as a command line.
+    """
+    cpu_threads()
+    log = logging.getLogger("megacpt.train")
+    from megacpt.arguments import RunOptions
+    from megacpt.checkpoint.format import CheckpointError
+    from megacpt.config import ConfigError
+    from megacpt.data.indexed import IndexedFormatError
+    from megacpt.training.faults import TrainingError
+    from megacpt.training.loop import Trainer, build_context
+
+    opts = opts or RunOptions()
     try:
         ctx = build_context(cfg)
         trainer = Trainer(cfg, opts, ctx)
