@@ -183,57 +183,63 @@ def prepare_data(args, out: str) -> tuple[str, dict[str, str]]:
 
 # ----- stages 2-5: training -----
 
-def shape_argv(args) -> list[str]:
+def model_config(args, vocab_size: int):
+    """The model: the registered size, with any shape flags given overriding it."""
+    from megacpt.config import ModelConfig
+
     given = {f: getattr(args, f) for f in SHAPE_FLAGS if getattr(args, f) is not None}
+    model = ModelConfig.from_size(args.model_size, vocab_size=vocab_size,
+                                  seq_length=args.seq_length)
     if not given:
-        return ["--model-size", args.model_size]
-    shape = sizes.get_size(args.model_size)
-    full = {"num_layers": shape.num_layers, "hidden_size": shape.hidden_size,
-            "ffn_hidden_size": shape.ffn_hidden_size,
-            "num_attention_heads": shape.num_attention_heads,
-            "num_query_groups": shape.num_query_groups, **given}
-    if full["num_query_groups"] is None or \
-            full["num_attention_heads"] % full["num_query_groups"]:
-        full["num_query_groups"] = full["num_attention_heads"]
-    return [w for f, v in full.items() for w in ("--" + f.replace("_", "-"), str(v))]
+        return model
+    shape = {f: getattr(model, f) for f in SHAPE_FLAGS}
+    shape.update(given)
+    if shape["num_attention_heads"] % shape["num_query_groups"]:
+        shape["num_query_groups"] = shape["num_attention_heads"]
+    return ModelConfig(**shape, vocab_size=vocab_size, seq_length=args.seq_length)
 
 
-def train_argv(args, out: str, tokenizer: str, prefixes: dict[str, str], name: str,
-               data_path: list[str], iters: int, init_from: str | None) -> list[str]:
+def train_config(args, out: str, tokenizer: str, prefixes: dict[str, str], name: str,
+                 data_path: list[str], iters: int, init_from: str | None):
+    """The resolved `Config` of one training stage (its command: `config_to_argv`)."""
+    from megacpt.arguments import tokenizer_vocab_size
+    from megacpt.config import (CheckpointConfig, Config, DataConfig, LoggingConfig,
+                                OptimizerConfig, TrainingConfig)
+
     src, tgt = args.source_lang, args.target_lang
-    argv = [*shape_argv(args), "--tokenizer-model", tokenizer,
-            "--seq-length", str(args.seq_length),
-            "--micro-batch-size", str(args.micro_batch_size),
-            "--global-batch-size", str(args.global_batch_size),
-            "--train-iters", str(iters), "--lr", str(args.lr), "--lr-warmup-fraction", "0.05",
-            "--data-path", *data_path, "--split", "1,0,0",
-            "--valid-data-path", f"{tgt}={prefixes[tgt + '_valid']}",
-            f"{src}={prefixes[src + '_valid']}",
-            "--target", tgt if name != "source" else src,
-            "--eval-interval", str(-(-iters // args.evals)),
-            "--eval-iters", str(args.eval_iters), "--log-interval", str(max(1, iters // 10)),
-            "--num-workers", "0", "--no-tensorboard", "--seed", str(args.seed),
-            "--data-cache-path", os.path.join(out, "data", "index-cache"),
-            "--log-dir", os.path.join(out, "runs", name),
-            "--save", os.path.join(out, "checkpoints", name),
-            "--run-kind", "scratch" if init_from is None else "cpt"]
-    if init_from:
-        argv += ["--init-from", init_from]
-    if args.device:
-        argv += ["--device", args.device]
-    if args.bf16:
-        argv.append("--bf16")
-    return argv
+    return Config(
+        model=model_config(args, tokenizer_vocab_size(tokenizer)),
+        data=DataConfig(data_path=list(data_path), split="1,0,0",
+                        valid_data_path={tgt: prefixes[tgt + "_valid"],
+                                         src: prefixes[src + "_valid"]},
+                        tokenizer_model=tokenizer, num_workers=0,
+                        data_cache_path=os.path.join(out, "data", "index-cache"),
+                        target=tgt if name != "source" else src),
+        optim=OptimizerConfig(lr=args.lr, min_lr=args.lr / 10, lr_warmup_fraction=0.05),
+        training=TrainingConfig(micro_batch_size=args.micro_batch_size,
+                                global_batch_size=args.global_batch_size, train_iters=iters,
+                                seed=args.seed, bf16=args.bf16, device=args.device,
+                                eval_interval=-(-iters // args.evals),
+                                eval_iters=args.eval_iters),
+        checkpoint=CheckpointConfig(save=os.path.join(out, "checkpoints", name),
+                                    init_from=init_from),
+        logging=LoggingConfig(log_dir=os.path.join(out, "runs", name),
+                              log_interval=max(1, iters // 10), tensorboard=False,
+                              run_kind="scratch" if init_from is None else "cpt"))
 
 
-def run_training(argv: list[str], name: str) -> None:
+def run_training(cfg, name: str) -> list[str]:
+    """Train one stage in this process; returns its command-line flags."""
     from megacpt import train
+    from megacpt.arguments import config_to_argv
 
+    argv = config_to_argv(cfg)
     print("python -m megacpt.train " + " ".join(argv), flush=True)
-    code = train.main(argv)
+    code = train.run(cfg)
     if code != 0:
         raise SystemExit(f"error: the {name} training run failed (exit code {code}); the "
                          f"command is printed above")
+    return argv
 
 
 # ----- analysis -----
@@ -413,9 +419,8 @@ def run_quickstart(args) -> dict:
     commands, curves = {}, {}
     for name, (what, data_path, iters, init_from) in plan.items():
         stages.begin(name, what)
-        argv_run = train_argv(args, out, tokenizer, prefixes, name, data_path, iters, init_from)
-        commands[name] = argv_run
-        run_training(argv_run, name)
+        cfg = train_config(args, out, tokenizer, prefixes, name, data_path, iters, init_from)
+        commands[name] = run_training(cfg, name)
         curves[name] = read_curve(os.path.join(out, "runs", name), tgt if name != "source"
                                   else src)
         stages.end()
@@ -423,7 +428,8 @@ def run_quickstart(args) -> dict:
     summary = summarize(args, curves)
     head = curves["source"]
     summary.update({
-        "model": {"size": args.model_size, "shape_argv": shape_argv(args),
+        "model": {"size": args.model_size, "shape": {f: getattr(cfg.model, f)
+                                                      for f in SHAPE_FLAGS},
                   "num_parameters": head["num_parameters"],
                   "flops_per_token": head["flops_per_token"], "vocab_size": args.vocab_size,
                   "seq_length": args.seq_length, "global_batch_size": args.global_batch_size},

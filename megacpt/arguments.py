@@ -124,8 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
                    default=_d(OptimizerConfig, "lr_warmup_fraction"))
     g.add_argument("--lr-warmup-iters", type=int, default=0,
                    help="warm-up steps; used instead of the fraction when given")
-    g.add_argument("--lr-decay-style", default="cosine", choices=["cosine", "linear", "constant"])
+    g.add_argument("--lr-decay-style", default="cosine",
+                   choices=["cosine", "linear", "constant", "WSD"])
     g.add_argument("--lr-decay-iters", type=int)
+    g.add_argument("--lr-wsd-decay-style", default=_d(OptimizerConfig, "lr_wsd_decay_style"),
+                   choices=["exponential", "linear", "cosine", "minus_sqrt"],
+                   help="shape of the WSD decay")
+    g.add_argument("--lr-wsd-decay-iters", type=int,
+                   help="WSD: steps of the decay at the end of --lr-decay-iters")
+    g.add_argument("--lr-wsd-decay-samples", type=int,
+                   help="WSD: the decay in samples (rounded up to whole global batches)")
     g.add_argument("--override-opt-param-scheduler", action="store_true")
 
     g = p.add_argument_group("training")
@@ -156,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-verify-checksums", action="store_true",
                    help="load checkpoints without checking the per-file checksums recorded "
                         "in their meta.json (default: checked; a corrupt file is refused)")
+    g.add_argument("--save-iters", type=int, nargs="+", default=[], metavar="ITER",
+                   help="also save at these iterations (e.g. the starts of WSD cooldowns)")
 
     g = p.add_argument_group("logging")
     g.add_argument("--log-dir")
@@ -279,7 +289,8 @@ def config_from_args(a: argparse.Namespace) -> tuple[Config, RunOptions]:
             lr=a.lr, min_lr=_min_lr(a), lr_warmup_fraction=(
                 None if a.lr_warmup_iters else a.lr_warmup_fraction),
             lr_warmup_iters=a.lr_warmup_iters, lr_decay_style=a.lr_decay_style,
-            lr_decay_iters=a.lr_decay_iters, weight_decay=a.weight_decay,
+            lr_decay_iters=a.lr_decay_iters, lr_wsd_decay_style=a.lr_wsd_decay_style,
+            lr_wsd_decay_iters=_wsd_decay_iters(a), weight_decay=a.weight_decay,
             adam_beta1=a.adam_beta1, adam_beta2=a.adam_beta2, adam_eps=a.adam_eps,
             clip_grad=a.clip_grad),
         training=TrainingConfig(
@@ -291,7 +302,8 @@ def config_from_args(a: argparse.Namespace) -> tuple[Config, RunOptions]:
             max_nonfinite_steps=a.max_nonfinite_steps),
         checkpoint=CheckpointConfig(save=a.save, load=a.load, save_interval=a.save_interval,
                                     init_from=a.init_from, no_save_optim=a.no_save_optim,
-                                    verify_checksums=not a.no_verify_checksums),
+                                    verify_checksums=not a.no_verify_checksums,
+                                    save_iters=list(a.save_iters)),
         logging=LoggingConfig(log_dir=a.log_dir, log_interval=a.log_interval,
                               tensorboard=not a.no_tensorboard, run_kind=a.run_kind),
     )
@@ -305,6 +317,14 @@ def config_from_args(a: argparse.Namespace) -> tuple[Config, RunOptions]:
                       override_opt_param_scheduler=a.override_opt_param_scheduler,
                       data_check_tokens=a.data_check_tokens)
     return cfg, opts
+
+
+def _wsd_decay_iters(a: argparse.Namespace) -> int | None:
+    if a.lr_wsd_decay_iters is not None and a.lr_wsd_decay_samples is not None:
+        raise ConfigError("give --lr-wsd-decay-iters or --lr-wsd-decay-samples, not both")
+    if a.lr_wsd_decay_samples is not None:
+        return -(-a.lr_wsd_decay_samples // a.global_batch_size)
+    return a.lr_wsd_decay_iters
 
 
 def _min_lr(a: argparse.Namespace) -> float:
@@ -348,3 +368,138 @@ def load_config(path: str) -> tuple[Config, RunOptions]:
     if unknown:
         raise ConfigError(f"{path}: section 'run' has unknown fields {sorted(unknown)}")
     return Config.from_dict(d), RunOptions(**run)
+
+
+# ----- the one mapping between `Config` and flags (studies, the quickstart, the CLI) -----
+#
+# Every flag of `build_parser()` is a field of `Config` or `RunOptions`: by default the field
+# of the same name in the one section that has it; `_FLAG_FIELDS` names the exceptions
+# ("!" = the flag is the field's negation). `config_to_argv` writes the flags that give back
+# exactly a config (parse_args(config_to_argv(cfg, opts)) == (cfg, opts)), so programs build
+# typed configs and print or submit the command only when a person or a scheduler needs it.
+_FLAG_FIELDS = {"norm_epsilon": "model.norm_eps", "model_size": "model.name",
+                "no_tensorboard": "!logging.tensorboard",
+                "no_gradient_accumulation_fusion": "!parallel.gradient_accumulation_fusion",
+                "no_verify_checksums": "!checkpoint.verify_checksums"}
+_NOT_FIELDS = {"help", "group_query_attention", "fp16", "lr_wsd_decay_samples"}
+"""Flags that are no field: help, accepted-for-compatibility, refused with a message, or
+another unit of a field (samples -> lr_wsd_decay_iters)."""
+_SPECIAL = {"train_iters", "train_tokens", "tokens_per_param", "lr_warmup_fraction",
+            "lr_warmup_iters", "valid_data_path", "max_position_embeddings", "model_size",
+            *_SHAPE_FLAGS}
+"""Flags `config_to_argv` writes by rule (the length of training, the warm-up, the shape)."""
+
+
+def flag_fields() -> dict[str, tuple[str, str, bool]]:
+    """{argparse dest: (section, field, negated)} of every flag (section "run": RunOptions)."""
+    sections = {f.name: f.type for f in dataclasses.fields(Config)}
+    owners: dict[str, list[str]] = {}
+    classes = {"model": ModelConfig, "parallel": ParallelConfig, "data": DataConfig,
+               "optim": OptimizerConfig, "training": TrainingConfig,
+               "checkpoint": CheckpointConfig, "logging": LoggingConfig, "run": RunOptions}
+    assert set(classes) - {"run"} == set(sections), "a Config section is missing here"
+    for sec, cls in classes.items():
+        for f in dataclasses.fields(cls):
+            owners.setdefault(f.name, []).append(sec)
+    out = {}
+    for action in build_parser()._actions:
+        dest = action.dest
+        if dest in _NOT_FIELDS:
+            continue
+        if dest in _FLAG_FIELDS:
+            path = _FLAG_FIELDS[dest]
+            neg = path.startswith("!")
+            sec, _, name = path.lstrip("!").partition(".")
+            out[dest] = (sec, name, neg)
+        elif len(owners.get(dest, [])) == 1:
+            out[dest] = (owners[dest][0], dest, False)
+        else:
+            raise ConfigError(f"flag --{dest.replace('_', '-')} maps to no single config field "
+                              f"(sections {owners.get(dest, [])}); add it to _FLAG_FIELDS")
+    return out
+
+
+def _word(v) -> str:
+    return repr(v) if isinstance(v, float) else str(v)
+
+
+def config_to_argv(cfg: Config, opts: RunOptions | None = None) -> list[str]:
+    """Megatron flags that `parse_args` turns back into exactly (cfg, opts).
+
+    Writes the model shape (`--model-size NAME` when the shape is a registered one), the
+    length of training as it was given (tokens per parameter, tokens or iterations), the
+    vocabulary size, `--min-lr`, and every other field that differs from the flag's default.
+    """
+    opts = opts or RunOptions()
+    parser, fields = build_parser(), flag_fields()
+    m, t, o = cfg.model, cfg.training, cfg.optim
+    if m.name:
+        shape = ModelConfig.from_size(m.name, vocab_size=m.vocab_size)
+        if any(getattr(shape, f) != getattr(m, f) for f in _SHAPE_FLAGS):
+            raise ConfigError(f"model.name {m.name!r} does not match the shape; clear the name "
+                              f"to write the shape flags")
+        argv = ["--model-size", m.name]
+    else:
+        argv = []
+        for f in _SHAPE_FLAGS:
+            v = getattr(m, f)
+            if v is not None and not (f == "num_query_groups" and v == m.num_attention_heads):
+                argv += ["--" + f.replace("_", "-"), str(v)]
+    if m.max_position_embeddings != m.seq_length:
+        argv += ["--max-position-embeddings", str(m.max_position_embeddings)]
+    if t.tokens_per_param is not None:
+        argv += ["--tokens-per-param", _word(float(t.tokens_per_param))]
+    elif t.train_tokens is not None:
+        argv += ["--train-tokens", str(t.train_tokens)]
+    else:
+        argv += ["--train-iters", str(t.train_iters)]
+    if o.lr_warmup_fraction is None:
+        if not o.lr_warmup_iters:
+            raise ConfigError("optim: no warm-up fraction and 0 warm-up steps cannot be written "
+                              "as flags; set lr_warmup_fraction to 0.0")
+        argv += ["--lr-warmup-iters", str(o.lr_warmup_iters)]
+    elif o.lr_warmup_fraction != parser.get_default("lr_warmup_fraction"):
+        argv += ["--lr-warmup-fraction", _word(float(o.lr_warmup_fraction))]
+    if cfg.data.valid_data_path:
+        argv += ["--valid-data-path", *(f"{k}={v}" for k, v in cfg.data.valid_data_path.items())]
+    for action in parser._actions:
+        dest = action.dest
+        if dest not in fields or dest in _SPECIAL or not action.option_strings:
+            continue
+        sec, name, neg = fields[dest]
+        value = getattr(opts if sec == "run" else getattr(cfg, sec), name)
+        flag = action.option_strings[0]
+        if isinstance(action, argparse._StoreTrueAction):
+            if bool(value) != neg:
+                argv.append(flag)
+        elif isinstance(action, argparse.BooleanOptionalAction):
+            if value is not None:
+                argv.append(flag if value else "--no-" + flag[2:])
+        elif action.nargs == "+":
+            if value:
+                argv += [flag, *map(str, value)]
+        elif value is not None and (value != action.default or dest in ("min_lr", "vocab_size")):
+            argv += [flag, _word(value)]
+    return argv
+
+
+def apply_flags(cfg: Config, argv: list[str], where: str = "flags") -> Config:
+    """A copy of `cfg` with the fields that plain flags set (e.g. a study's extra_args).
+
+    Only flags that map to one field are allowed here (not the shape, length of training,
+    warm-up or validation sets, which studies set themselves); the result is validated again.
+    """
+    parser, fields = build_parser(), flag_fields()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    try:
+        given = vars(parser.parse_args(argv))
+    except SystemExit:
+        raise ConfigError(f"{where}: cannot parse {argv}") from None
+    d = cfg.to_dict()
+    for dest, value in given.items():
+        if dest in _SPECIAL or dest not in fields or fields[dest][0] == "run":
+            raise ConfigError(f"{where}: --{dest.replace('_', '-')} cannot be set here")
+        sec, name, neg = fields[dest]
+        d[sec][name] = (not value) if neg else value
+    return Config.from_dict(d)

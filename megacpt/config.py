@@ -209,9 +209,15 @@ class OptimizerConfig:
     lr_warmup_iters: int = 0
     """Warm-up steps when no fraction is given (`--lr-warmup-iters`)."""
     lr_decay_style: str = "cosine"
-    """cosine, linear or constant (`--lr-decay-style`)."""
+    """cosine, linear, constant or WSD (`--lr-decay-style`; WSD: warm-up, stable at lr, then a
+    decay over the last lr_wsd_decay_iters steps of lr_decay_iters)."""
     lr_decay_iters: int | None = None
     """Steps over which to decay; None means train_iters."""
+    lr_wsd_decay_style: str = "exponential"
+    """Shape of the WSD decay: exponential, linear, cosine or minus_sqrt (Megatron's
+    `--lr-wsd-decay-style`)."""
+    lr_wsd_decay_iters: int | None = None
+    """Steps of the WSD decay (`--lr-wsd-decay-iters`, or `--lr-wsd-decay-samples`)."""
     weight_decay: float = 0.1
     """Decoupled weight decay on matrices (not norms) (`--weight-decay`)."""
     adam_beta1: float = 0.9
@@ -226,8 +232,15 @@ class OptimizerConfig:
     def __post_init__(self):
         _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
         _check(0 <= self.min_lr <= self.lr, f"optim.min_lr ({self.min_lr}) must be in [0, lr={self.lr}]")
-        _check(self.lr_decay_style in ("cosine", "linear", "constant"),
-               f"optim.lr_decay_style must be cosine|linear|constant, got {self.lr_decay_style!r}")
+        _check(self.lr_decay_style in ("cosine", "linear", "constant", "WSD"),
+               f"optim.lr_decay_style must be cosine|linear|constant|WSD, "
+               f"got {self.lr_decay_style!r}")
+        _check(self.lr_wsd_decay_style in ("exponential", "linear", "cosine", "minus_sqrt"),
+               f"optim.lr_wsd_decay_style must be exponential|linear|cosine|minus_sqrt, got "
+               f"{self.lr_wsd_decay_style!r}")
+        _check(self.lr_decay_style != "WSD" or (self.lr_wsd_decay_iters or 0) >= 1,
+               "optim.lr_decay_style WSD needs lr_wsd_decay_iters >= 1 (--lr-wsd-decay-iters "
+               "or --lr-wsd-decay-samples)")
         if self.lr_warmup_fraction is not None:
             _check(0 <= self.lr_warmup_fraction < 1,
                    f"optim.lr_warmup_fraction must be in [0, 1), got {self.lr_warmup_fraction}")
@@ -289,6 +302,8 @@ class CheckpointConfig:
     verify_checksums: bool = True
     """Check the checksums recorded in a checkpoint's meta.json before loading it (`--load`,
     `--init-from`); off with `--no-verify-checksums` (saves one read of the files)."""
+    save_iters: list[int] = field(default_factory=list)
+    """Also save at these iterations (`--save-iters`; e.g. where WSD cooldown branches start)."""
 
 
 @dataclass

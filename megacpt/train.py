@@ -51,21 +51,45 @@ def cpu_threads() -> None:
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     with PreemptionHandler() as preempt:  # first: a signal during start-up is not lost
-        logging.getLogger("megacpt.train").info("megacpt.train starting (pid %d)", os.getpid())
+        log = logging.getLogger("megacpt.train")
+        log.info("megacpt.train starting (pid %d)", os.getpid())
         try:
-            return _main(argv, preempt)
+            from megacpt.arguments import parse_args
+            from megacpt.config import ConfigError
+
+            try:
+                cfg, opts = parse_args(argv)
+            except ConfigError as e:
+                log.error("bad configuration: %s", e)
+                return EXIT_BAD_INPUT
+            return _run(cfg, opts, preempt)
+        except KeyboardInterrupt:
+            log.error("aborted by a second SIGINT: no checkpoint saved (the last one is kept)")
+            return EXIT_ABORTED
+
+
+def run(cfg, opts=None) -> int:
+    """Train one resolved `Config` (+ `RunOptions`); the exit code of `main`.
+
+    Programs that build configs (studies, the quickstart) call this directly;
+    `megacpt.arguments.config_to_argv(cfg, opts)` is the same run as a command line.
+    """
+    from megacpt.arguments import RunOptions
+
+    with PreemptionHandler() as preempt:
+        try:
+            return _run(cfg, opts or RunOptions(), preempt)
         except KeyboardInterrupt:
             logging.getLogger("megacpt.train").error(
                 "aborted by a second SIGINT: no checkpoint saved (the last one is kept)")
             return EXIT_ABORTED
 
 
-def _main(argv: list[str] | None, preempt: PreemptionHandler) -> int:
+def _run(cfg, opts, preempt: PreemptionHandler) -> int:
     cpu_threads()
     log = logging.getLogger("megacpt.train")
     import torch.distributed as dist
 
-    from megacpt.arguments import parse_args
     from megacpt.checkpoint.format import CheckpointError
     from megacpt.config import ConfigError
     from megacpt.data.indexed import IndexedFormatError
@@ -74,7 +98,6 @@ def _main(argv: list[str] | None, preempt: PreemptionHandler) -> int:
     from megacpt.training.loop import Trainer, build_context
 
     try:
-        cfg, opts = parse_args(argv)
         check_device(cfg)
     except ConfigError as e:
         log.error("bad configuration: %s", e)

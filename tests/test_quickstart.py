@@ -146,13 +146,17 @@ def test_bad_arguments_name_the_problem(tmp_path, capsys):
 
 
 def test_shape_flags_override_the_size():
+    from megacpt.arguments import config_to_argv
+    from megacpt.config import Config
+
     args = qs.get_args(["--model-size", "debug-xs", "--hidden-size", "96",
                         "--num-attention-heads", "6"])
-    argv = qs.shape_argv(args)
-    pairs = dict(zip(argv[::2], argv[1::2]))
+    argv = config_to_argv(Config(model=qs.model_config(args, 2048)))
+    pairs = dict(zip(argv[:10:2], argv[1:10:2]))
     assert pairs == {"--num-layers": "4", "--hidden-size": "96", "--ffn-hidden-size": "176",
                      "--num-attention-heads": "6", "--num-query-groups": "2"}
-    assert qs.shape_argv(qs.get_args([])) == ["--model-size", "debug-xs"]
+    argv = config_to_argv(Config(model=qs.model_config(qs.get_args([]), 2048)))
+    assert argv[:2] == ["--model-size", "debug-xs"] and "--hidden-size" not in argv
 
 
 def test_cpt_recipe_commands_parse_with_the_trainer(tmp_path):

@@ -97,6 +97,7 @@ def test_example_results_and_report(example):
                     "### Loss-compute frontier", "### Transfer", "### Forgetting"):
         assert heading in report
     assert "Poorly determined" in report
+    assert "Intermediate checkpoints fitted" in report  # study_tiny opts in: flagged
     for png in ("zh_loss_compute.png", "zh_forgetting.png"):
         with open(out / "plots" / png, "rb") as f:
             assert f.read(4) == b"\x89PNG"
@@ -138,7 +139,7 @@ def _write(tmp_path, **fields):
     ({"sizes": ["tiny", "huge"]}, ["field 'sizes'", "unknown sizes ['huge']"]),
     ({"replay_ratios": [0.0, 1.5]}, ["field 'replay_ratios'", "[0, 1)"]),
     ({"kinds": ["scratch", "distill"]}, ["field 'kinds'"]),
-    ({"launch": "slurm"}, ["field 'launch'", "local"]),
+    ({"launch": "kubernetes"}, ["field 'launch'", "local"]),
     ({"target_langs": ["en"]}, ["field 'target_langs'"]),
     ({"global_batch_size": 12, "micro_batch_size": 8}, ["field 'global_batch_size'"]),
     ({"seq_length": "long"}, ["field 'seq_length'", "expected int"]),
@@ -172,7 +173,7 @@ def test_plan_and_print_mode_without_training(tmp_path):
     blend = replay[replay.index("--data-path") + 1: replay.index("--split")]
     assert blend[0] == "0.75" and blend[1].startswith("zh=") and blend[2] == "0.25" \
         and blend[3].startswith("en=")
-    assert replay[-2:] == ["--save-interval", "500"]
+    assert replay[replay.index("--save-interval") + 1] == "500"  # extra_args
     lines = (tmp_path / "o" / "commands.sh").read_text().splitlines()
     body = [ln for ln in lines if ln and not ln.startswith("#") and ln != "set -e"]
     assert body[0].startswith("python -m megacpt.data.tokenizer_train --input")
@@ -229,7 +230,7 @@ def _fake_metrics(run, D, losses, en_losses=None):
 def test_analysis_recovers_known_laws_and_reports_them(tmp_path):
     """Runs whose losses follow the paper's laws exactly: the study's fits find the laws."""
     path = _write(tmp_path, sizes=["tiny", "debug-xs", "debug-s"], replay_ratios=[0.0],
-                  fit={"bootstrap": 20})
+                  fit={"bootstrap": 20, "checkpoints": "all"})
     cfg = study.load_config(path)
     runs = study.plan_runs(cfg, 2048)
     scratch = {"E": 1.55, "A": 420.0, "B": 719.5, "alpha": 0.40, "beta": 0.30}
@@ -260,4 +261,42 @@ def test_analysis_recovers_known_laws_and_reports_them(tmp_path):
     report = run_study.write_report(cfg, results, {"zh": files})
     text = open(report, encoding="utf-8").read()
     assert "| cpt | cpt | - |" in text and "not fitted: no points" in text
-    assert f"{fit_s['allocation']['N_coef']:.4g} C^{fit_s['allocation']['a']:.3f}" in text
+    assert f"{fit_s['allocation']['N_coef']:.3g} C^{fit_s['allocation']['a']:.3f}" in text
+
+
+def test_wsd_design_branches_cooldowns_from_one_stable_run(tmp_path):
+    """design wsd: a stable run saves where each cooldown starts; each branch resumes there
+    (same weights, data position, tokens) and decays to min_lr at exactly its budget."""
+    path = _write(tmp_path, sizes=["tiny"], kinds=["scratch"], design="wsd",
+                  budgets=[0.02, 0.04], cooldown_fraction=0.25, seq_length=32,
+                  micro_batch_size=4, global_batch_size=4, lr=3e-3, evals_per_run=2,
+                  eval_iters=1, device="cpu", threads=1, data={
+                      "corpus_dir": os.path.join(REPO, "examples", "data"), "vocab_size": 2048,
+                      "character_coverage": 0.99})
+    assert run_study.main(["--config", path]) == 0
+    cfg = study.load_config(path)
+    runs = {r.name: r for r in study.plan_runs(cfg, 2048)}
+    assert set(runs) == {"zh_tiny_scratch_stable", "zh_tiny_scratch_d0.02",
+                         "zh_tiny_scratch_d0.04"}
+    stable = runs["zh_tiny_scratch_stable"]
+    n = stable.num_parameters
+    for b in (0.02, 0.04):
+        br = runs[f"zh_tiny_scratch_d{b:g}"]
+        end = math.ceil(b * n / (4 * 32))
+        start = end - round(0.25 * end)
+        assert (br.role, br.train_iters, br.branch_iter) == ("branch", end, start)
+        assert os.path.isdir(os.path.join(stable.ckpt_dir, f"iter_{start:07d}"))
+        train = read_metrics(br.run_dir, "train")
+        assert train[0]["iteration"] == start + 1 and train[-1]["iteration"] == end
+        assert train[-1]["consumed_tokens"] == end * 4 * 32  # the budget, exactly
+        assert train[-1]["lr"] == pytest.approx(3e-4)  # decayed to min_lr
+        assert all(r["lr"] < 3e-3 for r in train)
+        # the branch continues the stable run's data position: its first step is step start+1
+        assert train[0]["consumed_tokens"] == (start + 1) * 4 * 32
+    assert stable.train_iters == max(r.branch_iter for r in runs.values() if r.branch_iter)
+    assert all(r["lr"] == pytest.approx(3e-3) for r in read_metrics(stable.run_dir, "train")
+               if r["iteration"] > round(0.05 * math.ceil(0.02 * n / 128)))
+    res = json.loads((tmp_path / "o" / "results.json").read_text())
+    pts = res["languages"]["zh"]["points"]["scratch"]
+    assert len(pts["loss"]) == 2  # end-of-schedule points only: one per branch
+    assert "end-of-schedule losses only" in (tmp_path / "o" / "report.md").read_text()

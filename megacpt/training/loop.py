@@ -415,6 +415,7 @@ class Trainer:
         signalled = preempt.should_stop()
         exiting = bool(t.exit_interval) and it % t.exit_interval == 0
         periodic = bool(cfg.checkpoint.save_interval) and it % cfg.checkpoint.save_interval == 0
+        periodic = periodic or it in cfg.checkpoint.save_iters
         if cfg.checkpoint.save and (periodic or signalled or exiting or it == self.train_iters):
             self.save()
         elif signalled or exiting:

@@ -1,4 +1,4 @@
-"""Learning-rate schedule: linear warm-up, then cosine / linear / constant decay to min_lr.
+"""Learning-rate schedule: linear warm-up, then cosine / linear / constant / WSD decay to min_lr.
 
 The schedule is a pure function of the step number, so resuming only needs the step count and
 the settings it was built with. Step `it` (0-based; the optimizer update that turns `it` done
@@ -8,7 +8,12 @@ steps into `it + 1`) uses the learning rate of step number `s = it + 1`:
     W < s <= D, cosine    : lr = min_lr + (max_lr - min_lr) * 0.5 * (1 + cos(pi * r))
     W < s <= D, linear    : lr = min_lr + (max_lr - min_lr) * (1 - r)
     constant              : lr = max_lr after warm-up
-    s > D                 : lr = min_lr (cosine / linear)
+    s > D                 : lr = min_lr (cosine / linear / WSD)
+    WSD (warmup-stable-decay, Megatron's `--lr-decay-style WSD`): max_lr until the last K
+    decay steps (K = `--lr-wsd-decay-iters`), then with q = (s - (D - K)) / K
+                            lr = min_lr + (max_lr - min_lr) * c(q), c = 2 * 0.5^q - 1
+                            (exponential), 1 - q (linear), 0.5 * (1 + cos(pi q)) (cosine),
+                            1 - sqrt(q) (minus_sqrt)
 
 with r = (s - W) / (D - W), W the warm-up steps and D the decay steps (default: train_iters).
 So the first update never runs at lr 0, the last warm-up step reaches max_lr and the last
@@ -27,15 +32,27 @@ import math
 from megacpt.config import ConfigError, OptimizerConfig
 
 _SETTINGS = ("max_lr", "min_lr", "warmup_iters", "decay_iters", "decay_style")
+_WSD_SETTINGS = ("wsd_decay_iters", "wsd_decay_style")
+_WSD_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")
 
 
 class LRSchedule:
     """Learning rate per optimizer step; see the module docstring for the formula."""
 
     def __init__(self, max_lr: float, min_lr: float, warmup_iters: int, decay_iters: int,
-                 decay_style: str = "cosine"):
-        if decay_style not in ("cosine", "linear", "constant"):
-            raise ConfigError(f"lr_decay_style must be cosine|linear|constant, got {decay_style!r}")
+                 decay_style: str = "cosine", wsd_decay_iters: int | None = None,
+                 wsd_decay_style: str = "exponential"):
+        if decay_style not in ("cosine", "linear", "constant", "WSD"):
+            raise ConfigError(f"lr_decay_style must be cosine|linear|constant|WSD, got "
+                              f"{decay_style!r}")
+        if decay_style == "WSD":
+            if wsd_decay_style not in _WSD_STYLES:
+                raise ConfigError(f"lr_wsd_decay_style must be one of {_WSD_STYLES}, got "
+                                  f"{wsd_decay_style!r}")
+            if not wsd_decay_iters or not 1 <= wsd_decay_iters <= decay_iters - warmup_iters:
+                raise ConfigError(f"WSD: the decay ({wsd_decay_iters} steps) must be >= 1 and "
+                                  f"fit after the warm-up ({warmup_iters}) within the "
+                                  f"{decay_iters} decay steps")
         if not 0 <= min_lr <= max_lr:
             raise ConfigError(f"need 0 <= min_lr ({min_lr}) <= lr ({max_lr})")
         if warmup_iters < 0 or decay_iters < 1:
@@ -48,6 +65,9 @@ class LRSchedule:
         self.max_lr, self.min_lr = float(max_lr), float(min_lr)
         self.warmup_iters, self.decay_iters = int(warmup_iters), int(decay_iters)
         self.decay_style = decay_style
+        self.wsd = decay_style == "WSD"
+        self.wsd_decay_iters = int(wsd_decay_iters) if self.wsd else None
+        self.wsd_decay_style = wsd_decay_style if self.wsd else None
         self.num_steps = 0
 
     @classmethod
@@ -58,7 +78,8 @@ class LRSchedule:
             warmup = int(round(optim.lr_warmup_fraction * decay))
         else:
             warmup = optim.lr_warmup_iters
-        return cls(optim.lr, optim.min_lr, warmup, decay, optim.lr_decay_style)
+        return cls(optim.lr, optim.min_lr, warmup, decay, optim.lr_decay_style,
+                   optim.lr_wsd_decay_iters, optim.lr_wsd_decay_style)
 
     def lr(self, iteration: int) -> float:
         """Learning rate of the update made at 0-based `iteration`."""
@@ -70,6 +91,15 @@ class LRSchedule:
             return self.max_lr
         if s > d:
             return self.min_lr
+        if self.wsd:
+            start = d - self.wsd_decay_iters
+            if s <= start:
+                return self.max_lr
+            q = (s - start) / self.wsd_decay_iters
+            coeff = {"exponential": lambda: 2.0 * 0.5 ** q - 1.0, "linear": lambda: 1.0 - q,
+                     "cosine": lambda: 0.5 * (1.0 + math.cos(math.pi * q)),
+                     "minus_sqrt": lambda: 1.0 - math.sqrt(q)}[self.wsd_decay_style]()
+            return self.min_lr + (self.max_lr - self.min_lr) * coeff
         r = (s - w) / (d - w)
         if self.decay_style == "cosine":
             coeff = 0.5 * (1.0 + math.cos(math.pi * r))
@@ -83,8 +113,11 @@ class LRSchedule:
         self.num_steps += 1
         return value
 
+    def _settings(self) -> tuple[str, ...]:
+        return _SETTINGS + (_WSD_SETTINGS if self.wsd else ())
+
     def state_dict(self) -> dict:
-        return {**{k: getattr(self, k) for k in _SETTINGS}, "num_steps": self.num_steps}
+        return {**{k: getattr(self, k) for k in self._settings()}, "num_steps": self.num_steps}
 
     def load_state_dict(self, state: dict, override: bool = False) -> None:
         """Take over the step count; settings must match unless `override`."""
@@ -92,8 +125,8 @@ class LRSchedule:
         if missing:
             raise ValueError(f"LR schedule state is missing {missing}; got keys {sorted(state)}")
         if not override:
-            for k in _SETTINGS:
-                mine, theirs = getattr(self, k), state[k]
+            for k in self._settings():
+                mine, theirs = getattr(self, k), state.get(k)
                 same = math.isclose(mine, theirs, rel_tol=1e-12) if isinstance(mine, float) \
                     else mine == theirs
                 if not same:
@@ -104,5 +137,6 @@ class LRSchedule:
         self.num_steps = int(state["num_steps"])
 
     def __repr__(self) -> str:
-        return (f"LRSchedule({self.decay_style} {self.max_lr:g} -> {self.min_lr:g}, "
+        wsd = f" over the last {self.wsd_decay_iters} ({self.wsd_decay_style})" if self.wsd else ""
+        return (f"LRSchedule({self.decay_style}{wsd} {self.max_lr:g} -> {self.min_lr:g}, "
                 f"warm-up {self.warmup_iters}, decay {self.decay_iters}, at step {self.num_steps})")

@@ -1,0 +1,344 @@
+"""Analysis of a finished study: fits, intervals, checks, transfer, forgetting, Figure 4 data.
+
+Points fitted: by default only end-of-schedule points (the last validation of every run whose
+LR schedule has fully decayed: cosine runs and WSD cooldown branches), so that a loss measured
+mid-schedule, which sits above the loss of a run trained to that D, does not bias the law
+(Hagele et al. 2024). `fit: {checkpoints: all}` also fits intermediate checkpoints (past
+min_tokens_fraction of each run) and the report flags it.
+
+Fits use `megacpt.scaling.intervals.fit_points` when it is there (cluster bootstrap over runs,
+`intervals` and `warnings` in the fit JSON); otherwise the point fit with a point bootstrap.
+Every fit also carries this module's `quality_notes`.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+
+import numpy as np
+
+from megacpt.study.config import StudyConfig
+from megacpt.study.plan import Run, run_finished
+
+log = logging.getLogger("megacpt.study")
+
+
+def _points(runs: list[Run], valid_name: str, cfg: StudyConfig):
+    """Scaling points of the runs on validation set `valid_name`; one curve per size."""
+    from megacpt.scaling import load_runs, points_from_runs
+
+    final_only = cfg.fit["checkpoints"] == "final"
+    mine = [r for r in runs if r.end_of_schedule or not final_only]
+    loaded = load_runs([r.run_dir for r in mine], valid_name)
+    for run, r in zip(mine, loaded):
+        if not len(r["D"]):
+            continue
+        if final_only:
+            keep = np.arange(len(r["D"])) == len(r["D"]) - 1
+        else:
+            keep = r["D"] >= cfg.fit["min_tokens_fraction"] * r["D"].max()
+        for k in ("iteration", "loss", "D", "tokens", "flops", "C"):
+            r[k] = np.asarray(r[k])[keep]
+        r["name"] = f"{run.lang}_{run.size}_{run.strategy}"  # a curve per size
+    loaded = [r for r in loaded if len(r["loss"])]
+    return points_from_runs(loaded, f"{valid_name} runs") if loaded else None
+
+
+def fit_quality(fit: dict, points, n_params: int) -> list[str]:
+    """Plain-language reasons a fit is poorly determined (empty when none is found)."""
+    notes = []
+    n_sizes = np.unique(points.N).size
+    if fit["law"] == "chinchilla" and n_sizes < 3:
+        notes.append(f"only {n_sizes} model sizes: E, A and alpha are not separately "
+                     f"identifiable (use at least 3, better 5+)")
+    per_size = min(np.unique(points.D[points.N == n]).size for n in np.unique(points.N))
+    if per_size < 2:
+        notes.append("one budget per size: N and D move together, so the N and D terms are "
+                     "not identifiable (use several budgets per size: design wsd or budgets)")
+    if len(points) < 3 * n_params:
+        notes.append(f"{len(points)} points for {n_params} free parameters")
+    ci = fit.get("intervals") or (fit.get("bootstrap") or {}).get("ci95", {})
+    for k in ("alpha", "beta", "gamma"):
+        if ci.get(k) is not None and k not in fit.get("inherited", []):
+            lo, hi = ci[k]
+            if not (math.isfinite(lo) and math.isfinite(hi)) or \
+                    hi - lo > max(0.5 * abs(fit[k]), 0.05):
+                notes.append(f"{k} = {fit[k]:.3g} has a wide 95% interval [{lo:.3g}, {hi:.3g}]")
+    if fit.get("allocation") is None:
+        gamma = fit.get("gamma", 0.0)
+        notes.append(f"no finite compute-optimal allocation (needs alpha > 0 and beta - gamma "
+                     f"> 0; alpha = {fit['alpha']:.3g}, beta - gamma = "
+                     f"{fit['beta'] - gamma:.3g})")
+    return notes
+
+
+def _fit(law_name: str, points, cfg: StudyConfig, label: str, base=None,
+         base_points=None) -> dict:
+    from megacpt.scaling import bootstrap, chinchilla, cpt, fit_law
+
+    try:
+        try:
+            from megacpt.scaling.intervals import fit_points
+        except ImportError:
+            fit_points = None
+        with warnings.catch_warnings():  # resamples of degenerate data give NaN columns
+            warnings.simplefilter("ignore", RuntimeWarning)
+            if fit_points is not None:
+                fit = fit_points(law_name, points, base_points=base_points,
+                                 bootstrap=int(cfg.fit["bootstrap"]), seed=cfg.seed)
+            else:
+                law = chinchilla() if law_name == "chinchilla" else cpt(base)
+                fit = fit_law(law, points.loss, N=points.N, D=points.D, source=label)
+                if cfg.fit["bootstrap"] >= 2:
+                    fit["bootstrap"] = bootstrap(law, fit, points.loss, N=points.N, D=points.D,
+                                                 K=int(cfg.fit["bootstrap"]), seed=cfg.seed)
+                    fit["intervals"] = fit["bootstrap"].get("ci95", {})
+    except (ValueError, RuntimeError) as e:
+        return {"law": law_name, "error": str(e)}
+    fit.setdefault("warnings", [])
+    if fit_points is not None:  # keep the intervals, not every resample
+        fit.get("bootstrap", {}).pop("samples", None)
+    n_params = {"chinchilla": 5, "cpt": 3}[law_name]
+    fit["quality_notes"] = fit_quality(fit, points, n_params)
+    fit["points_fitted"] = cfg.fit["checkpoints"]
+    return fit
+
+
+def holdout(cfg: StudyConfig, points: dict, fits: dict) -> dict:
+    """fit.holdout_largest K: refit scratch on the smaller sizes, predict the K largest."""
+    k = int(cfg.fit["holdout_largest"])
+    p = points.get("scratch")
+    if not k or p is None:
+        return {}
+    from megacpt.scaling import chinchilla, fit_law, predict
+
+    sizes = np.unique(p.N)
+    if len(sizes) - k < 3:
+        return {"error": f"holdout_largest {k} leaves {len(sizes) - k} sizes to fit (need 3)"}
+    train, test = p.select(p.N < sizes[-k]), p.select(p.N >= sizes[-k])
+    try:
+        fit = fit_law(chinchilla(), train.loss, N=train.N, D=train.D, source="holdout")
+    except (ValueError, RuntimeError) as e:
+        return {"error": str(e)}
+    pred = predict(fit, N=test.N, D=test.D)
+    rel = (pred - test.loss) / test.loss
+    return {"sizes_held_out": sizes[-k:].tolist(), "n_points": int(len(test)),
+            "mean_abs_rel_error": float(np.mean(np.abs(rel))),
+            "max_abs_rel_error": float(np.max(np.abs(rel))),
+            "in_sample_rmse_log": float(fit.get("rmse_log", float("nan")))}
+
+
+def analyze_language(cfg: StudyConfig, runs: list[Run], lang: str) -> dict:
+    """Fits, frontiers, transfer, checks and forgetting for one target language."""
+    from megacpt.scaling import fit_frontier, transfer_metrics
+
+    mine = [r for r in runs if r.lang == lang and r.kind != "source"]
+    groups = {s: [r for r in mine if r.strategy == s] for s in dict.fromkeys(
+        r.strategy for r in mine)}
+    points = {s: _points(rs, lang, cfg) for s, rs in groups.items()}
+    out = {"fits": {s: {"law": "chinchilla" if s == "scratch" else "cpt",
+                        "error": f"no {lang} validation points"}
+                    for s, p in points.items() if p is None},
+           "frontiers": {}, "transfer": {}, "forgetting": [],
+           "points_fitted": cfg.fit["checkpoints"]}
+    points = {s: p for s, p in points.items() if p is not None}
+    if "scratch" in points:
+        out["fits"]["scratch"] = _fit("chinchilla", points["scratch"], cfg, f"{lang} scratch")
+    base = out["fits"].get("scratch", {})
+    for s in (s for s in groups if s != "scratch" and s in points):
+        if "error" in base or not base:
+            why = base.get("error", "no scratch runs (kinds lacks scratch)")
+            out["fits"][s] = {"law": "cpt", "error": f"needs the from-scratch fit as base: {why}"}
+        else:
+            out["fits"][s] = _fit("cpt", points[s], cfg, f"{lang} {s}", base=base,
+                                  base_points=points["scratch"])
+    for s, p in points.items():
+        try:
+            out["frontiers"][s] = fit_frontier(p, n_levels=min(30, max(4, len(p))))
+        except (ValueError, RuntimeError) as e:
+            out["frontiers"][s] = {"law": "frontier", "error": str(e)}
+        if s != "scratch" and "scratch" in points:
+            try:
+                out["transfer"][s] = with_source_compute(
+                    transfer_metrics(points["scratch"], p), runs)
+            except ValueError as e:
+                out["transfer"][s] = {"error": str(e)}
+    out["holdout"] = holdout(cfg, points, out["fits"])
+    out["consistency"] = consistency(out)
+    out["forgetting"] = forgetting(cfg, runs, lang)
+    out["figure4"] = figure4(cfg, runs, lang)
+    out["points"] = {s: {"N": p.N.tolist(), "D": p.D.tolist(), "loss": p.loss.tolist(),
+                         "C": p.C.tolist(), "run": p.group.tolist()} for s, p in points.items()}
+    return out
+
+
+def with_source_compute(transfer: dict, runs: list[Run]) -> dict:
+    """Add FLOPs saved counting the source model's own training compute as CPT's cost."""
+    src = {r.num_parameters: r for r in runs if r.kind == "source"}
+    saved_all = []
+    for p in transfer["pairs"]:
+        s = src.get(int(round(p["N"])))
+        c_src = source_compute(s) if s else float("nan")
+        c_s, c_c = np.asarray(p["C_scratch"]), np.asarray(p["C_cpt"])
+        p["C_source"] = c_src
+        p["flops_saved_with_source"] = ((c_s - c_c - c_src) / c_s).tolist()
+        saved_all.append(p["flops_saved_with_source"])
+    if saved_all:
+        v = np.concatenate(saved_all)
+        transfer["summary"].update({
+            "flops_saved_with_source_min": float(np.nanmin(v)),
+            "flops_saved_with_source_median": float(np.nanmedian(v)),
+            "flops_saved_with_source_max": float(np.nanmax(v))})
+    return transfer
+
+
+def source_compute(run: Run) -> float:
+    """6 N D of a source model's whole training (D: its tokens)."""
+    cfg, _ = run.resolved()
+    tokens = run.train_iters * cfg.training.global_batch_size * cfg.model.seq_length
+    return 6.0 * run.num_parameters * tokens
+
+
+def consistency(res: dict) -> dict:
+    """Does the CPT law's implied transfer agree with the runs' own? (FLOPs saved)"""
+    out = {}
+    for s, t in res["transfer"].items():
+        fit = res["fits"].get(s, {})
+        if "error" in t or "error" in fit or not t.get("pairs"):
+            continue
+        implied = _law_flops_saved(res["fits"].get("scratch", {}), fit, t)
+        if implied is None:
+            continue
+        emp = t["summary"]["flops_saved_median"]
+        ci = (fit.get("intervals") or {})
+        row = {"empirical_median": emp, "law_median": implied,
+               "difference": implied - emp}
+        key = next((k for k in ci if k.startswith("flops_saved@")), None)
+        if key and ci[key] is not None:
+            lo, hi = ci[key]
+            row["law_interval"] = [lo, hi]
+            row["mismatch"] = not lo <= emp <= hi
+        else:
+            row["mismatch"] = abs(implied - emp) > 0.1
+        out[s] = row
+    return out
+
+
+def _law_flops_saved(scratch: dict, cpt: dict, transfer: dict) -> float | None:
+    """Median over the empirical loss levels of 1 - C_cpt / C_scratch under the two laws, at
+    each pair's N (compute to reach the loss at fixed N, as the runs measure it)."""
+    need = ("E", "A", "B", "alpha", "beta")
+    if "error" in scratch or not all(k in scratch for k in need):
+        return None
+    vals = []
+    for p in transfer["pairs"]:
+        N, L = p["N"], np.asarray(p["loss"])
+        rest_s = L - scratch["E"] - scratch["A"] / N ** scratch["alpha"]
+        rest_c = L - cpt["E"] - cpt["A"] / N ** cpt["alpha"]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            d_s = (scratch["B"] / rest_s) ** (1 / scratch["beta"])
+            d_c = (cpt["B"] / (rest_c * N ** cpt.get("gamma", 0.0))) ** (1 / cpt["beta"])
+            vals.append(1 - d_c / d_s)
+    v = np.concatenate(vals)
+    v = v[np.isfinite(v)]
+    return float(np.median(v)) if v.size else None
+
+
+def _valid_curve(run: Run, name: str, lang: str):
+    """[(tokens of `lang` consumed, loss on `name`)] over a run's validations."""
+    from megacpt.training.metrics import read_metrics
+
+    rows = read_metrics(run.run_dir)
+    per = {0: 0}
+    for r in rows:
+        if r.get("type") == "train":
+            per[r["iteration"]] = r.get("consumed_tokens_per_dataset", {}).get(lang, 0)
+    return [(per.get(r["iteration"], 0), r["loss"]) for r in rows
+            if r.get("type") == "valid" and r.get("name") == name]
+
+
+def figure4(cfg: StudyConfig, runs: list[Run], lang: str) -> list[dict]:
+    """The paper's Figure 4: per replay ratio and size, each language's loss against that
+    language's compute (6 N x its tokens) during CPT (cosine runs and branches)."""
+    src, rows = cfg.source_lang, []
+    for r in (r for r in runs if r.lang == lang and r.kind == "cpt" and r.role != "stable"):
+        row = {"run": r.name, "size": r.size, "N": r.num_parameters, "replay": r.replay}
+        for key, name in (("target", lang), ("source", src)):
+            pts = [(6.0 * r.num_parameters * d, loss) for d, loss in _valid_curve(r, name, name)
+                   if d > 0]
+            row[key] = {"C": [c for c, _ in pts], "loss": [x for _, x in pts]}
+        rows.append(row)
+    return rows
+
+
+def forgetting(cfg: StudyConfig, runs: list[Run], lang: str) -> list[dict]:
+    """Final source-language loss of each CPT run next to its source model's."""
+    from megacpt.scaling import load_runs
+
+    src = cfg.source_lang
+    sources = {r.size: r for r in runs if r.kind == "source"}
+    rows = []
+    for r in (r for r in runs if r.lang == lang and r.kind == "cpt" and r.end_of_schedule):
+        mine = load_runs(r.run_dir, src)[0]
+        before = load_runs(sources[r.size].run_dir, src)[0]
+        rows.append({"run": r.name, "size": r.size, "replay": r.replay, "budget": r.budget,
+                     "source_model_loss": float(before["loss"][-1]),
+                     "final_source_loss": float(mine["loss"][-1]),
+                     "curve": {"D": mine["D"].tolist(), "loss": mine["loss"].tolist()}})
+    return rows
+
+
+def run_summary(runs: list[Run]) -> list[dict]:
+    """One row per run: its final validation losses (None while unfinished)."""
+    from megacpt.training.metrics import read_metrics
+
+    rows = []
+    for r in runs:
+        final = {}
+        if run_finished(r):
+            for row in read_metrics(r.run_dir, "valid"):
+                if row["iteration"] == r.train_iters:
+                    final[row["name"]] = row["loss"]
+        c, _ = r.resolved()
+        rows.append({"name": r.name, "lang": r.lang, "size": r.size, "kind": r.kind,
+                     "role": r.role, "budget": r.budget, "replay": r.replay,
+                     "num_parameters": r.num_parameters, "train_iters": r.train_iters,
+                     "global_batch_size": c.training.global_batch_size,
+                     "train_tokens": r.train_iters * c.training.global_batch_size
+                     * c.model.seq_length,
+                     "finished": bool(final), "final_valid_loss": final})
+    return rows
+
+
+def cross_language(results: dict) -> list[dict]:
+    """One row per target language: exponents, FLOPs saved, forgetting (several targets)."""
+    rows = []
+    for lang, res in results["languages"].items():
+        row = {"lang": lang}
+        for s, fit in res["fits"].items():
+            if "error" not in fit:
+                row[s] = {k: fit.get(k) for k in ("alpha", "beta", "gamma") if k in fit}
+        for s, t in res["transfer"].items():
+            if "error" not in t:
+                row.setdefault("flops_saved", {})[s] = {
+                    "median": t["summary"]["flops_saved_median"],
+                    "median_with_source": t["summary"].get("flops_saved_with_source_median")}
+        if res["forgetting"]:
+            row["forgetting"] = float(np.mean([f["final_source_loss"] - f["source_model_loss"]
+                                               for f in res["forgetting"]]))
+        rows.append(row)
+    return rows
+
+
+def analyze(cfg: StudyConfig, runs: list[Run]) -> dict:
+    """The results of the study (results.json); every run must be finished."""
+    unfinished = [r.name for r in runs if not run_finished(r)]
+    if unfinished:
+        raise RuntimeError(f"cannot analyse: runs not finished: {unfinished}")
+    res = {"name": cfg.name, "config": cfg.path, "source_lang": cfg.source_lang,
+           "design": cfg.design, "budgets": cfg.all_budgets,
+           "points_fitted": cfg.fit["checkpoints"], "runs": run_summary(runs),
+           "languages": {lang: analyze_language(cfg, runs, lang) for lang in cfg.target_langs}}
+    res["cross_language"] = cross_language(res)
+    return res
