@@ -36,6 +36,9 @@ setup(
         "plots": ["matplotlib>=3.6"],
         "optuna": ["optuna>=3.0"],
         "gpu": ["flash-attn"],
+        "wandb": ["wandb>=0.15"],
+        "tensorboard": ["tensorboard>=2.10"],
+        "corpora": ["pyarrow>=12", "zstandard>=0.21"],
     },
     entry_points={
         "console_scripts": [

@@ -155,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-interval", type=int, default=_d(LoggingConfig, "log_interval"))
     g.add_argument("--no-tensorboard", action="store_true")
     g.add_argument("--run-kind", choices=["scratch", "cpt"])
+    g.add_argument("--wandb-project", help="also log to Weights & Biases, this project "
+                   "(pip install 'megacpt[wandb]'; WANDB_MODE=offline works without network)")
+    g.add_argument("--wandb-exp-name", help="W&B run name")
+    g.add_argument("--wandb-save-dir", help="W&B's local directory (default LOG_DIR/wandb)")
     return p
 
 
@@ -283,18 +287,37 @@ def config_from_args(a: argparse.Namespace) -> tuple[Config, RunOptions]:
         checkpoint=CheckpointConfig(save=a.save, load=a.load, save_interval=a.save_interval,
                                     init_from=a.init_from, no_save_optim=a.no_save_optim),
         logging=LoggingConfig(log_dir=a.log_dir, log_interval=a.log_interval,
-                              tensorboard=not a.no_tensorboard, run_kind=a.run_kind),
+                              tensorboard=not a.no_tensorboard, run_kind=a.run_kind,
+                              wandb_project=a.wandb_project, wandb_exp_name=a.wandb_exp_name,
+                              wandb_save_dir=a.wandb_save_dir),
     )
     for name in ("eval_interval", "eval_iters", "max_nonfinite_steps"):
         if getattr(cfg.training, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
     if cfg.logging.log_interval < 1:
         raise ConfigError("--log-interval must be >= 1")
+    _check_wandb(cfg.logging)
     resolve_train_iters(cfg)
     opts = RunOptions(mock_data=a.mock_data,
                       override_opt_param_scheduler=a.override_opt_param_scheduler,
                       data_check_tokens=a.data_check_tokens)
     return cfg, opts
+
+
+def _check_wandb(lg: LoggingConfig) -> None:
+    """W&B flags need a project, and wandb installed (a clear message, not a stack)."""
+    if lg.wandb_project is None:
+        if lg.wandb_exp_name or lg.wandb_save_dir:
+            raise ConfigError("--wandb-exp-name/--wandb-save-dir need --wandb-project")
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is None:
+        raise ConfigError(f"--wandb-project {lg.wandb_project}: the wandb package is not "
+                          f"installed; pip install 'megacpt[wandb]' (or drop --wandb-project)")
+    if lg.wandb_save_dir is None and lg.log_dir is None:
+        raise ConfigError("--wandb-project needs --log-dir or --wandb-save-dir (where W&B "
+                          "keeps its local files)")
 
 
 def _min_lr(a: argparse.Namespace) -> float:

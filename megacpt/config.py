@@ -291,6 +291,12 @@ class LoggingConfig:
     """Also write TensorBoard events when tensorboard is installed."""
     run_kind: str | None = None
     """scratch or cpt in the metrics header; None: cpt when init_from is set."""
+    wandb_project: str | None = None
+    """Weights & Biases project (`--wandb-project`); None: no W&B logging."""
+    wandb_exp_name: str | None = None
+    """W&B run name (`--wandb-exp-name`); None: W&B picks one."""
+    wandb_save_dir: str | None = None
+    """Directory for W&B's local files (`--wandb-save-dir`); None: LOG_DIR/wandb."""
 
 
 @dataclass
