@@ -38,6 +38,9 @@ class ParallelContext:
     #: all tp x pp ranks of one data-parallel replica (model-parallel group): the global
     #: gradient norm is summed over it
     mp_group: object = None
+    #: the first and last stage's ranks of the same (tp, dp) coordinates, pp > 1 only (None
+    #: elsewhere): tied embedding gradients are summed over it (Megatron's embedding group)
+    embedding_group: object = None
 
     # ----- coordinates -----
     @property
@@ -150,6 +153,13 @@ class ParallelContext:
             grp = dist.new_group(ranks, **kw)
             if self.rank in ranks:
                 self.mp_group = grp
+        if pp > 1:
+            for d in range(dp):
+                for t in range(tp):
+                    ranks = [g(t, d, 0), g(t, d, pp - 1)]
+                    grp = dist.new_group(ranks, **kw)
+                    if self.rank in ranks:
+                        self.embedding_group = grp
         # size-1 groups behave like None: no communication
         if tp == 1:
             self.tp_group = None

@@ -33,6 +33,7 @@ _RULES = [
     (re.compile(r"(^|\.)embedding\.weight$"), ROW),
     (re.compile(r"(^|\.)output\.weight$"), ROW),
     (re.compile(r"attention\.qkv\.weight$"), ROW),
+    (re.compile(r"attention\.qkv\.bias$"), ROW),
     (re.compile(r"attention\.proj\.weight$"), COL),
     (re.compile(r"mlp\.gate_up\.weight$"), GATE_UP),
     (re.compile(r"mlp\.down\.weight$"), COL),
@@ -100,23 +101,24 @@ def param_seed(seed: int, name: str) -> int:
 
 def qkv_from_separate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       num_heads: int, num_groups: int) -> torch.Tensor:
-    """Fuse q [nh*d, h], k [ng*d, h], v [ng*d, h] into our per-group QKV [(nh+2ng)*d, h]."""
+    """Fuse q [nh*d, h], k [ng*d, h], v [ng*d, h] into our per-group QKV [(nh+2ng)*d, h]
+    (biases: the same without the h dim)."""
     d = q.shape[0] // num_heads
-    hidden = q.shape[1]
+    rest = tuple(q.shape[1:])  # (h,) for weights, () for biases
     per = num_heads // num_groups
-    qg = q.view(num_groups, per * d, hidden)
-    kg = k.view(num_groups, d, hidden)
-    vg = v.view(num_groups, d, hidden)
-    return torch.cat([qg, kg, vg], dim=1).reshape(-1, hidden)
+    qg = q.reshape(num_groups, per * d, *rest)
+    kg = k.reshape(num_groups, d, *rest)
+    vg = v.reshape(num_groups, d, *rest)
+    return torch.cat([qg, kg, vg], dim=1).reshape(-1, *rest)
 
 
 def qkv_to_separate(qkv: torch.Tensor, num_heads: int, num_groups: int):
     """Inverse of `qkv_from_separate`: (q, k, v)."""
     per = num_heads // num_groups
     d = qkv.shape[0] // (num_heads + 2 * num_groups)
-    hidden = qkv.shape[1]
-    g = qkv.view(num_groups, (per + 2) * d, hidden)
-    q = g[:, : per * d].reshape(-1, hidden)
-    k = g[:, per * d: (per + 1) * d].reshape(-1, hidden)
-    v = g[:, (per + 1) * d:].reshape(-1, hidden)
+    rest = tuple(qkv.shape[1:])  # (h,) for weights, () for biases
+    g = qkv.reshape(num_groups, (per + 2) * d, *rest)
+    q = g[:, : per * d].reshape(-1, *rest)
+    k = g[:, per * d: (per + 1) * d].reshape(-1, *rest)
+    v = g[:, (per + 1) * d:].reshape(-1, *rest)
     return q, k, v

@@ -123,3 +123,32 @@ def test_tokenizer_trains_the_same_from_any_container(docs, tmp_path):
         sp = spm.SentencePieceProcessor(model_file=str(tmp_path / f"{name}.model"))
         models.append([(sp.id_to_piece(i), sp.get_score(i)) for i in range(len(sp))])
     assert len(models[0]) == 600 and models[0] == models[1]  # same pieces, same order
+
+
+def test_huggingface_tokenizer_json(docs, tmp_path):
+    """--tokenizer-type HuggingFaceTokenizer (Llama 3 / Qwen2.5 tokenizer.json): ids without
+    special tokens, then the eos token as EOD; parquet and jsonl agree."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from megacpt.data.indexed import IndexedDataset
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(docs, trainers.BpeTrainer(vocab_size=400,
+                                                      special_tokens=["<|end_of_text|>"]))
+    d = tmp_path / "hf"
+    d.mkdir()
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|end_of_text|>"}))
+    (tmp_path / "a.jsonl").write_bytes(jsonl_bytes(docs))
+    write_parquet(tmp_path / "a.parquet", docs, row_group_size=50)
+    outs = []
+    for name in ("a.jsonl", "a.parquet"):
+        preprocess_main(["--input", str(tmp_path / name), "--tokenizer-type",
+                         "HuggingFaceTokenizer", "--tokenizer-model", str(d), "--output-prefix",
+                         str(tmp_path / name), "--append-eod", "--workers", "2"])
+        outs.append(IndexedDataset(str(tmp_path / name) + "_text_document"))
+    eod = tok.token_to_id("<|end_of_text|>")
+    for k in (0, 7, len(docs) - 1):
+        want = tok.encode(docs[k], add_special_tokens=False).ids + [eod]
+        assert list(outs[0][k]) == want and list(outs[1][k]) == want
