@@ -108,6 +108,9 @@ class ModelConfig:
     "original_max_position_embeddings": 8192}; types: see `megacpt.model.attention`."""
     model_family: str = "llama"
     """HF family the model exports as: llama (LlamaForCausalLM), qwen2 or mistral."""
+    sliding_window: int | None = None
+    """Mistral's attention window, kept for export; attention here is full causal, so
+    sequences may not be longer than it (None: no window)."""
 
     def __post_init__(self):
         if self.num_query_groups is None:
@@ -137,6 +140,10 @@ class ModelConfig:
                f"got {self.model_family!r}")
         if self.rope_scaling is not None:
             check_rope_scaling(self.rope_scaling, "model.rope_scaling")
+        _check(self.sliding_window is None or self.sliding_window >= self.seq_length,
+               f"model.seq_length {self.seq_length} is longer than the sliding_window "
+               f"{self.sliding_window} of this model: megacpt attends over the whole sequence, "
+               f"so it only runs such models on sequences up to the window (--seq-length)")
 
     @property
     def head_dim(self) -> int:

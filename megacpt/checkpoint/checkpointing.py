@@ -22,7 +22,8 @@ import torch.distributed as dist
 
 from megacpt.checkpoint import format as fmt
 from megacpt.checkpoint.format import CheckpointError
-from megacpt.checkpoint.reader import load_plain, open_source
+from megacpt.checkpoint.format import load_plain
+from megacpt.checkpoint.registry import open_source
 from megacpt.checkpoint.safetensors_io import SafetensorsReader, load_tensors, save_tensors
 from megacpt.config import Config
 from megacpt.parallel.context import ParallelContext

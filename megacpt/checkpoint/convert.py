@@ -31,8 +31,9 @@ import torch
 
 from megacpt.checkpoint.format import CheckpointError
 from megacpt.checkpoint.hf import export_hf
-from megacpt.checkpoint.reader import detect_format, open_source
+from megacpt.checkpoint.registry import detect_format, open_source
 from megacpt.checkpoint.writer import write_checkpoint
+from megacpt.params import LayoutError
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     try:
         return _run(args, start)
-    except CheckpointError as e:
+    except (CheckpointError, LayoutError) as e:
         print(f"convert_checkpoint: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -10,7 +10,7 @@
         mp_rank_{tp:02d}_{pp:03d}/         one per (tensor, pipeline) rank of the layout
           model.safetensors                this shard's parameters under their GLOBAL names
                                            (`layers.5.attention.qkv.weight`), split over tp
-                                           exactly as `megacpt.parallel.sharding` says
+                                           exactly as the table in `megacpt.params` says
           optimizer.safetensors            optimizer state tensors of this shard, named
                                            "{param name}/{key}" (key: exp_avg, exp_avg_sq,
                                            master, ...); each has its parameter's shard shape
@@ -44,9 +44,12 @@ import os
 import shutil
 import tempfile
 
+import torch
+
 from megacpt.config import Config, ModelConfig
-from megacpt.parallel import sharding
-from megacpt.parallel.context import stage_layer_range
+# parameter names and shapes come from the parameter table; re-exported for the format's users
+from megacpt.params import (LayoutError, check_layout, full_shape,  # noqa: F401
+                            layer_param_names, local_shape, param_names, stage_param_names)
 
 FORMAT_NAME, FORMAT_VERSION = "megacpt-checkpoint", 1
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -73,80 +76,6 @@ def shard_dirname(tp_rank: int, pp_rank: int) -> str:
 
 def rng_filename(rank: int) -> str:
     return os.path.join(RNG_DIR, f"rank_{rank}.pt")
-
-
-# ----- parameter names and shapes of a model config -----
-
-LAYER_PARAMS = ("input_norm.weight", "attention.qkv.weight", "attention.proj.weight",
-                "post_attention_norm.weight", "mlp.gate_up.weight", "mlp.down.weight")
-
-
-def layer_param_names(i: int) -> list[str]:
-    return [f"layers.{i}.{p}" for p in LAYER_PARAMS]
-
-
-def param_names(cfg: ModelConfig) -> list[str]:
-    """Every global parameter name, in model order (embedding, layers, final norm, output)."""
-    names = ["embedding.weight"]
-    for i in range(cfg.num_layers):
-        names += layer_param_names(i)
-    return names + ["final_norm.weight", "output.weight"]
-
-
-def full_shape(cfg: ModelConfig, name: str) -> tuple[int, ...]:
-    """Shape of the full (unsharded) tensor of a parameter (the table in `sharding`)."""
-    h, d = cfg.hidden_size, cfg.head_dim
-    leaf = name.split(".", 2)[-1] if name.startswith("layers.") else name
-    shapes = {
-        "embedding.weight": (cfg.padded_vocab_size, h), "output.weight": (cfg.padded_vocab_size, h),
-        "final_norm.weight": (h,), "input_norm.weight": (h,), "post_attention_norm.weight": (h,),
-        "attention.qkv.weight": ((cfg.num_attention_heads + 2 * cfg.num_query_groups) * d, h),
-        "attention.proj.weight": (h, cfg.num_attention_heads * d),
-        "mlp.gate_up.weight": (2 * cfg.ffn_hidden_size, h),
-        "mlp.down.weight": (h, cfg.ffn_hidden_size),
-    }
-    try:
-        return shapes[leaf]
-    except KeyError:
-        raise CheckpointError(f"unknown parameter name {name!r}") from None
-
-
-def local_shape(cfg: ModelConfig, name: str, tp: int) -> tuple[int, ...]:
-    """Shape of one tp rank's shard."""
-    shape = list(full_shape(cfg, name))
-    kind = sharding.shard_kind(name)
-    if kind in (sharding.ROW, sharding.GATE_UP):
-        shape[0] //= tp
-    elif kind == sharding.COL:
-        shape[1] //= tp
-    return tuple(shape)
-
-
-def stage_param_names(cfg: ModelConfig, pp: int, pp_rank: int) -> list[str]:
-    """The global names one pipeline stage holds (same split as `ParallelContext`)."""
-    names = ["embedding.weight"] if pp_rank == 0 else []
-    for i in stage_layer_range(cfg.num_layers, pp, pp_rank):
-        names += layer_param_names(i)
-    if pp_rank == pp - 1:
-        names += ["final_norm.weight", "output.weight"]
-    return names
-
-
-def check_layout(cfg: ModelConfig, tp: int, pp: int, what: str = "target layout") -> None:
-    """Raise CheckpointError if the model cannot be split tp x pp (says what to change)."""
-    if tp < 1 or pp < 1:
-        raise CheckpointError(f"{what}: tensor/pipeline parallel sizes must be >= 1, got "
-                              f"tp={tp} pp={pp}")
-    for value, field in ((cfg.num_attention_heads, "num_attention_heads"),
-                         (cfg.num_query_groups, "num_query_groups"),
-                         (cfg.ffn_hidden_size, "ffn_hidden_size"),
-                         (cfg.padded_vocab_size, "padded vocabulary size")):
-        if value % tp:
-            raise CheckpointError(f"{what} tp{tp}pp{pp}: the model's {field} = {value} is not "
-                                  f"divisible by tensor-parallel size {tp}")
-    if cfg.num_layers < pp:
-        raise CheckpointError(f"{what} tp{tp}pp{pp}: the model has {cfg.num_layers} layers, "
-                              f"fewer than pipeline-parallel size {pp}")
 
 
 SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
@@ -280,3 +209,15 @@ def atomic_output_dir(final: str):
     if os.path.isdir(final):
         os.rmdir(final)
     os.rename(tmp, final)
+
+
+# ----- plain (non-tensor) files -----
+
+def load_plain(path: str):
+    """torch.load of plain types only (weights_only); a clear error when missing/corrupt."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing") from None
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is reported the same way
+        raise CheckpointError(f"{path}: unreadable with weights_only=True ({e})") from None

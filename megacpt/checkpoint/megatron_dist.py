@@ -57,10 +57,10 @@ from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from megacpt.checkpoint.format import CheckpointError, full_shape
-from megacpt.checkpoint.megatron_legacy import (_IGNORED, _LAYER_KEYS, _LAYER_RE, _TOP_KEYS,
-                                                _legacy_iter_dir, config_and_tokenizer,
-                                                load_legacy_file, repad_vocab)
-from megacpt.checkpoint.reader import Source
+from megacpt.checkpoint.megatron_common import (IGNORED, LAYER_RE, config_and_tokenizer,
+                                                expected_key, layer_keys, legacy_iter_dir,
+                                                load_legacy_file, repad_vocab, top_keys)
+from megacpt.checkpoint.source import Source
 
 META_JSON = "metadata.json"
 COMMON = "common.pt"
@@ -71,7 +71,7 @@ _SKIP = re.compile(r"^(optimizer|rng_state|rerun_state_machine)")
 
 def dist_iter_dir(path: str) -> str | None:
     """The iteration directory holding metadata.json (save dir with tracker, or itself)."""
-    d = _legacy_iter_dir(path)
+    d = legacy_iter_dir(path)
     return d if d and os.path.isfile(os.path.join(d, META_JSON)) else None
 
 
@@ -207,18 +207,19 @@ class MegatronDistSource(Source):
         self._where: dict[str, tuple[list[str], int | None]] = {}
         mcfg = self.cfg.model
         L = mcfg.num_layers
+        layer_map, top_map = layer_keys(), top_keys()
         for key, md in self._md.items():
             if not isinstance(md, TensorStorageMetadata) or _SKIP.search(key):
                 continue  # bytes (_extra_state, RNG), optimizer state
             name = key.removeprefix("model.")
-            if _IGNORED.search(name):
+            if IGNORED.search(name):
                 continue
             stacked = _STACKED_RE.match(name)
-            per_layer = _LAYER_RE.match(name)
-            if stacked and stacked.group(1) in _LAYER_KEYS:
+            per_layer = LAYER_RE.match(name)
+            if stacked and stacked.group(1) in layer_map:
                 self._check_stacked(key, md, L)
                 for i in range(L):
-                    self._where[f"layers.{i}.{_LAYER_KEYS[stacked.group(1)]}"] = ([key], i)
+                    self._where[f"layers.{i}.{layer_map[stacked.group(1)]}"] = ([key], i)
             elif stacked and stacked.group(1) == _SPLIT_FC1[0]:
                 self._check_stacked(key, md, L)
                 other = key[:-1] + "v"
@@ -226,11 +227,11 @@ class MegatronDistSource(Source):
                     self._where[f"layers.{i}.mlp.gate_up.weight"] = ([key, other], i)
             elif stacked and stacked.group(1) == _SPLIT_FC1[1]:
                 continue  # read together with its _w half
-            elif per_layer and per_layer.group(2) in _LAYER_KEYS:
-                ours = f"layers.{int(per_layer.group(1))}.{_LAYER_KEYS[per_layer.group(2)]}"
+            elif per_layer and per_layer.group(2) in layer_map:
+                ours = f"layers.{int(per_layer.group(1))}.{layer_map[per_layer.group(2)]}"
                 self._where[ours] = ([key], None)
-            elif name in _TOP_KEYS:
-                self._where[_TOP_KEYS[name]] = ([key], None)
+            elif name in top_map:
+                self._where[top_map[name]] = ([key], None)
             else:
                 raise CheckpointError(f"{self.iter_dir}: unexpected model tensor {key!r} "
                                       f"(biases or non-LLaMA layers cannot be imported)")
@@ -241,7 +242,7 @@ class MegatronDistSource(Source):
         for name in self.names():
             if name not in self._where:
                 raise CheckpointError(f"{self.iter_dir}: no tensor for {name!r} in .metadata "
-                                      f"(expected e.g. {_expected_key(name)!r})")
+                                      f"(expected e.g. {expected_key(name, stacked=True)!r})")
             keys, _ = self._where[name]
             for k in keys:
                 if k not in self._md:
@@ -291,12 +292,3 @@ class MegatronDistSource(Source):
         parts = [self._read(k, layer) for k in keys]
         full = parts[0] if len(parts) == 1 else torch.cat(parts)
         return repad_vocab(self.cfg.model, name, full, self.iter_dir)
-
-
-def _expected_key(name: str) -> str:
-    for theirs, ours in _TOP_KEYS.items():
-        if ours == name:
-            return theirs
-    m = re.match(r"layers\.\d+\.(.+)$", name)
-    theirs = next(k for k, v in _LAYER_KEYS.items() if v == m.group(1)) if m else name
-    return f"decoder.layers.{theirs}"

@@ -1,80 +1,22 @@
-"""Read full (unsharded) tensors by global name from a checkpoint in any layout or format.
+"""The one reader of our own checkpoint format (`megacpt.checkpoint.format`), any layout.
 
-A `Source` hides where tensors come from: our own checkpoints in any (tp, pp) layout
-(`MegacptSource`, the format in `megacpt.checkpoint.format`), HuggingFace LLaMA directories
-(`megacpt.checkpoint.hf.HFSource`), Megatron-LM legacy checkpoints
-(`megacpt.checkpoint.megatron_legacy.MegatronSource`) and Megatron-Core torch_dist checkpoints
-(`megacpt.checkpoint.megatron_dist.MegatronDistSource`). Every source answers in our parameter
-names and layout (fused per-group QKV, fused gate-up, vocabulary padded to the multiple), one
-tensor at a time, so converters stream: memory holds about one full tensor, never the model.
-`open_source(path)` picks the reader from what the directory contains.
+`MegacptSource` opens a save dir or iter dir, checks meta.json and every shard's tensor list
+and shapes against the parameter table, and reads parameters and optimizer state whole, as one
+tp rank's part in any tp, or as any box of them (`get_slice`: only those bytes are read,
+safetensors slicing). Training resume (`checkpointing.load_checkpoint`), `--init-from`, the
+converters and the trainer's input checks all read our checkpoints through it.
 """
 from __future__ import annotations
 
-import abc
 import os
 
 import torch
 
 from megacpt.checkpoint import format as fmt
-from megacpt.checkpoint.format import CheckpointError
+from megacpt.checkpoint.format import CheckpointError, load_plain
+from megacpt.checkpoint.source import Source
 from megacpt.checkpoint.safetensors_io import SafetensorsError, SafetensorsReader
-from megacpt.config import Config
 from megacpt.parallel import sharding
-
-
-class Source(abc.ABC):
-    """Base: a model config plus full tensors by global parameter name."""
-
-    kind = "?"
-    path: str
-    cfg: Config
-    dtype: torch.dtype
-    iteration: int = 0
-    state: dict = {}
-    tokenizer_path: str | None = None
-    has_optimizer: bool = False
-    #: tp size the tensors are stored split into (get_shard at this tp is a plain read)
-    native_tp: int | None = None
-    #: data-parallel size of the run that saved it (informational; shards do not depend on it)
-    dp: int = 1
-
-    def names(self) -> list[str]:
-        return fmt.param_names(self.cfg.model)
-
-    @abc.abstractmethod
-    def get(self, name: str) -> torch.Tensor:
-        """The full tensor of parameter `name` (padded vocabulary)."""
-
-    def get_shard(self, name: str, tp: int, tp_rank: int) -> torch.Tensor:
-        """One tp rank's part of parameter `name` in a tp-way layout."""
-        return sharding.shard(name, self.get(name), tp_rank, tp).contiguous()
-
-    # optimizer state (only our own checkpoints have it)
-    def optimizer_entries(self, name: str) -> list[tuple[str, torch.dtype, bool, tuple]]:
-        """[(key, dtype, sharded_like_param, shape)]; shape is full when sharded."""
-        return []
-
-    def optimizer_get(self, name: str, key: str) -> torch.Tensor:
-        raise CheckpointError(f"{self.path}: a {self.kind} checkpoint has no optimizer state")
-
-    def optimizer_get_shard(self, name: str, key: str, tp: int, tp_rank: int) -> torch.Tensor:
-        """One tp rank's part of an optimizer state tensor (see `optimizer_entries`)."""
-        full = self.optimizer_get(name, key)
-        local = [e for e in self.optimizer_entries(name) if e[0] == key][0]
-        return sharding.shard(name, full, tp_rank, tp).contiguous() if local[2] else full
-
-    def optimizer_rest(self) -> dict:
-        return {}
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 class MegacptSource(Source):
@@ -206,16 +148,6 @@ class MegacptSource(Source):
             r.close()
 
 
-def load_plain(path: str):
-    """torch.load of plain types only (weights_only); a clear error when missing/corrupt."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing") from None
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is reported the same way
-        raise CheckpointError(f"{path}: unreadable with weights_only=True ({e})") from None
-
-
 def merge_rest(rests: list[dict], where: str) -> dict:
     """Merge the non-tensor optimizer state of pipeline stages into one model-wide dict.
 
@@ -255,39 +187,3 @@ def split_rest(rest: dict, names: list[str]) -> dict:
         out["param_groups"] = [{**g, "params": [n for n in g.get("params", []) if n in keep]}
                                for g in rest["param_groups"]]
     return out
-
-
-def detect_format(path: str) -> str:
-    """"hf", "megatron" or "megacpt" from the files in `path`. "megatron" covers both
-    Megatron-LM formats, legacy (mp_rank_*/model_optim_rng.pt) and Megatron-Core torch_dist
-    (metadata.json + *.distcp); `open_source` tells them apart."""
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return "hf"
-    from megacpt.checkpoint.megatron_dist import is_megatron_dist
-    from megacpt.checkpoint.megatron_legacy import is_megatron_legacy
-
-    if is_megatron_legacy(path) or is_megatron_dist(path):
-        return "megatron"
-    return "megacpt"
-
-
-def open_source(path: str, **hf_options) -> Source:
-    """A reader for our checkpoint (save dir or iter dir), a HuggingFace LLaMA directory, a
-    Megatron-LM legacy or a Megatron-Core torch_dist checkpoint, chosen from the directory's
-    contents."""
-    if not os.path.isdir(path):
-        raise CheckpointError(f"checkpoint path {path} does not exist or is not a directory")
-    kind = detect_format(path)
-    if kind == "hf":
-        from megacpt.checkpoint.hf import HFSource
-
-        return HFSource(path, **hf_options)
-    if kind == "megatron":
-        from megacpt.checkpoint.megatron_dist import MegatronDistSource, is_megatron_dist
-        from megacpt.checkpoint.megatron_legacy import MegatronSource
-
-        if is_megatron_dist(path):
-            return MegatronDistSource(path, **hf_options)
-
-        return MegatronSource(path, **hf_options)
-    return MegacptSource(path)

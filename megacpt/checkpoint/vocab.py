@@ -54,7 +54,8 @@ import time
 import torch
 
 from megacpt.checkpoint.format import CheckpointError
-from megacpt.checkpoint.reader import open_source
+from megacpt.params import LayoutError
+from megacpt.checkpoint.registry import open_source
 from megacpt.checkpoint.writer import write_checkpoint
 
 log = logging.getLogger(__name__)
@@ -379,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
                            a.save_dir, tuple(a.json_keys), a.target_vocab_size,
                            a.target_tensor_parallel_size, a.target_pipeline_parallel_size,
                            a.seed, make_vocab_size_divisible_by=a.make_vocab_size_divisible_by)
-    except CheckpointError as e:
+    except (CheckpointError, LayoutError) as e:
         print(f"extend_vocab: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     tpc = rep["tokens_per_char"]

@@ -3,8 +3,8 @@
 Pre-norm RMSNorm, rotary embeddings (rotate-half; base and optional llama3/linear frequency
 scaling from the config), grouped-query attention with a fused per-group QKV projection
 (optional q/k/v biases, Qwen2), SwiGLU MLP with a fused gate-up projection, and an output
-layer that is its own weight or, with `tie_word_embeddings`, the input embedding's. Activations inside the stack are `[s, b, h]` (`[s/tp, b, h]` with sequence
-parallelism). Parameter names are global and listed in `megacpt.parallel.sharding`.
+layer that is its own weight or, with `tie_word_embeddings`, the input embedding's.
+Activations inside the stack are `[s, b, h]` (`[s/tp, b, h]` with sequence parallelism). Parameter names are global and listed in the table in `megacpt.params`.
 
 A pipeline stage holds the layers `ctx.stage_layers(num_layers)`; the first stage also holds
 the embedding, the last the final norm and output layer. With tied embeddings and pp > 1 the
@@ -18,13 +18,12 @@ hidden states (not last stage), per-token loss `[b, s]` (labels given) or logits
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from megacpt import kernels  # imports no triton until a kernel runs
+from megacpt import kernels, params  # kernels imports no triton until a kernel runs
 from megacpt.config import ModelConfig
 from megacpt.model.attention import attention, resolve_backend, rotary_tables
 from megacpt.parallel import comm, sharding
@@ -182,6 +181,9 @@ class LlamaModel(nn.Module):
         if s > self.rope_cos.shape[0]:
             raise ValueError(f"sequence of {s} tokens is longer than max_position_embeddings "
                              f"{self.rope_cos.shape[0]}")
+        if self.cfg.sliding_window is not None and s > self.cfg.sliding_window:
+            raise ValueError(f"sequence of {s} tokens is longer than the model's sliding_window "
+                             f"{self.cfg.sliding_window} (attention here is full causal)")
         cos, sin = self.rope_cos[:s], self.rope_sin[:s]
         for layer in self.layers.values():
             if self.cfg.recompute_activations and torch.is_grad_enabled():
@@ -215,22 +217,15 @@ class LlamaModel(nn.Module):
 
 @torch.no_grad()
 def init_weights(model: nn.Module, seed: int) -> None:
-    """Layout-independent init: each full tensor is drawn from a generator seeded by the run
-    seed and the parameter's global name, then this rank keeps its shard. Normal(0, std) for
-    matrices, std / sqrt(2 * num_layers) for the output projections (attention proj, MLP
-    down), ones for norms."""
+    """Layout-independent init by the rule in the parameter table (`megacpt.params`): each
+    full tensor is drawn from a generator seeded by the run seed and the parameter's global
+    name, then this rank keeps its shard; constant rules (norms: ones) are filled."""
     cfg, ctx = model.cfg, model.ctx
     for name, p in model.named_parameters():
-        kind = sharding.shard_kind(name)
-        if kind == sharding.REPLICATED:
-            p.fill_(1.0)
+        std = params.init_std(cfg, name)
+        if std is None:
+            p.fill_(params.init_constant(name))
             continue
-        if name.endswith(".bias"):
-            p.zero_()
-            continue
-        std = cfg.init_method_std
-        if name.endswith(("proj.weight", "down.weight")):
-            std /= math.sqrt(2.0 * cfg.num_layers)
         gen_device = p.device if p.device.type == "cuda" else "cpu"
         gen = torch.Generator(device=gen_device).manual_seed(sharding.param_seed(seed, name))
         shape = sharding.full_shape(name, p.shape, ctx.tp)

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from megacpt.config import ConfigError, ModelConfig
+from megacpt.params import check_layout, stage_layer_range  # noqa: F401 - re-exported
 
 
 @dataclass
@@ -172,37 +173,15 @@ class ParallelContext:
 
     # ----- model-shape checks -----
     def check_model(self, cfg: ModelConfig) -> None:
-        """Divisibility of the model by this layout, with errors that say what to change."""
-        t = self.tp
-        checks = [
-            (cfg.num_attention_heads, "--num-attention-heads"),
-            (cfg.num_query_groups, "--num-query-groups"),
-            (cfg.ffn_hidden_size, "--ffn-hidden-size"),
-            (cfg.padded_vocab_size, "the padded vocabulary (--make-vocab-size-divisible-by)"),
-        ]
-        for value, name in checks:
-            if value % t:
-                raise ConfigError(
-                    f"{name} = {value} is not divisible by --tensor-model-parallel-size {t}; "
-                    f"choose a tensor-parallel size that divides it")
-        if self.sequence_parallel and cfg.seq_length % t:
-            raise ConfigError(f"--seq-length {cfg.seq_length} must be divisible by "
-                              f"--tensor-model-parallel-size {t} with --sequence-parallel")
-        if cfg.num_layers < self.pp:
-            raise ConfigError(f"--num-layers {cfg.num_layers} is smaller than "
-                              f"--pipeline-model-parallel-size {self.pp}")
+        """Divisibility of the model by this layout (`megacpt.params.check_layout`; raises its
+        LayoutError, a ConfigError, saying what to change)."""
+        check_layout(cfg, self.tp, self.pp, self.sequence_parallel, what="--tensor/pipeline"
+                     "-model-parallel-size layout")
 
     def stage_layers(self, num_layers: int, pp_rank: int | None = None) -> range:
         """Global layer indices held by a pipeline stage (uneven splits: earlier stages +1)."""
         r = self.pp_rank if pp_rank is None else pp_rank
         return stage_layer_range(num_layers, self.pp, r)
-
-
-def stage_layer_range(num_layers: int, pp: int, pp_rank: int) -> range:
-    """Layers of stage `pp_rank` out of `pp`: contiguous, sizes differ by at most one."""
-    base, extra = divmod(num_layers, pp)
-    start = pp_rank * base + min(pp_rank, extra)
-    return range(start, start + base + (1 if pp_rank < extra else 0))
 
 
 def default_device() -> torch.device:

@@ -1,52 +1,22 @@
-"""How each model parameter is split over tensor-parallel ranks: the one source of truth.
+"""How each model parameter is split over tensor-parallel ranks (split, unsplit, shapes).
 
-Parameter names are global (layer indices count from 0 over the whole model, whatever the
-pipeline stage), so a name means the same tensor in every layout:
+Which rule applies to which parameter is a column of the parameter table in `megacpt.params`
+(the one place the layout is described; see its docstring for the table). Kinds:
 
-| name                                   | full shape                    | split over tp      |
-|----------------------------------------|-------------------------------|--------------------|
-| embedding.weight                       | [padded_vocab, h]             | dim 0 (rows)       |
-| layers.{i}.input_norm.weight           | [h]                           | replicated         |
-| layers.{i}.attention.qkv.weight        | [(nh + 2 ng) * d, h]          | dim 0, by groups   |
-| layers.{i}.attention.proj.weight       | [h, nh * d]                   | dim 1              |
-| layers.{i}.post_attention_norm.weight  | [h]                           | replicated         |
-| layers.{i}.mlp.gate_up.weight          | [2 ffn, h] = cat[gate; up]    | each half on dim 0 |
-| layers.{i}.mlp.down.weight             | [h, ffn]                      | dim 1              |
-| final_norm.weight                      | [h]                           | replicated         |
-| output.weight                          | [padded_vocab, h]             | dim 0 (rows)       |
-
-The fused QKV rows are interleaved per query group (Megatron's LLaMA layout): for each group
-g, its nh/ng query heads, then its key head, then its value head, each `d` rows. A contiguous
-dim-0 chunk is then whole groups, so GQA shards cleanly when tp divides ng. The fused gate-up
-is `cat[gate; up]` (Megatron's fc1); rank r holds `cat[gate_r; up_r]`.
+- ROW: contiguous chunks of dim 0 (embedding, output, the fused QKV: its rows are interleaved
+  per query group, so a chunk is whole groups and GQA shards cleanly when tp divides ng)
+- COL: contiguous chunks of dim 1 (attention proj, MLP down)
+- GATE_UP: the fused `cat[gate; up]` (Megatron's fc1); rank r holds `cat[gate_r; up_r]`
+- REPLICATED: every rank holds the whole tensor (norms)
 """
 from __future__ import annotations
 
-import re
 import zlib
 
 import torch
 
-ROW, COL, GATE_UP, REPLICATED = "row", "col", "gate_up", "replicated"
-
-_RULES = [
-    (re.compile(r"(^|\.)embedding\.weight$"), ROW),
-    (re.compile(r"(^|\.)output\.weight$"), ROW),
-    (re.compile(r"attention\.qkv\.weight$"), ROW),
-    (re.compile(r"attention\.qkv\.bias$"), ROW),
-    (re.compile(r"attention\.proj\.weight$"), COL),
-    (re.compile(r"mlp\.gate_up\.weight$"), GATE_UP),
-    (re.compile(r"mlp\.down\.weight$"), COL),
-    (re.compile(r"norm\.weight$"), REPLICATED),
-]
-
-
-def shard_kind(name: str) -> str:
-    """The split rule for a parameter name (see the table above)."""
-    for pattern, kind in _RULES:
-        if pattern.search(name):
-            return kind
-    raise KeyError(f"no tensor-parallel rule for parameter {name!r}")
+from megacpt.params import COL, GATE_UP, REPLICATED, ROW, split_dim  # noqa: F401 - re-exported
+from megacpt.params import shard_kind  # noqa: F401 - re-exported: the rule of a name
 
 
 def shard(name: str, full: torch.Tensor, tp_rank: int, tp: int) -> torch.Tensor:
@@ -77,12 +47,10 @@ def unshard(name: str, parts: list[torch.Tensor]) -> torch.Tensor:
 
 def full_shape(name: str, local_shape: torch.Size, tp: int) -> torch.Size:
     """The full tensor's shape from one rank's part."""
-    kind = shard_kind(name)
+    dim = split_dim(shard_kind(name))
     shape = list(local_shape)
-    if kind in (ROW, GATE_UP):
-        shape[0] *= tp
-    elif kind == COL:
-        shape[1] *= tp
+    if dim is not None:
+        shape[dim] *= tp
     return torch.Size(shape)
 
 

@@ -99,7 +99,7 @@ def scan_max_token(path: str, dtype: np.dtype, max_tokens: int) -> tuple[int, in
 def check_init_source(path: str, cfg: Config) -> None:
     """`--init-from` opens (headers only) and holds a model of the configured shape."""
     from megacpt.checkpoint.format import CheckpointError
-    from megacpt.checkpoint.reader import open_source
+    from megacpt.checkpoint.registry import open_source
 
     if not os.path.exists(path):
         raise ConfigError(f"--init-from {path}: no such file or directory")

@@ -54,7 +54,7 @@ def fake_state(step: int) -> dict:
 def hf_loss_tp2pp2(hf_dir: str, tokens, labels) -> float:
     """Mean token loss of a HuggingFace directory's weights run in layout tp2pp2."""
     from megacpt.checkpoint import load_weights
-    from megacpt.checkpoint.reader import open_source
+    from megacpt.checkpoint.registry import open_source
     from megacpt.model.llama import LlamaModel
     from megacpt.parallel.context import ParallelContext
     from megacpt.parallel.schedule import forward_backward, split_global_batch

@@ -9,6 +9,7 @@ from _ckpt_helpers import resume_worker
 from megacpt.checkpoint import CheckpointError
 from megacpt.checkpoint.convert import convert_checkpoint, main
 from megacpt.checkpoint.reader import MegacptSource
+from megacpt.params import LayoutError
 from megacpt.testing import random_global_batches, run_distributed
 
 STEPS, K = 4, 2
@@ -121,8 +122,9 @@ def test_bad_layout_and_missing_shard_are_clear(resumed, tmp_path, capsys):
         main(["--load-dir", src, "--save-dir", str(tmp_path / "o"),
               "--target-tensor-parallel-size", "3", "--no-progress"])
     err = capsys.readouterr().err
-    assert "num_attention_heads = 8 is not divisible by tensor-parallel size 3" in err
-    with pytest.raises(CheckpointError, match="fewer than pipeline-parallel size 6"):
+    assert "num_attention_heads (--num-attention-heads) = 8 is not divisible by tensor-parallel " \
+           "size 3" in err
+    with pytest.raises(LayoutError, match="fewer than pipeline-parallel size 6"):
         convert_checkpoint(src, str(tmp_path / "o"), 1, 6)
     assert not os.path.exists(tmp_path / "o")  # nothing left behind
     assert not [p for p in os.listdir(tmp_path) if p.startswith("o.tmp")]

@@ -13,7 +13,8 @@ from safetensors.torch import load_file  # noqa: E402
 from _ckpt_helpers import make_corpora  # noqa: E402
 from megacpt.checkpoint import CheckpointError, load_model  # noqa: E402
 from megacpt.checkpoint.convert import main  # noqa: E402
-from megacpt.checkpoint.reader import MegacptSource, open_source  # noqa: E402
+from megacpt.checkpoint.reader import MegacptSource  # noqa: E402
+from megacpt.checkpoint.registry import open_source  # noqa: E402
 
 
 def hf_model(kv_heads: int, **overrides):

@@ -18,7 +18,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from _ckpt_helpers import MCORE_SHAPE, mcore_args
 from megacpt.checkpoint import CheckpointError, load_model
 from megacpt.checkpoint.convert import main
-from megacpt.checkpoint.reader import detect_format, open_source
+from megacpt.checkpoint.registry import detect_format, open_source
 
 if importlib.util.find_spec("megatron") is None or \
         importlib.util.find_spec("megatron.core") is None:  # no import here: it takes 8 s

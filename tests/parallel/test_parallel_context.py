@@ -38,9 +38,10 @@ def test_stage_layer_ranges_cover_all_layers_unevenly():
 
 @pytest.mark.parametrize("tp,override,match", [
     (4, dict(num_attention_heads=6, num_query_groups=6, hidden_size=48),
-     "--num-attention-heads = 6 is not divisible by --tensor-model-parallel-size 4"),
-    (4, dict(num_query_groups=2), "--num-query-groups = 2 is not divisible"),
-    (4, dict(ffn_hidden_size=66), "--ffn-hidden-size = 66"),
+     r"\(--num-attention-heads\) = 6 is not divisible by tensor-parallel size 4 "
+     r"\(--tensor-model-parallel-size\)"),
+    (4, dict(num_query_groups=2), r"\(--num-query-groups\) = 2 is not divisible"),
+    (4, dict(ffn_hidden_size=66), r"\(--ffn-hidden-size\) = 66"),
     (4, dict(make_vocab_size_divisible_by=2, vocab_size=202), "padded vocabulary"),
 ])
 def test_check_model_names_what_to_change(tp, override, match):
@@ -50,8 +51,8 @@ def test_check_model_names_what_to_change(tp, override, match):
 
 
 def test_check_model_pipeline_and_sequence_errors():
-    with pytest.raises(ConfigError, match="--num-layers 5 is smaller than "
-                                          "--pipeline-model-parallel-size 8"):
+    with pytest.raises(ConfigError, match=r"5 layers \(--num-layers\), fewer than "
+                                          r"pipeline-parallel size 8"):
         ParallelContext(pp=8, world_size=8).check_model(tiny_model_config())
     with pytest.raises(ConfigError, match="--seq-length 18 must be divisible"):
         ParallelContext(tp=4, world_size=4, sequence_parallel=True).check_model(
