@@ -37,6 +37,9 @@ setup(
         "optuna": ["optuna>=3.0"],
         "gpu": ["flash-attn"],
         "eval": ["lm-eval>=0.4.2", "transformers>=4.40", "protobuf"],
+        "wandb": ["wandb>=0.15"],
+        "tensorboard": ["tensorboard>=2.10"],
+        "corpora": ["pyarrow>=12", "zstandard>=0.21"],
     },
     entry_points={
         "console_scripts": [

@@ -1,4 +1,5 @@
-"""Preprocessing throughput: ours vs the Megatron way vs the tokenizer ceiling, one run.
+"""Preprocessing throughput: ours (on .jsonl, .jsonl.zst, .parquet) vs the Megatron way vs
+the tokenizer ceiling, one run.
 
     python benchmarks/bench_preprocess.py [--mb 24] [--workers N] [--repeats 3]
 
@@ -8,22 +9,27 @@ model trained on the same text with tools/train_tokenizer.py (cached in --workdi
 Methods, all with `--workers` processes / threads on the same file:
 
 * ours      `megacpt.data.preprocess` (block tasks, batch encode, packed arrays)
+* ours_zstd     the same on the corpus as `.jsonl.zst` (level 3, one frame per ~8 MB)
+* ours_parquet  the same on the corpus as `.parquet` (zstd pages, row groups of ~1 MB of
+            text, column `text`, as HF hub datasets are written)
 * megatron  Megatron-LM's tools/preprocess_data.py scheme: Pool.imap over lines, chunksize
             32, json.loads + per-document encode in the workers, megatron-core's
             IndexedDatasetBuilder.add_document in the main process
 * ceiling   SentencePiece's batch encode of all texts already in memory, `--workers`
             threads, no parsing and no I/O
 
-MB/s = JSONL input bytes / wall seconds (the same numerator for all three); each method's
-least time of `--repeats` runs, alternating methods. On a machine shared with other jobs
+MB/s = JSONL input bytes / wall seconds (the same numerator for all methods); each method's
+least time of `--repeats` runs, alternating methods. The goal: parquet and zstd within 10%
+of plain `.jsonl` (`zstd_vs_jsonl`, `parquet_vs_jsonl` >= 0.9). On a machine shared with other jobs
 wall time is noisy, so each run also records its CPU seconds (this process + its reaped worker
 processes) and `cpu_mb_per_s` = bytes / CPU seconds x workers: the throughput the method
 would reach with `--workers` idle cores, if it kept them busy. Ours and the Megatron way
-must produce byte-identical files (checked).
+and ours on every container must produce byte-identical files (checked).
 
 Rows: {"method", "workers", "input_mb", "docs", "tokens", "seconds", "mb_per_s",
 "cpu_seconds", "cpu_mb_per_s"}, then {"method": "summary", "ours_vs_megatron",
-"ours_vs_ceiling" (wall), "cpu_ours_vs_megatron", "cpu_ours_vs_ceiling", "load_average_1min"}.
+"ours_vs_ceiling", "zstd_vs_jsonl", "parquet_vs_jsonl" (wall), "cpu_ours_vs_megatron",
+"cpu_ours_vs_ceiling", "cpu_zstd_vs_jsonl", "cpu_parquet_vs_jsonl", "load_average_1min"}.
 """
 from __future__ import annotations
 
@@ -58,6 +64,26 @@ def make_corpus(path: str, mb: float) -> None:
     with open(path, "wb") as f:
         for _ in range(max(1, round(mb * 1e6 / len(block)))):
             f.write(block)
+
+
+def make_containers(inp: str) -> dict[str, str]:
+    """The same documents as .jsonl.zst and .parquet next to `inp` (cached)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    base = inp[: -len(".jsonl")]
+    paths = {"ours_zstd": base + ".jsonl.zst", "ours_parquet": base + ".parquet"}
+    if not os.path.exists(paths["ours_zstd"]):
+        with open(inp, "rb") as f, open(paths["ours_zstd"], "wb") as out:
+            while chunk := f.read(8 << 20):
+                out.write(zstandard.ZstdCompressor(level=3).compress(chunk))
+    if not os.path.exists(paths["ours_parquet"]):
+        texts = [json.loads(line)["text"] for line in open(inp, encoding="utf-8")]
+        rows = max(1, int(len(texts) * 1e6 / os.path.getsize(inp)))
+        pq.write_table(pa.table({"text": texts}), paths["ours_parquet"], row_group_size=rows,
+                       compression="zstd")
+    return paths
 
 
 class MegatronEncoder:
@@ -141,20 +167,23 @@ def main() -> None:
     nbytes = os.path.getsize(inp)
     texts = [json.loads(line)["text"] for line in open(inp, encoding="utf-8")]
     import megatron.core.datasets.indexed_dataset  # noqa: F401 - import cost outside timing
+    containers = make_containers(inp)
 
     best: dict[str, dict] = {}
     for rep in range(args.repeats):
-        for name in ("ours", "megatron", "ceiling"):
+        for name in ("ours", "ours_zstd", "ours_parquet", "megatron", "ceiling"):
             out = os.path.join(args.workdir, f"out_{name}")
             cpu0 = cpu_seconds()
             if name == "ours":
                 r = ours(inp, out, model, args.workers)
+            elif name in containers:
+                r = ours(containers[name], out, model, args.workers)
             elif name == "megatron":
                 r = megatron_way(inp, out + "_text_document", model, args.workers)
             else:
                 r = ceiling(texts, model, args.workers)
             r["cpu_seconds"] = cpu_seconds() - cpu0
-            print(f"repeat {rep}: {name:8s} {nbytes / 1e6 / r['seconds']:6.2f} MB/s "
+            print(f"repeat {rep}: {name:12s} {nbytes / 1e6 / r['seconds']:6.2f} MB/s "
                   f"({r['seconds']:.2f} s wall, {r['cpu_seconds']:.2f} s CPU)", flush=True)
             if name not in best:
                 best[name] = r
@@ -162,9 +191,10 @@ def main() -> None:
             best[name]["cpu_seconds"] = min(best[name]["cpu_seconds"], r["cpu_seconds"])
     a = os.path.join(args.workdir, "out_ours_text_document")
     b = os.path.join(args.workdir, "out_megatron_text_document")
-    for ext in (".bin", ".idx"):
-        same = open(a + ext, "rb").read() == open(b + ext, "rb").read()
-        assert same, f"ours and the Megatron way differ in {ext}"
+    for other in [b] + [os.path.join(args.workdir, f"out_{n}_text_document") for n in containers]:
+        for ext in (".bin", ".idx"):
+            same = open(a + ext, "rb").read() == open(other + ext, "rb").read()
+            assert same, f"ours on .jsonl and {other} differ in {ext}"
     assert best["ours"]["tokens"] == best["ceiling"]["tokens"]
     rows = [{"method": name, "workers": args.workers, "input_mb": nbytes / 1e6,
              "docs": r["docs"], "tokens": r["tokens"], "seconds": round(r["seconds"], 3),
@@ -177,8 +207,12 @@ def main() -> None:
     rows.append({"method": "summary",
                  "ours_vs_megatron": round(wall["ours"] / wall["megatron"], 3),
                  "ours_vs_ceiling": round(wall["ours"] / wall["ceiling"], 3),
+                 "zstd_vs_jsonl": round(wall["ours_zstd"] / wall["ours"], 3),
+                 "parquet_vs_jsonl": round(wall["ours_parquet"] / wall["ours"], 3),
                  "cpu_ours_vs_megatron": round(cpu["ours"] / cpu["megatron"], 3),
                  "cpu_ours_vs_ceiling": round(cpu["ours"] / cpu["ceiling"], 3),
+                 "cpu_zstd_vs_jsonl": round(cpu["ours_zstd"] / cpu["ours"], 3),
+                 "cpu_parquet_vs_jsonl": round(cpu["ours_parquet"] / cpu["ours"], 3),
                  "load_average_1min": round(os.getloadavg()[0], 2)})
     for row in rows:
         print(row)

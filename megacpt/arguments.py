@@ -3,8 +3,11 @@
 Flags not given take the defaults of `megacpt.config` (the paper's LR recipe: cosine from
 2e-4, 5% warm-up). The model shape comes from `--model-size NAME` (the registry in
 `megacpt.sizes`) or from `--num-layers/--hidden-size/--ffn-hidden-size/--num-attention-heads`;
-shape flags given with `--model-size` must agree with it. The vocabulary comes from
-`--tokenizer-model` (or `--vocab-size`). The length of training is exactly one of
+shape flags given with `--model-size` must agree with it. With `--init-from` the whole
+architecture (shape, GQA, head dim, vocabulary, RoPE base and scaling, norm eps, tying, q/k/v
+biases) comes from that checkpoint (ours, HF or Megatron): shape and variant flags become
+optional, and one that contradicts the checkpoint is an error naming both values. Otherwise
+the vocabulary comes from `--tokenizer-model` (or `--vocab-size`, or a public size's own). The length of training is exactly one of
 `--train-iters`, `--train-tokens` or `--tokens-per-param` (x total parameters); the latter two
 are turned into `training.train_iters` (rounded up to whole global batches).
 
@@ -66,8 +69,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "--tokenizer-model (e.g. --mock-data); must cover the tokenizer's")
     g.add_argument("--make-vocab-size-divisible-by", type=int,
                    default=_d(ModelConfig, "make_vocab_size_divisible_by"))
-    g.add_argument("--rotary-base", type=float, default=_d(ModelConfig, "rotary_base"))
-    g.add_argument("--norm-epsilon", type=float, default=_d(ModelConfig, "norm_eps"))
+    g.add_argument("--rotary-base", type=float, help="RoPE base (default: the size's or "
+                   f"--init-from source's, else {_d(ModelConfig, 'rotary_base'):g})")
+    g.add_argument("--norm-epsilon", type=float, help="RMSNorm eps (default: the size's or "
+                   f"--init-from source's, else {_d(ModelConfig, 'norm_eps'):g})")
+    g.add_argument("--tie-word-embeddings", action="store_true", default=None,
+                   help="output layer shares the input embedding's weight (Llama 3.2 1B/3B)")
+    g.add_argument("--add-qkv-bias", action="store_true", default=None,
+                   help="biases on the q/k/v projections (Qwen2)")
+    g.add_argument("--use-rope-scaling", action="store_true", default=None,
+                   help="Llama 3.1 RoPE scaling (rope_type llama3, low/high freq factors 1/4, "
+                        "original context 8192)")
+    g.add_argument("--rope-scaling-factor", type=float, default=8.0,
+                   help="factor of --use-rope-scaling (Llama 3.1: 8, Llama 3.2: 32)")
     g.add_argument("--init-method-std", type=float, default=_d(ModelConfig, "init_method_std"))
     g.add_argument("--attention-backend", default="auto",
                    choices=["auto", "flash_attn", "sdpa", "eager"])
@@ -172,18 +186,99 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-interval", type=int, default=_d(LoggingConfig, "log_interval"))
     g.add_argument("--no-tensorboard", action="store_true")
     g.add_argument("--run-kind", choices=["scratch", "cpt"])
+    g.add_argument("--wandb-project", help="also log to Weights & Biases, this project "
+                   "(pip install 'megacpt[wandb]'; WANDB_MODE=offline works without network)")
+    g.add_argument("--wandb-exp-name", help="W&B run name")
+    g.add_argument("--wandb-save-dir", help="W&B's local directory (default LOG_DIR/wandb)")
     return p
 
 
-def _model_config(a: argparse.Namespace, vocab_size: int) -> ModelConfig:
-    given = {f: getattr(a, f) for f in _SHAPE_FLAGS if getattr(a, f) is not None}
-    common = dict(vocab_size=vocab_size, seq_length=a.seq_length,
-                  max_position_embeddings=a.max_position_embeddings,
+def _variant_flags(a: argparse.Namespace) -> dict:
+    """Architecture fields beyond the shape that flags set explicitly (None: not given)."""
+    out = {"rotary_base": a.rotary_base, "norm_eps": a.norm_epsilon,
+           "tie_word_embeddings": a.tie_word_embeddings, "add_qkv_bias": a.add_qkv_bias}
+    if a.use_rope_scaling:
+        out["rope_scaling"] = {"rope_type": "llama3", "factor": a.rope_scaling_factor,
+                               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                               "original_max_position_embeddings": 8192}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+_FLAG_OF = {"rotary_base": "--rotary-base", "norm_eps": "--norm-epsilon",
+            "tie_word_embeddings": "--tie-word-embeddings", "add_qkv_bias": "--add-qkv-bias",
+            "rope_scaling": "--use-rope-scaling", "vocab_size": "--vocab-size"}
+
+
+def _from_source(a: argparse.Namespace, vocab_size: int | None, common: dict) -> ModelConfig:
+    """The architecture of the `--init-from` checkpoint (ours, HF or Megatron), with this
+    run's training knobs; any shape or variant flag given must agree with it."""
+    from megacpt.checkpoint.checkpointing import open_source
+    from megacpt.checkpoint.format import CheckpointError
+
+    try:
+        with open_source(a.init_from, make_vocab_size_divisible_by=
+                         a.make_vocab_size_divisible_by, seq_length=a.seq_length) as src:
+            have = src.cfg.model
+    except CheckpointError as e:
+        raise ConfigError(f"--init-from {a.init_from}: {e}") from None
+
+    def contradict(flag, value, field, theirs):
+        raise ConfigError(f"{flag} {value} contradicts the --init-from checkpoint "
+                          f"{a.init_from}, which has {field} = {theirs}; drop {flag}")
+
+    if a.model_size:
+        want = _model_config_flags(a, have.vocab_size, {})
+        for f in _SHAPE_FLAGS[:5] + ("head_dim",):
+            if getattr(want, f) != getattr(have, f):
+                raise ConfigError(f"--model-size {a.model_size} has {f} = {getattr(want, f)} but "
+                                  f"the --init-from checkpoint {a.init_from} has {f} = "
+                                  f"{getattr(have, f)}; drop --model-size (the architecture "
+                                  f"comes from the checkpoint)")
+    for f in _SHAPE_FLAGS:
+        v = getattr(a, f)
+        theirs = have.head_dim if f == "kv_channels" else getattr(have, f)
+        if v is not None and v != theirs:
+            contradict("--" + f.replace("_", "-"), v, f, theirs)
+    for f, v in _variant_flags(a).items():
+        if v != getattr(have, f):
+            contradict(_FLAG_OF[f], v, f, getattr(have, f))
+    if a.vocab_size is not None and a.vocab_size != have.vocab_size:
+        contradict("--vocab-size", a.vocab_size, "vocab_size", have.vocab_size)
+    if vocab_size is not None and vocab_size > have.vocab_size:
+        raise ConfigError(f"--tokenizer-model {a.tokenizer_model} has {vocab_size} tokens, more "
+                          f"than the --init-from checkpoint's vocab_size {have.vocab_size}; "
+                          f"extend the model's vocabulary first (tools/extend_vocab.py)")
+    keep = {f: getattr(have, f) for f in ("num_layers", "hidden_size", "ffn_hidden_size",
+                                          "num_attention_heads", "num_query_groups",
+                                          "kv_channels", "vocab_size", "rotary_base",
+                                          "norm_eps", "tie_word_embeddings", "add_qkv_bias",
+                                          "rope_scaling", "model_family", "name")}
+    keep["make_vocab_size_divisible_by"] = have.make_vocab_size_divisible_by
+    common = {k: v for k, v in common.items() if k not in keep}
+    return ModelConfig(**keep, **common)
+
+
+def _model_config(a: argparse.Namespace, vocab_size: int | None) -> ModelConfig:
+    common = dict(seq_length=a.seq_length, max_position_embeddings=a.max_position_embeddings,
                   make_vocab_size_divisible_by=a.make_vocab_size_divisible_by,
-                  rotary_base=a.rotary_base, norm_eps=a.norm_epsilon,
                   init_method_std=a.init_method_std, attention_backend=a.attention_backend,
                   use_kernels=a.use_kernels, recompute_activations=a.recompute_activations,
                   cross_entropy_chunk_tokens=a.cross_entropy_chunk_tokens, compile=a.compile)
+    if a.init_from and (os.path.isdir(a.init_from) or not (
+            a.model_size or all(getattr(a, f) is not None for f in _SHAPE_FLAGS[:4]))):
+        # (a source that does not exist yet, e.g. a study's pretraining run still to come,
+        # leaves the shape to the flags; the trainer checks them against it when it loads)
+        return _from_source(a, vocab_size, common)
+    if vocab_size is None:
+        raise ConfigError("the vocabulary size is unknown: give --tokenizer-model or "
+                          "--vocab-size")
+    return _model_config_flags(a, vocab_size, common)
+
+
+def _model_config_flags(a: argparse.Namespace, vocab_size: int, common: dict) -> ModelConfig:
+    """The model from --model-size or the shape flags (and variant flags)."""
+    given = {f: getattr(a, f) for f in _SHAPE_FLAGS if getattr(a, f) is not None}
+    common = {**common, **_variant_flags(a), "vocab_size": vocab_size}
     if a.model_size:
         try:
             cfg = ModelConfig.from_size(a.model_size, **common)
@@ -214,7 +309,7 @@ def tokenizer_vocab_size(path: str) -> int:
         raise ConfigError(f"--tokenizer-model {path}: not a SentencePiece model ({e})") from None
 
 
-def _vocab_size(a: argparse.Namespace) -> int:
+def _vocab_size(a: argparse.Namespace) -> int | None:
     tok = tokenizer_vocab_size(a.tokenizer_model) if a.tokenizer_model else None
     if a.vocab_size is not None and tok is not None and tok > a.vocab_size:
         raise ConfigError(f"the tokenizer {a.tokenizer_model} has {tok} tokens, more than "
@@ -223,7 +318,9 @@ def _vocab_size(a: argparse.Namespace) -> int:
         return a.vocab_size
     if tok is not None:
         return tok
-    raise ConfigError("the vocabulary size is unknown: give --tokenizer-model or --vocab-size")
+    if a.model_size and a.model_size in sizes.SIZES and sizes.SIZES[a.model_size].vocab_size:
+        return sizes.SIZES[a.model_size].vocab_size  # a public checkpoint's own vocabulary
+    return None  # --init-from gives it, else _model_config refuses
 
 
 def _valid_paths(words: list[str]) -> dict[str, str]:
@@ -305,13 +402,16 @@ def config_from_args(a: argparse.Namespace) -> tuple[Config, RunOptions]:
                                     verify_checksums=not a.no_verify_checksums,
                                     save_iters=list(a.save_iters)),
         logging=LoggingConfig(log_dir=a.log_dir, log_interval=a.log_interval,
-                              tensorboard=not a.no_tensorboard, run_kind=a.run_kind),
+                              tensorboard=not a.no_tensorboard, run_kind=a.run_kind,
+                              wandb_project=a.wandb_project, wandb_exp_name=a.wandb_exp_name,
+                              wandb_save_dir=a.wandb_save_dir),
     )
     for name in ("eval_interval", "eval_iters", "max_nonfinite_steps"):
         if getattr(cfg.training, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
     if cfg.logging.log_interval < 1:
         raise ConfigError("--log-interval must be >= 1")
+    _check_wandb(cfg.logging)
     resolve_train_iters(cfg)
     opts = RunOptions(mock_data=a.mock_data,
                       override_opt_param_scheduler=a.override_opt_param_scheduler,
@@ -325,6 +425,22 @@ def _wsd_decay_iters(a: argparse.Namespace) -> int | None:
     if a.lr_wsd_decay_samples is not None:
         return -(-a.lr_wsd_decay_samples // a.global_batch_size)
     return a.lr_wsd_decay_iters
+
+
+def _check_wandb(lg: LoggingConfig) -> None:
+    """W&B flags need a project, and wandb installed (a clear message, not a stack)."""
+    if lg.wandb_project is None:
+        if lg.wandb_exp_name or lg.wandb_save_dir:
+            raise ConfigError("--wandb-exp-name/--wandb-save-dir need --wandb-project")
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is None:
+        raise ConfigError(f"--wandb-project {lg.wandb_project}: the wandb package is not "
+                          f"installed; pip install 'megacpt[wandb]' (or drop --wandb-project)")
+    if lg.wandb_save_dir is None and lg.log_dir is None:
+        raise ConfigError("--wandb-project needs --log-dir or --wandb-save-dir (where W&B "
+                          "keeps its local files)")
 
 
 def _min_lr(a: argparse.Namespace) -> float:
@@ -381,7 +497,8 @@ _FLAG_FIELDS = {"norm_epsilon": "model.norm_eps", "model_size": "model.name",
                 "no_tensorboard": "!logging.tensorboard",
                 "no_gradient_accumulation_fusion": "!parallel.gradient_accumulation_fusion",
                 "no_verify_checksums": "!checkpoint.verify_checksums"}
-_NOT_FIELDS = {"help", "group_query_attention", "fp16", "lr_wsd_decay_samples"}
+_NOT_FIELDS = {"help", "group_query_attention", "fp16", "lr_wsd_decay_samples",
+               "use_rope_scaling", "rope_scaling_factor"}
 """Flags that are no field: help, accepted-for-compatibility, refused with a message, or
 another unit of a field (samples -> lr_wsd_decay_iters)."""
 _SPECIAL = {"train_iters", "train_tokens", "tokens_per_param", "lr_warmup_fraction",
@@ -447,6 +564,14 @@ def config_to_argv(cfg: Config, opts: RunOptions | None = None) -> list[str]:
                 argv += ["--" + f.replace("_", "-"), str(v)]
     if m.max_position_embeddings != m.seq_length:
         argv += ["--max-position-embeddings", str(m.max_position_embeddings)]
+    if m.rope_scaling is not None:
+        flags = {"rope_type": "llama3", "factor": m.rope_scaling.get("factor"),
+                 "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                 "original_max_position_embeddings": 8192}
+        if m.rope_scaling != flags:
+            raise ConfigError(f"model.rope_scaling {m.rope_scaling} cannot be written as flags "
+                              f"(--use-rope-scaling is llama3 with factors 1/4 and 8192)")
+        argv += ["--use-rope-scaling", "--rope-scaling-factor", _word(float(flags["factor"]))]
     if t.tokens_per_param is not None:
         argv += ["--tokens-per-param", _word(float(t.tokens_per_param))]
     elif t.train_tokens is not None:

@@ -15,8 +15,35 @@ from typing import Any
 from megacpt import sizes
 
 
+#: HF model families megacpt imports and exports (config.json `model_type`)
+MODEL_FAMILIES = ("llama", "qwen2", "mistral")
+
+
 class ConfigError(ValueError):
     """A configuration value is wrong; the message says which field and what to change."""
+
+
+#: RoPE scaling types we implement (`megacpt.model.attention.rotary_tables`) and the keys each
+#: needs (transformers' `rope_scaling` / `rope_parameters` names)
+ROPE_SCALING_KEYS = {
+    "default": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+               "original_max_position_embeddings"),
+}
+
+
+def check_rope_scaling(rs: dict, where: str) -> None:
+    """A clear error for a RoPE scaling we do not implement or that lacks a field."""
+    kind = rs.get("rope_type", rs.get("type"))
+    if kind not in ROPE_SCALING_KEYS:
+        raise ConfigError(f"{where}: rope_type {kind!r} is not supported (supported: "
+                          f"{', '.join(ROPE_SCALING_KEYS)}); dynamic, yarn and longrope scaling "
+                          f"are not implemented")
+    for key in ROPE_SCALING_KEYS[kind]:
+        if not isinstance(rs.get(key), (int, float)) or rs[key] <= 0:
+            raise ConfigError(f"{where}: rope_type {kind!r} needs a positive number {key!r}, "
+                              f"got {rs.get(key)!r}")
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -69,6 +96,21 @@ class ModelConfig:
     generates the fused norm/SwiGLU/rotary code, the Triton kernels serve the rest."""
     name: str | None = None
     """Registry size name this shape came from ("1393M", "tiny"), if any."""
+    tie_word_embeddings: bool = False
+    """The output layer uses the input embedding's weight (Llama 3.2 1B/3B, small Qwen2.5).
+    Under pipeline parallelism the last stage holds a copy whose gradient is all-reduced with
+    the first stage's (Megatron's embedding group)."""
+    add_qkv_bias: bool = False
+    """Biases on the q/k/v projections (Qwen2); sharded over tp like the fused QKV rows."""
+    rope_scaling: dict | None = None
+    """RoPE frequency scaling as in transformers' config.json `rope_scaling`, e.g.
+    {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192}; types: see `megacpt.model.attention`."""
+    model_family: str = "llama"
+    """HF family the model exports as: llama (LlamaForCausalLM), qwen2 or mistral."""
+    sliding_window: int | None = None
+    """Mistral's attention window, kept for export; attention here is full causal, so
+    sequences may not be longer than it (None: no window)."""
 
     def __post_init__(self):
         if self.num_query_groups is None:
@@ -93,6 +135,15 @@ class ModelConfig:
         _check(self.attention_backend in ("auto", "flash_attn", "sdpa", "eager"),
                f"model.attention_backend must be auto|flash_attn|sdpa|eager, "
                f"got {self.attention_backend!r}")
+        _check(self.model_family in MODEL_FAMILIES,
+               f"model.model_family must be one of {', '.join(MODEL_FAMILIES)}, "
+               f"got {self.model_family!r}")
+        if self.rope_scaling is not None:
+            check_rope_scaling(self.rope_scaling, "model.rope_scaling")
+        _check(self.sliding_window is None or self.sliding_window >= self.seq_length,
+               f"model.seq_length {self.seq_length} is longer than the sliding_window "
+               f"{self.sliding_window} of this model: megacpt attends over the whole sequence, "
+               f"so it only runs such models on sequences up to the window (--seq-length)")
 
     @property
     def head_dim(self) -> int:
@@ -106,7 +157,8 @@ class ModelConfig:
         """Parameter count (see `megacpt.sizes.param_count`), at the padded vocabulary."""
         return sizes.param_count(self.hidden_size, self.ffn_hidden_size, self.num_layers,
                                  self.num_attention_heads, self.num_query_groups,
-                                 self.padded_vocab_size, include_embeddings, self.head_dim)
+                                 self.padded_vocab_size, include_embeddings, self.head_dim,
+                                 tied=self.tie_word_embeddings, qkv_bias=self.add_qkv_bias)
 
     def flops_per_token(self) -> float:
         """Training FLOPs per token (see `megacpt.sizes.flops_per_token`)."""
@@ -123,8 +175,12 @@ class ModelConfig:
                   ffn_hidden_size=shape.ffn_hidden_size,
                   num_attention_heads=shape.num_attention_heads,
                   num_query_groups=shape.num_query_groups, kv_channels=shape.kv_channels,
-                  name=name)
+                  name=name, **shape.variant_fields())
+        if shape.vocab_size is not None:  # a public checkpoint's own vocabulary
+            kw["vocab_size"] = shape.vocab_size
         kw.update(overrides)
+        if kw.get("vocab_size") is None:
+            kw.pop("vocab_size", None)
         return cls(**kw)
 
 
@@ -318,6 +374,12 @@ class LoggingConfig:
     """Also write TensorBoard events when tensorboard is installed."""
     run_kind: str | None = None
     """scratch or cpt in the metrics header; None: cpt when init_from is set."""
+    wandb_project: str | None = None
+    """Weights & Biases project (`--wandb-project`); None: no W&B logging."""
+    wandb_exp_name: str | None = None
+    """W&B run name (`--wandb-exp-name`); None: W&B picks one."""
+    wandb_save_dir: str | None = None
+    """Directory for W&B's local files (`--wandb-save-dir`); None: LOG_DIR/wandb."""
 
 
 @dataclass

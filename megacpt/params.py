@@ -30,10 +30,13 @@ nh/ng query heads, then its key head, then its value head, `d` rows each), so a 
 dim-0 chunk is whole groups. The fused gate-up is `cat[gate; up]` (Megatron's fc1); tp rank r
 holds `cat[gate_r; up_r]`.
 
-Adding a model variant is one row (or a `when` condition on a row): e.g. q/k/v biases are a
-row `layers.{i}.attention.qkv.bias` of shape [(nh + 2 ng) d], split ROW, init "zeros",
-hf (q_proj.bias, k_proj.bias, v_proj.bias) fused "qkv", `when=lambda c: c.<flag>`; tied
-embeddings are a `when` on `output.weight`.
+Adding a model variant is one row (or a `when` condition on a row). The variants in the table:
+
+| layers.{i}.attention.qkv.bias  | [(nh + 2 ng) d] | row, by groups | zeros | when add_qkv_bias (Qwen2) |
+| output.weight                  | (as above)      |                |       | when not tie_word_embeddings |
+
+With tied embeddings and pp > 1 the last stage also holds `embedding.weight` (a copy, kept
+equal by the embedding-group gradient all-reduce; `stage_param_names`).
 """
 from __future__ import annotations
 
@@ -123,6 +126,12 @@ TABLE: tuple[ParamSpec, ...] = (
                        _H + "self_attn.v_proj.weight"), HF_QKV,
               megatron=(_L + "self_attention.linear_qkv.weight",
                         _L + "self_attention.query_key_value.weight")),
+    ParamSpec("layers.{i}.attention.qkv.bias", lambda c: (_qkv_rows(c),), ROW, ZEROS,
+              (_H + "self_attn.q_proj.bias", _H + "self_attn.k_proj.bias",
+               _H + "self_attn.v_proj.bias"), HF_QKV,
+              megatron=(_L + "self_attention.linear_qkv.bias",
+                        _L + "self_attention.query_key_value.bias"),
+              when=lambda c: c.add_qkv_bias),
     ParamSpec("layers.{i}.attention.proj.weight",
               lambda c: (c.hidden_size, c.num_attention_heads * c.head_dim), COL, SCALED_NORMAL,
               (_H + "self_attn.o_proj.weight",),
@@ -143,7 +152,8 @@ TABLE: tuple[ParamSpec, ...] = (
               ("model.norm.weight",),
               megatron=("decoder.final_layernorm.weight", "decoder.final_norm.weight")),
     ParamSpec("output.weight", lambda c: (c.padded_vocab_size, c.hidden_size), ROW, NORMAL,
-              ("lm_head.weight",), megatron=("output_layer.weight",), vocab_rows=True),
+              ("lm_head.weight",), megatron=("output_layer.weight",), vocab_rows=True,
+              when=lambda c: not c.tie_word_embeddings),
 )
 
 
@@ -210,6 +220,8 @@ def stage_param_names(cfg: ModelConfig, pp: int, pp_rank: int, vp: int = 1) -> l
             names += layer_param_names(cfg, i)
     if pp_rank == pp - 1:
         names += [s.template for s in specs(cfg, LAST)]
+        if pp > 1 and cfg.tie_word_embeddings:  # the last stage's copy of the tied embedding
+            names = [s.template for s in specs(cfg, FIRST)] + names
     return names
 
 

@@ -1,7 +1,10 @@
 """Model-size registry and the one source of truth for parameter counts and FLOPs per token.
 
 The paper's Appendix D table (42 LLaMA2 shapes, 49M ... 5534M) is registered under the name of
-its parameter column ("1393M"); tiny debug sizes ("tiny", "debug-*") are for tests and the
+its parameter column ("1393M"); the public checkpoints people continue (Llama-3.2-1B/3B,
+Llama-3.1-8B, Qwen2.5-0.5B/1.5B/3B/7B, Mistral-7B) under their hub names, with their
+config.json values (vocabulary, tying, q/k/v biases, RoPE base and scaling, norm eps); tiny
+debug sizes ("tiny", "debug-*") are for tests and the
 CPU quickstart. The paper's parameter column does not follow exactly from the shapes under the
 standard LLaMA2 count; `param_count` reports our own count and says what it includes.
 
@@ -28,6 +31,29 @@ class ModelShape:
     kv_channels: int | None = None
     #: the parameter count the paper's table gives, in millions (None for debug sizes)
     paper_params_m: int | None = None
+    #: the checkpoint's own vocabulary (public models); a tokenizer given to the run wins
+    vocab_size: int | None = None
+    #: model variant fields (public models), as in `megacpt.config.ModelConfig`
+    tie_word_embeddings: bool = False
+    add_qkv_bias: bool = False
+    rotary_base: float | None = None
+    norm_eps: float | None = None
+    rope_scaling: tuple | None = None  # sorted (key, value) items of the HF dict (hashable)
+    max_position_embeddings: int | None = None
+    model_family: str | None = None
+    #: HuggingFace hub id the values come from
+    hf_id: str | None = None
+
+    def variant_fields(self) -> dict:
+        """ModelConfig fields beyond the shape that this registered model fixes."""
+        out = {"tie_word_embeddings": self.tie_word_embeddings,
+               "add_qkv_bias": self.add_qkv_bias}
+        for name in ("rotary_base", "norm_eps", "model_family"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        if self.rope_scaling is not None:
+            out["rope_scaling"] = dict(self.rope_scaling)
+        return out
 
 
 # params(M) hidden ffn heads layers, verbatim from the paper's Appendix D table
@@ -73,7 +99,48 @@ DEBUG_SIZES: dict[str, ModelShape] = {
     "debug-l": ModelShape(384, 1024, 6, 8, 6),
 }
 
-SIZES: dict[str, ModelShape] = {**DEBUG_SIZES, **PAPER_SIZES}
+_LLAMA3_SCALING = (("factor", 32.0), ("high_freq_factor", 4.0), ("low_freq_factor", 1.0),
+                   ("original_max_position_embeddings", 8192), ("rope_type", "llama3"))
+_LLAMA31_SCALING = (("factor", 8.0),) + _LLAMA3_SCALING[1:]
+
+
+def _llama3(hidden, ffn, heads, layers, kv, tied, scaling, hf_id, head_dim=None):
+    return ModelShape(hidden, ffn, heads, layers, kv, head_dim, vocab_size=128256,
+                      tie_word_embeddings=tied, rotary_base=500000.0, norm_eps=1e-5,
+                      rope_scaling=scaling, max_position_embeddings=131072,
+                      model_family="llama", hf_id=hf_id)
+
+
+def _qwen25(hidden, ffn, heads, layers, kv, tied, vocab, hf_id):
+    return ModelShape(hidden, ffn, heads, layers, kv, vocab_size=vocab,
+                      tie_word_embeddings=tied, add_qkv_bias=True, rotary_base=1000000.0,
+                      norm_eps=1e-6, max_position_embeddings=32768, model_family="qwen2",
+                      hf_id=hf_id)
+
+
+#: public checkpoints, values from their config.json (hidden, ffn, heads, layers, kv heads)
+PUBLIC_SIZES: dict[str, ModelShape] = {
+    "Llama-3.2-1B": _llama3(2048, 8192, 32, 16, 8, True, _LLAMA3_SCALING,
+                            "meta-llama/Llama-3.2-1B", head_dim=64),
+    "Llama-3.2-3B": _llama3(3072, 8192, 24, 28, 8, True, _LLAMA3_SCALING,
+                            "meta-llama/Llama-3.2-3B", head_dim=128),
+    "Llama-3.1-8B": _llama3(4096, 14336, 32, 32, 8, False, _LLAMA31_SCALING,
+                            "meta-llama/Llama-3.1-8B", head_dim=128),
+    "Qwen2.5-0.5B": _qwen25(896, 4864, 14, 24, 2, True, 151936, "Qwen/Qwen2.5-0.5B"),
+    "Qwen2.5-1.5B": _qwen25(1536, 8960, 12, 28, 2, True, 151936, "Qwen/Qwen2.5-1.5B"),
+    "Qwen2.5-3B": _qwen25(2048, 11008, 16, 36, 2, True, 151936, "Qwen/Qwen2.5-3B"),
+    "Qwen2.5-7B": _qwen25(3584, 18944, 28, 28, 4, False, 152064, "Qwen/Qwen2.5-7B"),
+    # v0.1 has sliding_window 4096 (imports for sequences up to 4096); v0.3 has none
+    "Mistral-7B": ModelShape(4096, 14336, 32, 32, 8, vocab_size=32000, rotary_base=10000.0,
+                             norm_eps=1e-5, max_position_embeddings=32768,
+                             model_family="mistral", hf_id="mistralai/Mistral-7B-v0.1"),
+    "Mistral-7B-v0.3": ModelShape(4096, 14336, 32, 32, 8, vocab_size=32768,
+                                  rotary_base=1000000.0, norm_eps=1e-5,
+                                  max_position_embeddings=32768, model_family="mistral",
+                                  hf_id="mistralai/Mistral-7B-v0.3"),
+}
+
+SIZES: dict[str, ModelShape] = {**DEBUG_SIZES, **PAPER_SIZES, **PUBLIC_SIZES}
 
 
 def get_size(name: str) -> ModelShape:
@@ -106,24 +173,26 @@ def param_count(
     vocab_size: int,
     include_embeddings: bool = True,
     head_dim: int | None = None,
+    tied: bool = False,
+    qkv_bias: bool = False,
 ) -> int:
-    """Parameters of our LLaMA2 model.
+    """Parameters of our LLaMA-family model.
 
-    Counts, per layer: fused QKV (hidden x (heads + 2*groups)*head_dim), attention output
-    projection (hidden x hidden), the three MLP matrices (gate, up, down: 3 x hidden x ffn) and
-    two RMSNorm weights; plus the final RMSNorm. With `include_embeddings`, also the input
-    embedding and the untied output layer at the given (pass the padded one to count what is
-    allocated) vocabulary size. No biases exist.
+    Counts, per layer: fused QKV (hidden x (heads + 2*groups)*head_dim, plus its bias with
+    `qkv_bias`), attention output projection (heads*head_dim x hidden), the three MLP matrices
+    (gate, up, down: 3 x hidden x ffn) and two RMSNorm weights; plus the final RMSNorm. With
+    `include_embeddings`, also the input embedding and the output layer (once when `tied`) at
+    the given (pass the padded one to count what is allocated) vocabulary size.
     """
     groups = num_query_groups or num_attention_heads
     head_dim = head_dim or hidden_size // num_attention_heads
-    qkv = hidden_size * (num_attention_heads + 2 * groups) * head_dim
+    qkv = (hidden_size + qkv_bias) * (num_attention_heads + 2 * groups) * head_dim
     proj = num_attention_heads * head_dim * hidden_size
     mlp = 3 * hidden_size * ffn_hidden_size
     per_layer = qkv + proj + mlp + 2 * hidden_size
     total = num_layers * per_layer + hidden_size
     if include_embeddings:
-        total += 2 * vocab_size * hidden_size
+        total += (1 if tied else 2) * vocab_size * hidden_size
     return total
 
 

@@ -4,6 +4,15 @@ Without a GPU, Triton kernels run under TRITON_INTERPRET=1 (set before triton is
 so they are tested for real on CPU.
 """
 import os
+import sys
+
+# `python -m pytest` from the repo root puts the root first on sys.path, where `kernels/`
+# (installed as `megacpt.kernels`) would shadow the PyPI package `kernels` that transformers
+# probes for and imports when it is installed; keep the root, but after site-packages
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_AT_ROOT = [p for p in sys.path if os.path.abspath(p or os.curdir) == _ROOT]
+if _AT_ROOT:
+    sys.path[:] = [p for p in sys.path if p not in _AT_ROOT] + [_ROOT]
 
 try:
     import torch

@@ -183,3 +183,27 @@ def test_cpt_recipe_commands_parse_with_the_trainer(tmp_path):
     assert cpt.init_from == source.save
     assert cpt.data_path[0::2] == ["0.7", "0.3"]
     assert cpt.data_path[1].startswith("zh=") and cpt.data_path[3].startswith("en=")
+
+
+def test_llama32_cpt_recipe_commands_parse(tmp_path):
+    """examples/cpt_llama3.2_1b.sh (DRY_RUN=1): HF tokenizer preprocessing of parquet/zst
+    inputs, CPT --init-from the HF directory without shape flags, 25% replay, export."""
+    import shlex
+    import subprocess
+
+    from megacpt.arguments import build_parser
+
+    env = {**os.environ, "DRY_RUN": "1", "WORK": str(tmp_path)}
+    out = subprocess.run(["bash", os.path.join(REPO, "examples", "cpt_llama3.2_1b.sh")],
+                         env=env, capture_output=True, text=True, check=True).stdout
+    lines = [shlex.split(line[2:]) for line in out.splitlines() if line.startswith("+ ")]
+    pre = [w for w in lines if "preprocess_data.py" in w[1]]
+    assert len(pre) == 4 and all("HuggingFaceTokenizer" in w for w in pre)
+    assert any(w[w.index("--input") + 1].endswith("*.parquet") for w in pre)
+    train = [w for w in lines if w[0] == "torchrun"]
+    assert len(train) == 1
+    a = build_parser().parse_args(train[0][train[0].index("megacpt.train") + 1:])
+    assert a.init_from == "/models/Llama-3.2-1B" and a.model_size is None
+    assert a.num_layers is None and a.hidden_size is None  # the architecture from config.json
+    assert a.data_path[0::2] == ["0.75", "0.25"] and a.global_batch_size * a.seq_length == 2**21
+    assert any("--to-hf" in w for w in lines)

@@ -1,9 +1,15 @@
-"""HuggingFace LLaMA interop: read a `LlamaForCausalLM` directory as a `Source`, and export any
-`Source` as one that `transformers.LlamaForCausalLM.from_pretrained` loads.
+"""HuggingFace interop: read a `LlamaForCausalLM` (Llama 2, 3.0, 3.1, 3.2),
+`Qwen2ForCausalLM` (Qwen2, Qwen2.5) or `MistralForCausalLM` directory as a `Source`, and export
+any `Source` as one that transformers' class of its family (`ModelConfig.model_family`) loads.
+
+Variants (from config.json): `tie_word_embeddings` (no output.weight; a stored lm_head.weight
+is ignored), `rope_scaling` / `rope_parameters` of type default, linear or llama3 (others are
+refused by name), `head_dim` apart from hidden/heads, Qwen2's q/k/v biases, Mistral's and
+Qwen2's `sliding_window` (null, or not shorter than the sequence; else refused).
 
 Files of a HuggingFace LLaMA directory (read and written here):
 
-    config.json                   model_type "llama": hidden_size, intermediate_size,
+    config.json                   model_type "llama" | "qwen2" | "mistral": hidden_size, intermediate_size,
                                   num_hidden_layers, num_attention_heads, num_key_value_heads,
                                   rms_norm_eps, rope_theta (or rope_parameters.rope_theta),
                                   vocab_size, max_position_embeddings, tie_word_embeddings
@@ -87,27 +93,41 @@ def hf_shapes(cfg: ModelConfig) -> list[tuple[str, tuple]]:
     return out
 
 
+#: model_type -> the architecture transformers builds for it
+HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                    "mistral": "MistralForCausalLM"}
+
+
+def _rope_scaling(hf: dict) -> dict | None:
+    """transformers' RoPE scaling of a config.json (`rope_scaling`, or the newer
+    `rope_parameters`), None when there is none."""
+    rs = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    kind = rs.get("rope_type", rs.get("type", "default"))
+    if kind == "default":
+        return None
+    out = {k: v for k, v in rs.items() if k not in ("rope_theta", "type", "rope_type")}
+    return {"rope_type": kind, **out}
+
+
 def config_from_hf(hf: dict, where: str, make_vocab_size_divisible_by: int = 128,
                    seq_length: int | None = None) -> ModelConfig:
-    """Our ModelConfig from a HF config.json dict; anything not LLaMA-like is an error."""
+    """Our ModelConfig from a HF config.json dict of a Llama (2, 3.x), Qwen2 (2.5) or Mistral
+    model; anything else, or a feature we do not implement, is an error naming the field."""
     def bad(field, value, expected):
-        raise CheckpointError(f"{where}: field {field!r} is {value!r}, expected {expected} "
-                              f"(only LLaMA-like models can be imported)")
+        raise CheckpointError(f"{where}: field {field!r} is {value!r}, expected {expected}")
 
-    if hf.get("model_type") != "llama":
-        bad("model_type", hf.get("model_type"), "'llama'")
-    arch = hf.get("architectures") or ["LlamaForCausalLM"]
-    if "LlamaForCausalLM" not in arch:
-        bad("architectures", arch, "['LlamaForCausalLM']")
-    for field, ok in (("tie_word_embeddings", False), ("attention_bias", False),
-                      ("mlp_bias", False), ("rope_scaling", None)):
-        if hf.get(field, ok) not in (ok,):
-            bad(field, hf.get(field), repr(ok) if ok is not None else "null")
+    family = hf.get("model_type")
+    if family not in HF_ARCHITECTURES:
+        bad("model_type", family, " or ".join(map(repr, HF_ARCHITECTURES)))
+    arch = hf.get("architectures") or [HF_ARCHITECTURES[family]]
+    if HF_ARCHITECTURES[family] not in arch:
+        bad("architectures", arch, f"[{HF_ARCHITECTURES[family]!r}]")
+    if family == "llama":  # Llama's attention_bias also biases o_proj: not implemented
+        for field in ("attention_bias", "mlp_bias"):
+            if hf.get(field, False):
+                bad(field, hf.get(field), "false (biases on o_proj / the MLP)")
     if hf.get("hidden_act", "silu") != "silu":
         bad("hidden_act", hf.get("hidden_act"), "'silu'")
-    rope = hf.get("rope_parameters") or {}
-    if rope.get("rope_type", "default") != "default":
-        bad("rope_parameters.rope_type", rope.get("rope_type"), "'default'")
     for field in ("hidden_size", "intermediate_size", "num_hidden_layers",
                   "num_attention_heads", "vocab_size"):
         if not isinstance(hf.get(field), int) or hf[field] <= 0:
@@ -116,17 +136,31 @@ def config_from_hf(hf: dict, where: str, make_vocab_size_divisible_by: int = 128
     head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
     kv_channels = None if head_dim * heads == hf["hidden_size"] else head_dim
     max_pos = int(hf.get("max_position_embeddings") or 4096)
+    seq = min(seq_length or max_pos, max_pos)
+    window = hf.get("sliding_window")
+    if family == "qwen2" and not hf.get("use_sliding_window", False):
+        window = None  # Qwen2 applies it only with use_sliding_window
+    if family == "llama":
+        window = None
+    if window is not None and window < seq:
+        raise CheckpointError(f"{where}: field 'sliding_window' is {window}, shorter than the "
+                              f"sequence length {seq}; megacpt attends over the whole sequence, "
+                              f"so import it with --seq-length {window} or less")
+    rope = hf.get("rope_parameters") or {}
     try:
         return ModelConfig(
             num_layers=hf["num_hidden_layers"], hidden_size=hf["hidden_size"],
             ffn_hidden_size=hf["intermediate_size"], num_attention_heads=heads,
             num_query_groups=hf.get("num_key_value_heads") or heads, kv_channels=kv_channels,
             vocab_size=hf["vocab_size"], make_vocab_size_divisible_by=make_vocab_size_divisible_by,
-            seq_length=min(seq_length or max_pos, max_pos), max_position_embeddings=max_pos,
+            seq_length=seq, max_position_embeddings=max_pos,
             rotary_base=float(hf.get("rope_theta") or rope.get("rope_theta") or 10000.0),
             norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            init_method_std=float(hf.get("initializer_range", 0.02)))
-    except ValueError as e:
+            init_method_std=float(hf.get("initializer_range", 0.02)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            add_qkv_bias=family == "qwen2", rope_scaling=_rope_scaling(hf),
+            model_family=family, sliding_window=window)
+    except ValueError as e:  # ConfigError: e.g. a RoPE scaling type we do not implement
         raise CheckpointError(f"{where}: {e}") from None
 
 
@@ -214,12 +248,14 @@ class HFSource(Source):
 
     def _check_tensors(self) -> None:
         want = dict(hf_shapes(self.cfg.model))
+        tied = self.cfg.model.tie_word_embeddings
         for name in self._map:
-            if name in want or _IGNORED.search(name):
-                continue
+            if name in want or _IGNORED.search(name) or (tied and name == "lm_head.weight"):
+                continue  # (some tied checkpoints also store the shared lm_head)
             what = "a bias" if name.endswith(".bias") else "an unexpected tensor"
-            raise CheckpointError(f"{self.path}: {self._map[name]} holds {what} {name!r}; "
-                                  f"only LLaMA-like models (no biases) can be imported")
+            raise CheckpointError(f"{self.path}: {self._map[name]} holds {what} {name!r}, "
+                                  f"which config.json does not imply (model_type "
+                                  f"{self.hf_config.get('model_type')!r})")
         for name, shape in want.items():
             if name not in self._map:
                 raise CheckpointError(f"{self.path}: tensor {name!r} is missing from the "
@@ -273,21 +309,29 @@ class _TorchBin:
 
 
 def hf_config(cfg: ModelConfig, dtype: torch.dtype, bos: int | None, eos: int | None) -> dict:
+    """config.json of the model's family (`cfg.model_family`): Llama, Qwen2 or Mistral."""
     dt = str(dtype).replace("torch.", "")
-    return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+    rope = {"rope_type": "default", **(cfg.rope_scaling or {}), "rope_theta": cfg.rotary_base}
+    out = {
+        "architectures": [HF_ARCHITECTURES[cfg.model_family]], "model_type": cfg.model_family,
         "hidden_size": cfg.hidden_size, "intermediate_size": cfg.ffn_hidden_size,
         "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_attention_heads,
         "num_key_value_heads": cfg.num_query_groups, "head_dim": cfg.head_dim,
         "hidden_act": "silu", "max_position_embeddings": cfg.max_position_embeddings,
         "initializer_range": cfg.init_method_std, "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rotary_base, "rope_scaling": None,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rotary_base},
-        "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False,
-        "pretraining_tp": 1, "tie_word_embeddings": False, "vocab_size": cfg.vocab_size,
+        "rope_theta": cfg.rotary_base, "rope_scaling": cfg.rope_scaling,
+        "rope_parameters": rope, "attention_dropout": 0.0,
+        "tie_word_embeddings": cfg.tie_word_embeddings, "vocab_size": cfg.vocab_size,
         "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": None, "use_cache": True,
         "torch_dtype": dt, "dtype": dt,
     }
+    if cfg.model_family == "llama":
+        out.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
+    elif cfg.model_family == "qwen2":
+        out.update(use_sliding_window=False, sliding_window=None, max_window_layers=0)
+    else:
+        out.update(sliding_window=cfg.sliding_window)
+    return out
 
 
 def _plan_shards(entries, max_shard_bytes: int) -> list[list]:

@@ -97,10 +97,13 @@ def _write_shards(source: Source, iter_dir: str, mcfg, tp: int, pp: int, dtype: 
                     optims[(t, p)] = stack.enter_context(
                         SafetensorsWriter(os.path.join(d, fmt.OPTIM_TENSORS), oe))
         for name in _progress(fmt.param_names(mcfg), progress, f"writing tp{tp}pp{pp}"):
-            p = stage_of[name]
-            _write_param(source, name, [models[(t, p)] for t in range(tp)], dtype, transform)
+            # (a tied embedding under pp > 1 is held by the first and the last stage)
+            stages = [p for p, names in stage_names.items() if name in names]
+            writers = [models[(t, p)] for p in stages for t in range(tp)]
+            _write_param(source, name, writers, dtype, transform, tp)
             for key, _, sharded, _ in opt_entries.get(name, []):
-                _write_optim(source, name, key, sharded, [optims[(t, p)] for t in range(tp)])
+                _write_optim(source, name, key, sharded,
+                             [optims[(t, p)] for p in stages for t in range(tp)], tp)
     if with_optimizer:
         rest = source.optimizer_rest()
         for p, names in stage_names.items():
@@ -110,29 +113,29 @@ def _write_shards(source: Source, iter_dir: str, mcfg, tp: int, pp: int, dtype: 
 
 
 def _write_param(source: Source, name: str, writers: list, dtype: torch.dtype,
-                 transform: Transform | None) -> None:
-    """One parameter to its tp shards; the full tensor dies when this returns."""
-    tp = len(writers)
+                 transform: Transform | None, tp: int) -> None:
+    """One parameter to its tp shards (writers: tp per stage holding it, in tp order); the
+    full tensor dies when this returns."""
     if transform is None and source.native_tp == tp:  # shards as stored
-        for t, w in enumerate(writers):
-            w.write(name, source.get_shard(name, tp, t).to(dtype))
+        for k, w in enumerate(writers):
+            w.write(name, source.get_shard(name, tp, k % tp).to(dtype))
         return
     full = source.get(name)
     if transform is not None:
         full = transform(name, full)
-    for t, w in enumerate(writers):
-        w.write(name, sharding.shard(name, full, t, tp).to(dtype))
+    for k, w in enumerate(writers):
+        w.write(name, sharding.shard(name, full, k % tp, tp).to(dtype))
 
 
-def _write_optim(source: Source, name: str, key: str, sharded: bool, writers: list) -> None:
-    tp = len(writers)
+def _write_optim(source: Source, name: str, key: str, sharded: bool, writers: list,
+                 tp: int) -> None:
     if source.native_tp == tp:
-        for t, w in enumerate(writers):
-            w.write(f"{name}/{key}", source.optimizer_get_shard(name, key, tp, t))
+        for k, w in enumerate(writers):
+            w.write(f"{name}/{key}", source.optimizer_get_shard(name, key, tp, k % tp))
         return
     full = source.optimizer_get(name, key)
-    for t, w in enumerate(writers):
-        w.write(f"{name}/{key}", sharding.shard(name, full, t, tp) if sharded else full)
+    for k, w in enumerate(writers):
+        w.write(f"{name}/{key}", sharding.shard(name, full, k % tp, tp) if sharded else full)
 
 
 def _progress(items, enabled: bool, desc: str):

@@ -2,6 +2,7 @@
 
 Modules (none imports torch except `loader`; none knows about training):
     jsonl            JSON-lines input parsing shared by the tools
+    corpus           corpus inputs: files/globs/directories of jsonl, text, parquet, compressed
     tokenizer        SentencePieceTokenizer (eod = </s>)
     tokenizer_train  `tools/train_tokenizer.py` (SentencePiece BPE, byte fallback)
     indexed          Megatron MMIDIDX .bin/.idx reader and builder (format documented there)

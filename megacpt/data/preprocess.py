@@ -1,26 +1,30 @@
-"""Tokenize a JSON-lines corpus into Megatron indexed binaries (no torch needed).
+"""Tokenize corpora into Megatron indexed binaries (no torch needed).
 
-    python tools/preprocess_data.py --input X.jsonl[.gz] --json-keys text \\
-        --tokenizer-type SentencePieceTokenizer --tokenizer-model M.model \\
+    python tools/preprocess_data.py --input X.jsonl[.gz|.zst] Y.parquet 'dir/*.txt' DIR ... \\
+        --json-keys text --tokenizer-type SentencePieceTokenizer --tokenizer-model M.model \\
         --output-prefix P --workers N [--append-eod] [--partitions K] [--log-interval D]
 
 writes `P_{key}_document.bin/.idx` per json key (format: `megacpt.data.indexed`) and beside
-each a `.tokenizer.json` record of the tokenizer that made it (`megacpt.data.sidecar`). Each
-document (input line) becomes one sequence: the tokenizer's ids for its text (no BOS), then
-the EOD id with `--append-eod`; document order is kept. Blank lines are ignored; any other
-line that is not a JSON object with the keys as strings stops the run with `FILE:LINE:
-reason` (outputs removed), or with `--skip-bad-lines` is skipped and counted in the report.
+each a `.tokenizer.json` record of the tokenizer that made it (`megacpt.data.sidecar`). The inputs
+(files, globs, directories; JSON lines, plain text or Parquet, compressed or not: see
+`megacpt.data.corpus`) are read in the order given into one dataset. Each document (a JSON
+line, a text line, a Parquet row) becomes one sequence: the tokenizer's ids for its text (no
+BOS), then the EOD id with `--append-eod`; document order is kept, so the same documents give
+byte-identical files whatever container they came in. Blank lines are ignored; any other line
+(or a Parquet row with a null) that does not hold the keys as strings stops the run with
+`FILE:LINE: reason` / `FILE: row N: reason` (N from 0; outputs removed), or with
+`--skip-bad-lines` is skipped and counted in the report.
 
-How it runs: the main process reads the input in blocks of whole lines (`--block-mb`) and
-hands each block to a worker process, which parses the lines, encodes all their texts in one
-SentencePiece batch call and returns the tokens as one packed numpy array plus lengths; the
-main process writes the results in input order. At most 2 x workers blocks are in flight,
-so memory stays flat on any input size.
+How it runs: the main process reads (and decompresses) JSON lines and text in blocks of whole
+lines (`--block-mb`) and hands each block to a worker process, which parses the lines, encodes
+all their texts in one SentencePiece batch call and returns the tokens as one packed numpy
+array plus lengths; a Parquet file is handed out one row group per task (the worker reads the
+row group's key columns itself). The main process writes the results in input order. At most
+2 x workers tasks are in flight, so memory stays flat on any input size (a worker holds at most
+one block or row group).
 
-Input format: JSON lines, see `megacpt.data.jsonl`.
-
-`--partitions K` splits an uncompressed input into K contiguous byte ranges (at line
-starts), tokenized one after another into shard prefixes `P_{k}` and then merged in order
+`--partitions K` (one uncompressed JSON-lines or text input) splits the input into K contiguous
+byte ranges (at line starts), tokenized one after another into shard prefixes `P_{k}` and then merged in order
 into `P`; a shard whose `.idx` exists is reused, so a crashed run resumes at the first
 unfinished partition. `--partition-index k` tokenizes only shard k (e.g. one per machine);
 merge the shards afterwards with `tools/merge_datasets.py` (`merge_main` here):
@@ -47,16 +51,21 @@ import numpy as np
 from megacpt.data.indexed import IndexedDataset, IndexedDatasetBuilder, IndexedFormatError
 from megacpt.data import sidecar
 from megacpt.data.indexed import best_dtype, strip_suffix
-from megacpt.data.jsonl import BadLine, is_gzip, open_input, parse_line
+from megacpt.data.corpus import CorpusError, CorpusFile, check_keys, expand_inputs as expand_corpus
+from megacpt.data.corpus import open_stream, parquet_file, parse_unit, row_group_texts
+from megacpt.data.jsonl import BadLine
 from megacpt.data.tokenizer import TOKENIZER_TYPES, build_tokenizer
 
 _STATE: dict = {}  # per-process encoder state (set by _init_worker)
 
 
 def get_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description="Tokenize JSON lines into .bin/.idx files.")
-    ap.add_argument("--input", required=True, help="JSON-lines file (.jsonl or .jsonl.gz)")
-    ap.add_argument("--json-keys", nargs="+", default=["text"])
+    ap = argparse.ArgumentParser(description="Tokenize corpora into .bin/.idx files.")
+    ap.add_argument("--input", nargs="+", required=True,
+                    help="files, globs or directories of .jsonl/.txt (optionally .gz, .zst, "
+                         ".bz2, .xz) or .parquet, read in the order given")
+    ap.add_argument("--json-keys", nargs="+", default=["text"],
+                    help="JSON keys / Parquet columns holding the text (one output each)")
     ap.add_argument("--tokenizer-type", default="SentencePieceTokenizer", choices=TOKENIZER_TYPES)
     ap.add_argument("--tokenizer-model", required=True)
     ap.add_argument("--output-prefix", required=True)
@@ -70,43 +79,68 @@ def get_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--skip-bad-lines", action="store_true")
     ap.add_argument("--block-mb", type=float, default=1.0, help="input block per task (MB)")
     args = ap.parse_args(argv)
-    if not os.path.isfile(args.input):
-        ap.error(f"--input {args.input}: file not found")
     if args.workers < 1 or args.partitions < 1 or args.log_interval < 1:
         ap.error("--workers, --partitions and --log-interval must be >= 1")
     if args.partition_index is not None and not 0 <= args.partition_index < args.partitions:
         ap.error(f"--partition-index {args.partition_index} not in [0, {args.partitions})")
-    if args.partitions > 1 and is_gzip(args.input):
-        ap.error(f"--partitions {args.partitions} needs an uncompressed input: {args.input} is "
-                 f"gzip, which cannot be split by byte range (decompress it or use 1)")
+    try:
+        args.files = expand_corpus(args.input)
+        for cf in args.files:
+            check_keys(cf, args.json_keys)
+    except CorpusError as e:
+        ap.error(str(e))
+    if args.partitions > 1:
+        if len(args.files) != 1 or args.files[0].kind == "parquet" or args.files[0].compression:
+            what = (f"{len(args.files)} inputs" if len(args.files) != 1 else
+                    f"{args.files[0].path} is {args.files[0].compression or 'parquet'}")
+            ap.error(f"--partitions {args.partitions} needs one uncompressed JSON-lines or text "
+                     f"input, split by byte range; {what} (use 1, or preprocess each input "
+                     f"separately and merge with tools/merge_datasets.py)")
     return args
 
 
 def _init_worker(tokenizer_type, model, keys, append_eod, dtype):
     tok = build_tokenizer(tokenizer_type, model)
-    _STATE.update(tok=tok, keys=keys, eod=tok.eod if append_eod else None, dtype=dtype)
+    _STATE.update(tok=tok, keys=keys, eod=tok.eod if append_eod else None, dtype=dtype,
+                  parquet={})
 
 
-def encode_block(block: bytes):
-    """Parse and encode one block of whole lines.
-
-    Returns ({key: (tokens [sum(lengths)] dtype, lengths [docs] int64)}, n_docs,
-    [(line index within block, reason)] of malformed lines).
-    """
-    keys, eod, dtype = _STATE["keys"], _STATE["eod"], _STATE["dtype"]
+def _task_texts(task) -> tuple[list[list[str]], list[tuple[int, str]]]:
+    """([texts per key], [(unit within task, reason)] of malformed units) of one task."""
+    keys = _STATE["keys"]
+    if task[0] == "rowgroup":
+        _, path, group = task
+        cache = _STATE["parquet"]
+        if path not in cache:
+            cache.clear()
+            cache[path] = parquet_file(path)
+        return row_group_texts(cache[path], group, keys)
+    _, kind, block = task
     columns = [[] for _ in keys]
     bad = []
     for j, line in enumerate(block.split(b"\n")):
         try:
-            texts = parse_line(line, keys)
+            texts = parse_unit(kind, line, keys)
         except BadLine as e:
             bad.append((j, str(e)))
             continue
         if texts is not None:
             for col, text in zip(columns, texts):
                 col.append(text)
+    return columns, bad
+
+
+def encode_task(task):
+    """Parse and encode one task: ("lines", kind, block of whole lines) or ("rowgroup", path,
+    group index).
+
+    Returns ({key: (tokens [sum(lengths)] dtype, lengths [docs] int64)}, n_docs,
+    [(line / row index within the task, reason)] of malformed units).
+    """
+    eod, dtype = _STATE["eod"], _STATE["dtype"]
+    columns, bad = _task_texts(task)
     out = {}
-    for key, col in zip(keys, columns):
+    for key, col in zip(_STATE["keys"], columns):
         ids = _STATE["tok"].tokenize_batch(col)
         lengths = np.fromiter(map(len, ids), np.int64, len(ids))
         tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype, int(lengths.sum()))
@@ -129,10 +163,10 @@ def line_starts(path: str, parts: int) -> list[int]:
     return starts + [size]
 
 
-def read_blocks(path: str, begin: int, end: int | None, block_bytes: int):
-    """Yield (block, n_lines, position) for whole-line blocks of bytes [begin, end)."""
-    with open_input(path) as f:
-        raw = getattr(f, "fileobj", None) or f  # compressed position for gzip progress
+def read_blocks(cf: CorpusFile, begin: int, end: int | None, block_bytes: int):
+    """Yield (block, n_lines, position) for whole-line blocks of decompressed bytes
+    [begin, end); position is the (compressed) file offset reached, for progress."""
+    with open(cf.path, "rb") as raw, open_stream(cf, raw) as f:
         if begin:
             f.seek(begin)
         pos = begin
@@ -144,6 +178,23 @@ def read_blocks(path: str, begin: int, end: int | None, block_bytes: int):
                 block += f.readline()
             pos += len(block)
             yield block, block.count(b"\n") + (not block.endswith(b"\n")), raw.tell()
+
+
+def iter_tasks(cf: CorpusFile, keys: list[str], begin: int, end: int | None,
+               block_bytes: int):
+    """Yield (task, n_units, nbytes, position) covering `cf` (bytes [begin, end) of lines);
+    nbytes: decompressed input bytes (for Parquet the key columns' uncompressed size)."""
+    if cf.kind != "parquet":
+        for block, n_lines, position in read_blocks(cf, begin, end, block_bytes):
+            yield ("lines", cf.kind, block), n_lines, len(block), position
+        return
+    meta = parquet_file(cf.path).metadata
+    size = os.path.getsize(cf.path)
+    wanted = [i for i in range(meta.num_columns) if meta.schema.column(i).name in keys]
+    for g in range(meta.num_row_groups):
+        rg = meta.row_group(g)
+        nbytes = sum(rg.column(i).total_uncompressed_size for i in wanted)
+        yield ("rowgroup", cf.path, g), rg.num_rows, nbytes, size * (g + 1) // meta.num_row_groups
 
 
 class Progress:
@@ -171,47 +222,61 @@ def output_prefixes(prefix: str, keys: list[str]) -> dict[str, str]:
     return {key: f"{prefix}_{key}_document" for key in keys}
 
 
+def _all_tasks(files: list[CorpusFile], keys: list[str], begin: int, end: int | None,
+               block_bytes: int):
+    """(task, n_units, nbytes, position over all files, file, first unit) of every input."""
+    done = 0
+    for cf in files:
+        unit = 0
+        for task, n_units, nbytes, position in iter_tasks(cf, keys, begin, end, block_bytes):
+            yield task, n_units, nbytes, done + position - begin, cf, unit
+            unit += n_units
+        done += os.path.getsize(cf.path)
+
+
 def tokenize_range(args, pool, begin: int, end: int | None, prefix: str, label: str) -> dict:
-    """Tokenize input bytes [begin, end) into `prefix`; returns counts for the report."""
+    """Tokenize all inputs (or bytes [begin, end) of the one input) into `prefix`; returns
+    counts for the report."""
     outs = output_prefixes(prefix, args.json_keys)
     for p in outs.values():  # an old index must not outlive a failed rewrite of its .bin
         if os.path.exists(p + ".idx"):
             os.remove(p + ".idx")
     builders = {k: IndexedDatasetBuilder(p + ".bin", args.dtype) for k, p in outs.items()}
-    total_bytes = (end if end is not None else os.path.getsize(args.input)) - begin
-    first_line = functools.lru_cache(None)(lambda: 1 + _count_lines(args.input, begin))
-    progress = Progress(total_bytes, args.log_interval, label)
+    total = (end - begin if end is not None
+             else sum(os.path.getsize(cf.path) for cf in args.files))
+    first_line = functools.lru_cache(None)(lambda: 1 + _count_lines(args.files[0].path, begin))
+    progress = Progress(total, args.log_interval, label)
     stats = {"bad": 0, "bad_examples": [], "lines": 0}
     pending = collections.deque()
-    blocks = read_blocks(args.input, begin, end, max(int(args.block_mb * 2 ** 20), 1))
+    tasks = _all_tasks(args.files, args.json_keys, begin, end, max(int(args.block_mb * 2 ** 20), 1))
 
-    def consume(result, n_lines, nbytes, position):
+    def consume(result, n_units, nbytes, position, cf, unit):
         out, n_docs, bad = result
         for j, reason in bad:
-            where = f"{args.input}:{first_line() + stats['lines'] + j}"
+            where = (f"{cf.path}: row {unit + j}" if cf.kind == "parquet"
+                     else f"{cf.path}:{first_line() + unit + j}")
             if not args.skip_bad_lines:
                 raise BadLine(f"{where}: {reason} (use --skip-bad-lines to skip such lines)")
             stats["bad"] += 1
             if len(stats["bad_examples"]) < 5:
                 stats["bad_examples"].append(f"{where}: {reason}")
-        stats["lines"] += n_lines
+        stats["lines"] += n_units
         for key, (tokens, lengths) in out.items():
             builders[key].add_documents(tokens, lengths)
-        progress.update(n_docs, nbytes, sum(len(t) for t, _ in out.values()), position - begin)
+        progress.update(n_docs, nbytes, sum(len(t) for t, _ in out.values()), position)
 
     try:
-        for block, n_lines, position in blocks:
+        for task, *rest in tasks:
             if pool is None:
-                consume(encode_block(block), n_lines, len(block), position)
+                consume(encode_task(task), *rest)
                 continue
-            pending.append((pool.apply_async(encode_block, (block,)), n_lines, len(block),
-                            position))
+            pending.append((pool.apply_async(encode_task, (task,)), *rest))
             if len(pending) >= 2 * args.workers:
-                res, *rest = pending.popleft()
-                consume(res.get(), *rest)
+                res, *info = pending.popleft()
+                consume(res.get(), *info)
         while pending:
-            res, *rest = pending.popleft()
-            consume(res.get(), *rest)
+            res, *info = pending.popleft()
+            consume(res.get(), *info)
     except BaseException:
         for b in builders.values():
             b.abort()
@@ -247,7 +312,8 @@ def run(args) -> dict:
     init = (args.tokenizer_type, args.tokenizer_model, args.json_keys, args.append_eod,
             args.dtype)
     os.makedirs(os.path.dirname(os.path.abspath(args.output_prefix)), exist_ok=True)
-    starts = line_starts(args.input, args.partitions) if args.partitions > 1 else [0, None]
+    starts = (line_starts(args.files[0].path, args.partitions) if args.partitions > 1
+              else [0, None])
     todo = range(args.partitions) if args.partition_index is None else [args.partition_index]
     pool = multiprocessing.Pool(args.workers, _init_worker, init) if args.workers > 1 else None
     if pool is None:
@@ -353,14 +419,9 @@ def main(argv=None) -> None:
         print(f"error: --tokenizer-model {args.tokenizer_model}: file not found (train one "
               f"with tools/train_tokenizer.py)", file=sys.stderr)
         raise SystemExit(2)
-    if not os.path.isfile(args.input):
-        print(f"error: --input {args.input}: file not found", file=sys.stderr)
-        raise SystemExit(2)
     try:
         r = run(args)
-    except BadLine as e:
-        raise SystemExit(f"error: {e}") from None
-    except (FileNotFoundError, ValueError) as e:  # unreadable tokenizer model, bad shards
+    except (BadLine, CorpusError, FileNotFoundError, ValueError) as e:  # unreadable tokenizer model, bad shards
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     outs = output_prefixes(args.output_prefix if args.partition_index is None

@@ -1,13 +1,15 @@
-"""Train a SentencePiece BPE tokenizer (byte fallback) on JSON-lines corpora.
+"""Train a SentencePiece BPE tokenizer (byte fallback) on corpora.
 
-    python tools/train_tokenizer.py --input zh.jsonl en.jsonl.gz --json-keys text \\
+    python tools/train_tokenizer.py --input zh.jsonl en.jsonl.gz fw/*.parquet --json-keys text \\
         --vocab-size 36152 --model-prefix tok [--character-coverage 0.9995] \\
         [--input-sentence-size 10000000]
 
 Writes `tok.model` and `tok.vocab`. The settings follow LLaMA's tokenizer: BPE, byte fallback
 (no unknown characters), digits split, identity normalisation (text is kept as written),
 whitespace kept; ids 0-3 are `<unk>`, `<s>`, `</s>` (end of document) and `<pad>`.
-Each line of each document is one training sentence. A vocabulary too small for the
+Inputs are files, globs or directories of JSON lines, plain text or Parquet, compressed or
+not, read in order and streamed (see `megacpt.data.corpus`). Each line of each document is one
+training sentence. A vocabulary too small for the
 corpus' characters is reported with the option to change instead of SentencePiece's
 internal assertion. Character coverage: the default 0.9995 keeps nearly every character of
 the corpus as its own piece; on a corpus with many distinct characters (Chinese) and a small
@@ -26,7 +28,8 @@ import time
 
 import sentencepiece as spm
 
-from megacpt.data.jsonl import BadLine, iter_texts
+from megacpt.data.corpus import CorpusError, CorpusFile, expand_inputs, iter_documents
+from megacpt.data.jsonl import BadLine
 
 # <unk>, <s>, </s>, <pad> and the 256 byte-fallback pieces <0x00>..<0xFF>
 RESERVED_PIECES = 4 + 256
@@ -36,7 +39,8 @@ MIN_MERGE_FRACTION = 0.1
 
 def get_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description="Train a SentencePiece BPE tokenizer.")
-    ap.add_argument("--input", nargs="+", required=True, help="JSON-lines files (.gz ok)")
+    ap.add_argument("--input", nargs="+", required=True, help="files, globs or directories of .jsonl/.txt (optionally .gz, .zst, .bz2, .xz) "
+                         "or .parquet")
     ap.add_argument("--json-keys", nargs="+", default=["text"], help="keys holding text")
     ap.add_argument("--vocab-size", type=int, required=True)
     ap.add_argument("--model-prefix", required=True, help="writes PREFIX.model/.vocab")
@@ -61,23 +65,25 @@ def get_args(argv=None) -> argparse.Namespace:
         ap.error(f"--character-coverage must be in [0.98, 1] (SentencePiece's range), got "
                  f"{args.character_coverage}; with byte fallback, characters outside the "
                  f"covered set are still encoded as bytes")
-    for path in args.input:
-        if not os.path.isfile(path):
-            ap.error(f"--input {path}: file not found")
-        if not args.skip_bad_lines:
-            problem = first_line_problem(path, args.json_keys)
+    try:
+        args.files = expand_inputs(args.input)
+    except CorpusError as e:
+        ap.error(str(e))
+    if not args.skip_bad_lines:
+        for cf in args.files:
+            problem = first_line_problem(cf, args.json_keys)
             if problem:
                 ap.error(problem)
     return args
 
 
-def first_line_problem(path: str, keys: list[str]) -> str | None:
-    """Why the first non-blank line of `path` cannot be read with `keys` (wrong --json-keys,
-    not JSON lines), or None; found before SentencePiece starts, not deep inside it."""
+def first_line_problem(cf: CorpusFile, keys: list[str]) -> str | None:
+    """Why the first document of `cf` cannot be read with `keys` (wrong --json-keys, not JSON
+    lines), or None; found before SentencePiece starts, not deep inside it."""
     try:
-        for _ in iter_texts(path, keys):
+        for _ in iter_documents(cf, keys, False):
             return None
-    except BadLine as e:
+    except (BadLine, CorpusError) as e:
         return f"{e} (check --json-keys, now {' '.join(keys)})"
     return None
 
@@ -97,12 +103,13 @@ def merge_report(model_file: str) -> tuple[int, int]:
     return chars, merges
 
 
-def iter_sentences(paths: list[str], keys: list[str], skip_bad_lines: bool,
+def iter_sentences(files: list[CorpusFile], keys: list[str], skip_bad_lines: bool,
                    log_interval: float, stats: dict):
     """Non-empty lines of every document, with a progress log line every `log_interval` s."""
     t0 = last = time.time()
-    for path in paths:
-        for _, texts in iter_texts(path, keys, skip_bad_lines):
+    for cf in files:
+        path = cf.path
+        for texts in iter_documents(cf, keys, skip_bad_lines):
             stats["docs"] += 1
             for text in texts:
                 stats["bytes"] += len(text.encode("utf-8"))
@@ -147,7 +154,7 @@ def train(args: argparse.Namespace) -> str:
     t0 = time.time()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter_sentences(args.input, args.json_keys, args.skip_bad_lines,
+            sentence_iterator=iter_sentences(args.files, args.json_keys, args.skip_bad_lines,
                                              args.log_interval, stats),
             model_prefix=args.model_prefix, vocab_size=args.vocab_size,
             model_type=args.model_type, character_coverage=args.character_coverage,
@@ -157,7 +164,7 @@ def train(args: argparse.Namespace) -> str:
             input_sentence_size=args.input_sentence_size, shuffle_input_sentence=True,
             max_sentence_length=args.max_sentence_length, num_threads=args.num_threads,
             minloglevel=2)
-    except BadLine as e:
+    except (BadLine, CorpusError) as e:
         print(f"error: {e} (check --json-keys, now {' '.join(args.json_keys)})",
               file=sys.stderr)
         raise SystemExit(2) from None

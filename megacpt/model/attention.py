@@ -14,6 +14,7 @@ query head i uses key/value head i // (nh / ng)) -> out `[b, s, nh, d]`.
 from __future__ import annotations
 
 import functools
+import math
 import importlib.util
 import logging
 
@@ -27,10 +28,35 @@ BACKENDS = ("flash_attn", "sdpa", "eager")
 
 # ----- rotary embeddings (LLaMA / HF "rotate half" convention) -----
 
-def rotary_tables(seq_len: int, head_dim: int, base: float, device, dtype=torch.float32):
-    """cos, sin of shape [s, d] (frequencies repeated over both halves)."""
+def rotary_inv_freq(head_dim: int, base: float, scaling: dict | None = None,
+                    device=None) -> torch.Tensor:
+    """Inverse frequencies [d/2] fp32, with transformers' RoPE scaling of the given type:
+    "default" (none), "linear" (all divided by factor) or "llama3" (Llama 3.1/3.2: long
+    wavelengths divided by factor, short ones kept, a smooth blend between). Other types are
+    refused by `megacpt.config.check_rope_scaling`."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device,
-                                            dtype=torch.float32) / head_dim))
+                                            dtype=torch.int64).float() / head_dim))
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind == "llama3":
+        factor, old_len = scaling["factor"], scaling["original_max_position_embeddings"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+        return torch.where(medium, smoothed, scaled)
+    if kind != "default":
+        raise ValueError(f"rope_scaling type {kind!r} is not implemented")
+    return inv_freq
+
+
+def rotary_tables(seq_len: int, head_dim: int, base: float, device, dtype=torch.float32,
+                  scaling: dict | None = None):
+    """cos, sin of shape [s, d] (frequencies repeated over both halves)."""
+    inv_freq = rotary_inv_freq(head_dim, base, scaling, device)  # [d/2]
     t = torch.arange(seq_len, device=device, dtype=torch.float32)
     freqs = torch.outer(t, inv_freq)  # [s, d/2]
     emb = torch.cat([freqs, freqs], dim=-1)  # [s, d]

@@ -1,15 +1,19 @@
 """LLaMA2 decoder written like single-device code; parallelism comes from the layers it uses.
 
-Pre-norm RMSNorm, rotary embeddings (base 10000, rotate-half), grouped-query attention with a
-fused per-group QKV projection, SwiGLU MLP with a fused gate-up projection, untied output
-layer, no biases. Activations inside the stack are `[s, b, h]` (`[s/tp, b, h]` with sequence
-parallelism). Parameter names are global and listed in the table in `megacpt.params`.
+Pre-norm RMSNorm, rotary embeddings (rotate-half; base and optional llama3/linear frequency
+scaling from the config), grouped-query attention with a fused per-group QKV projection
+(optional q/k/v biases, Qwen2), SwiGLU MLP with a fused gate-up projection, and an output
+layer that is its own weight or, with `tie_word_embeddings`, the input embedding's.
+Activations inside the stack are `[s, b, h]` (`[s/tp, b, h]` with sequence parallelism). Parameter names are global and listed in the table in `megacpt.params`.
 
 A pipeline stage holds the layers `ctx.stage_layers(num_layers)`; the first stage also holds
 the embedding, the last the final norm and output layer. With virtual stages (ctx.vp > 1) a
 rank holds vp model chunks (`ctx.chunk_layers`) and `forward(x, labels, chunk=v)` runs chunk
 v only: the embedding before chunk 0 of the first rank, the head after the last chunk of the
-last rank. `forward(x, labels)` takes token
+last rank. With tied embeddings and pp > 1 the
+last stage also holds `embedding.weight` (a copy with the same name, init and updates: its
+gradient is summed with the first stage's over `ctx.embedding_group` before the dp reduction,
+see `megacpt.parallel.grads`). `forward(x, labels)` takes token
 ids `[b, s]` on the first stage or the previous stage's hidden states otherwise, and returns
 hidden states (not last stage), per-token loss `[b, s]` (labels given) or logits
 `[b, s, vocab_size]` (no labels; gathered over tp, vocabulary padding removed).
@@ -72,7 +76,7 @@ class Attention(nn.Module):
         self.backend = backend
         qkv_out = (cfg.num_attention_heads + 2 * cfg.num_query_groups) * cfg.head_dim
         self.qkv = ColumnParallelLinear(cfg.hidden_size, qkv_out, ctx.tp_group, sp,
-                                        dtype=dtype, device=device)
+                                        dtype=dtype, device=device, bias=cfg.add_qkv_bias)
         self.proj = RowParallelLinear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size,
                                       ctx.tp_group, sp, dtype=dtype, device=device)
 
@@ -133,7 +137,8 @@ class LlamaModel(nn.Module):
         self.use_kernels = resolve_use_kernels(cfg.use_kernels, device)
         self.pre_process, self.post_process = ctx.is_first_stage, ctx.is_last_stage
         sp, tpg = ctx.sequence_parallel, ctx.tp_group
-        if self.pre_process:
+        tied = cfg.tie_word_embeddings
+        if self.pre_process or (self.post_process and tied):
             self.embedding = VocabParallelEmbedding(cfg.padded_vocab_size, cfg.hidden_size, tpg,
                                                     sp, dtype=dtype, device=device)
         # compiled layers get inductor's fused code instead of the Triton kernels
@@ -149,13 +154,19 @@ class LlamaModel(nn.Module):
             self.final_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, self.use_kernels, sp,
                                       dtype, device)
             self.output = ColumnParallelLinear(cfg.hidden_size, cfg.padded_vocab_size, tpg, sp,
-                                               dtype=dtype, device=device)
+                                               dtype=dtype, device=device,
+                                               skip_weight_param_allocation=tied)
         cos, sin = rotary_tables(cfg.max_position_embeddings, cfg.head_dim, cfg.rotary_base,
-                                 device)
+                                 device, scaling=cfg.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         if seed is not None:
             init_weights(self, seed)
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """The LM head's weight shard [v/tp, h]: its own, or the tied embedding's."""
+        return self.embedding.weight if self.cfg.tie_word_embeddings else self.output.weight
 
     def describe(self) -> str:
         """One line saying what runs: layout, attention backend, kernels."""
@@ -179,6 +190,9 @@ class LlamaModel(nn.Module):
         if s > self.rope_cos.shape[0]:
             raise ValueError(f"sequence of {s} tokens is longer than max_position_embeddings "
                              f"{self.rope_cos.shape[0]}")
+        if self.cfg.sliding_window is not None and s > self.cfg.sliding_window:
+            raise ValueError(f"sequence of {s} tokens is longer than the model's sliding_window "
+                             f"{self.cfg.sliding_window} (attention here is full causal)")
         cos, sin = self.rope_cos[:s], self.rope_sin[:s]
         for i in self.chunks[v]:
             layer = self.layers[str(i)]
@@ -191,7 +205,7 @@ class LlamaModel(nn.Module):
         x = self.final_norm(x)
         if labels is not None and self.cfg.cross_entropy_chunk_tokens:
             return self._chunked_loss(x, labels)  # [b, s], no whole logits
-        logits = self.output(x)  # [s, b, v/tp]
+        logits = self.output(x, self.output_weight)  # [s, b, v/tp]
         if labels is not None:
             # with the kernels, the loss's gradient is written into the logits' memory
             loss = vocab_parallel_cross_entropy(logits, labels.t(), self.ctx.tp_group,
@@ -204,7 +218,7 @@ class LlamaModel(nn.Module):
         """Per-token loss [b, s] of the LM head run cross_entropy_chunk_tokens rows at a time."""
         x = self.output.gather_input(x)  # [s(/tp), b, h] -> [s, b, h]
         s, b, h = x.shape
-        loss = chunked_lm_head_loss(x.reshape(s * b, h), self.output.weight,
+        loss = chunked_lm_head_loss(x.reshape(s * b, h), self.output_weight,
                                     labels.t().reshape(s * b), self.ctx.tp_group,
                                     self.cfg.vocab_size, self.cfg.cross_entropy_chunk_tokens,
                                     self.use_kernels)  # [s * b]

@@ -46,6 +46,9 @@ class ParallelContext:
     #: NCCL only: the pipeline group has run its first collective, so pairwise
     #: batch_isend_irecv may follow (set once by `schedule.PipeComm`)
     p2p_ready: bool = False
+    #: the first and last stage's ranks of the same (tp, dp) coordinates, pp > 1 only (None
+    #: elsewhere): tied embedding gradients are summed over it (Megatron's embedding group)
+    embedding_group: object = None
 
     # ----- coordinates -----
     @property
@@ -161,6 +164,13 @@ class ParallelContext:
             grp = dist.new_group(ranks, **kw)
             if self.rank in ranks:
                 self.mp_group = grp
+        if pp > 1:
+            for d in range(dp):
+                for t in range(tp):
+                    ranks = [g(t, d, 0), g(t, d, pp - 1)]
+                    grp = dist.new_group(ranks, **kw)
+                    if self.rank in ranks:
+                        self.embedding_group = grp
         # size-1 groups behave like None: no communication
         if tp == 1:
             self.tp_group = None

@@ -18,6 +18,13 @@ Each parameter carries `main_grad` (its slice) and `grad_buffer` (this buffer; a
 over the same parameters removes the old one's hooks). With `fuse_wgrad` the linear layers add their weight gradients into `main_grad` themselves
 (`megacpt.parallel.wgrad`); the hook then only counts the parameter as ready.
 
+Tied embeddings under pipeline parallelism (`tied` names, `tied_group`): those parameters
+get a bucket of their own, which backward never launches; `finish()` first sums it over
+`tied_group` (the first and last stage's copies: Megatron's embedding-group all-reduce) and
+then reduces it over dp like the others. Summing the local gradients before the dp reduction
+gives the same total, and the bucket is laid out identically on both stages, so ZeRO-1 shards
+it the same way there too.
+
 `finish()` waits for every bucket, then all-reduces over tp the gradients of parameters marked
 `sequence_parallel=True` (norm weights under sequence parallelism see only s/tp tokens). The
 schedule calls it when the step's backward is done, so after `forward_backward` the main
@@ -38,6 +45,7 @@ class Bucket:
     """A flat fp32 gradient buffer shared by consecutive parameters."""
 
     index: int
+    held: bool = False  # tied embedding: launched by finish() after the embedding all-reduce
     names: list[str] = field(default_factory=list)
     params: list[torch.nn.Parameter] = field(default_factory=list)
     offsets: list[int] = field(default_factory=list)
@@ -74,19 +82,24 @@ class GradBuffer:
 
     def __init__(self, named_params: list[tuple[str, torch.nn.Parameter]], ctx: ParallelContext,
                  bucket_size_mb: float = 25.0, shard_over_dp: bool = False,
-                 fuse_wgrad: bool = False):
+                 fuse_wgrad: bool = False, tied: tuple[str, ...] = (), tied_group=None):
         if bucket_size_mb <= 0:
             raise ValueError(f"grad_bucket_size_mb must be > 0, got {bucket_size_mb}")
         self.ctx, self.shard_over_dp = ctx, shard_over_dp
+        self.tied_group = tied_group
+        held = [(n, p) for n, p in named_params if n in tied]
+        named_params = [(n, p) for n, p in named_params if n not in tied] + held
         self.final_backward = self.finished = False
         self.buckets: list[Bucket] = []
         self.location: dict[str, tuple[int, int]] = {}  # name -> (bucket, offset)
         limit = int(bucket_size_mb * 2**20 / 4)
         current = Bucket(0)
         for name, p in reversed(named_params):
-            if current.params and current.numel + p.numel() > limit:
+            hold = name in tied
+            if current.params and (current.numel + p.numel() > limit or hold != current.held):
                 self.buckets.append(current)
                 current = Bucket(len(self.buckets))
+            current.held = hold
             self.location[name] = (current.index, current.numel)
             current.names.append(name)
             current.params.append(p)
@@ -121,7 +134,7 @@ class GradBuffer:
             p.grad = None
             if self.final_backward:
                 bucket.ready += 1
-                if bucket.ready == len(bucket.params):
+                if bucket.ready == len(bucket.params) and not bucket.held:
                     self._launch(bucket)
         return hook
 
@@ -160,6 +173,8 @@ class GradBuffer:
         if self.finished:
             return
         for b in self.buckets:
+            if b.held and self.tied_group is not None:  # first + last stage's tied copies
+                dist.all_reduce(b.grad, group=self.tied_group)
             self._launch(b)  # buckets not started during backward (e.g. unused parameters)
         for b in self.buckets:
             if b.work is not None:

@@ -37,7 +37,8 @@ class ColumnParallelLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, tp_group=None,
                  sequence_parallel: bool = False, gather_output: bool = False,
-                 dtype: torch.dtype = torch.float32, device=None):
+                 dtype: torch.dtype = torch.float32, device=None, bias: bool = False,
+                 skip_weight_param_allocation: bool = False):
         super().__init__()
         tp = _tp_size(tp_group)
         if out_features % tp:
@@ -45,8 +46,13 @@ class ColumnParallelLinear(nn.Module):
                              f"tensor-parallel size {tp}")
         self.tp_group, self.sequence_parallel, self.gather_output = (
             tp_group, sequence_parallel, gather_output)
-        self.weight = nn.Parameter(torch.empty(out_features // tp, in_features,
-                                               dtype=dtype, device=device))
+        # skip_weight_param_allocation (Megatron's name): the weight is passed to forward,
+        # e.g. the input embedding's for a tied output layer
+        self.weight = None if skip_weight_param_allocation else nn.Parameter(
+            torch.empty(out_features // tp, in_features, dtype=dtype, device=device))
+        # bias [out/tp]: split over tp like the weight's rows (never sequence-sharded)
+        self.bias = nn.Parameter(torch.zeros(out_features // tp, dtype=dtype, device=device)) \
+            if bias else None
 
     def gather_input(self, x: torch.Tensor) -> torch.Tensor:
         """The input comm of `forward`: [s(/tp), b, in] -> [s, b, in] on every tp rank."""
@@ -54,8 +60,15 @@ class ColumnParallelLinear(nn.Module):
             return comm.gather_from_sp(x, self.tp_group)  # [s, b, in]
         return comm.copy_to_tp(x, self.tp_group)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [s(/tp), b, in]
-        y = linear(self.gather_input(x), self.weight)  # [s, b, out/tp]
+    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        # x: [s(/tp), b, in]; weight [out/tp, in] only with skip_weight_param_allocation
+        x = self.gather_input(x)
+        if weight is None:
+            y = linear(x, self.weight)  # [s, b, out/tp]
+        else:  # a shared weight (tied embedding) gets its gradient from two uses: no wgrad
+            y = F.linear(x, weight)  # fusion, autograd sums both into .grad for the hook
+        if self.bias is not None:
+            y = y + self.bias
         if self.gather_output:
             y = comm.gather_from_tp(y, self.tp_group)
         return y

@@ -99,12 +99,19 @@ class MegaOptimizer:
         if not named:
             raise ValueError("build_optimizer: the model has no trainable parameters")
         self.named = dict(named)
+        # tied embeddings under pp: the first and last stage each hold embedding.weight
+        model_cfg = getattr(model, "cfg", None)  # a LlamaModel's ModelConfig (or a test module)
+        tied = (("embedding.weight",) if ctx.pp > 1 and model_cfg is not None
+                and model_cfg.tie_word_embeddings else ())
         # a model given to a second optimizer: GradBuffer removes the old buffer's hooks
         self.buffer = GradBuffer(named, ctx, bucket_size_mb, shard_over_dp=self.zero1,
-                                 fuse_wgrad=gradient_accumulation_fusion)
+                                 fuse_wgrad=gradient_accumulation_fusion, tied=tied,
+                                 tied_group=ctx.embedding_group)
         self.pieces: list[Piece] = self.buffer.pieces()
         self.replicated = [sharding.shard_kind(pc.name) == sharding.REPLICATED
                            for pc in self.pieces]
+        # the last stage's copy of a tied embedding is left out of the gradient norm
+        self.in_norm = [not (pc.name in tied and not ctx.is_first_stage) for pc in self.pieces]
         self.decay = [pc.param.dim() >= 2 for pc in self.pieces]
         # masters: the fp32 parameter itself when unsharded, else an fp32 copy of the piece
         self.own_master = [self.zero1 or pc.param.dtype != torch.float32 for pc in self.pieces]
@@ -154,7 +161,10 @@ class MegaOptimizer:
             self._sync_masters_from_params()
         self.buffer.finish()
         grads = [self.buffer.piece_grad(pc) for pc in self.pieces]
-        norm = global_grad_norm(grads, self.replicated, self.ctx, sharded_over_dp=self.zero1)
+        counted = [i for i, keep in enumerate(self.in_norm) if keep]
+        norm = global_grad_norm([grads[i] for i in counted],
+                                [self.replicated[i] for i in counted], self.ctx,
+                                sharded_over_dp=self.zero1)
         if not math.isfinite(norm):
             self.zero_grad()
             return norm, False

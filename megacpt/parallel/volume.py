@@ -15,6 +15,8 @@ Tensor parallelism (t ranks), per micro-batch of T = b s tokens, activations of 
 Pipeline parallelism: per micro-batch, a stage sends its output activations forward (all but
 the last) and its input gradients backward (all but the first): T h a each, divided by t with
 sequence parallelism (without it every tp rank sends the whole activation).
+Tied embeddings under pp: per step the first and last stage all-reduce the fp32 embedding
+gradient shard (Megatron's embedding group), 4 V h / t bytes each, counted on the pp axis.
 Data parallelism, per step (independent of the batch): all-reduce of this rank's fp32 main
 gradients, 2(d-1)/d x 4 P_rank; with ZeRO-1 on NCCL a reduce-scatter of them plus an
 all-gather of the updated parameters: (d-1)/d x (4 + param_bytes) P_rank (gloo has no
@@ -56,15 +58,16 @@ def _ring_gather(n: int) -> float:
 def stage_params(cfg: ModelConfig, layout: Layout, pp_rank: int) -> int:
     """Parameters held by one tp rank of pipeline stage `pp_rank` (its shard sizes)."""
     t, h, d = layout.tp, cfg.hidden_size, cfg.head_dim
-    qkv = (cfg.num_attention_heads + 2 * cfg.num_query_groups) * d * h // t
+    qkv = (cfg.num_attention_heads + 2 * cfg.num_query_groups) * d * (h + cfg.add_qkv_bias) // t
     proj = cfg.num_attention_heads * d * h // t
     mlp = 3 * cfg.ffn_hidden_size * h // t
     n_layers = len(stage_layer_range(cfg.num_layers, layout.pp, pp_rank))
     total = n_layers * (qkv + proj + mlp + 2 * h)
     if pp_rank == 0:
         total += cfg.padded_vocab_size * h // t
-    if pp_rank == layout.pp - 1:
-        total += cfg.padded_vocab_size * h // t + h
+    if pp_rank == layout.pp - 1:  # tied: the last stage's copy of the embedding (pp > 1)
+        tied_here = cfg.tie_word_embeddings and layout.pp == 1
+        total += (0 if tied_here else cfg.padded_vocab_size * h // t) + h
     return total
 
 
@@ -90,6 +93,8 @@ def step_bytes(cfg: ModelConfig, layout: Layout, pp_rank: int, micro_batch: int,
     if layout.pp > 1:
         act = tokens * h * act_bytes / (t if layout.sequence_parallel else 1)
         out["pp"] = ((0 if last else act) + (0 if first else act)) * num_microbatches
+        if cfg.tie_word_embeddings and (first or last):  # embedding-group grad all-reduce
+            out["pp"] += _ring_all_reduce(2) * 4 * cfg.padded_vocab_size * h / t
     if layout.dp > 1:
         p = stage_params(cfg, layout, pp_rank)
         d = layout.dp
@@ -137,12 +142,17 @@ DEFAULT_LAYOUTS = [Layout(dp=8), Layout(dp=8, zero1=True), Layout(tp=2, dp=4),
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="communication volume per step by layout")
     ap.add_argument("--model-size", default="1393M")
-    ap.add_argument("--vocab-size", type=int, default=36152)
+    ap.add_argument("--vocab-size", type=int, default=None,
+                    help="default: the registered model's own (public checkpoints), else the "
+                         "paper's 36152")
     ap.add_argument("--seq-length", type=int, default=2048)
     ap.add_argument("--micro-batch-size", type=int, default=2)
     ap.add_argument("--global-batch-size", type=int, default=1024)
     a = ap.parse_args(argv)
-    cfg = ModelConfig.from_size(a.model_size, vocab_size=a.vocab_size, seq_length=a.seq_length)
+    from megacpt import sizes
+
+    vocab = a.vocab_size or sizes.get_size(a.model_size).vocab_size or sizes.PAPER_VOCAB_SIZE
+    cfg = ModelConfig.from_size(a.model_size, vocab_size=vocab, seq_length=a.seq_length)
     print(markdown_table(cfg, DEFAULT_LAYOUTS, a.micro_batch_size, a.global_batch_size))
 
 

@@ -204,7 +204,8 @@ class Trainer:
             self._resume()
         self.nonfinite = NonFiniteTracker(t.max_nonfinite_steps, self.counters.skipped_steps)
         self.metrics = MetricsLogger(cfg.logging.log_dir, enabled=self.ctx.rank == 0,
-                                     tensorboard=cfg.logging.tensorboard)
+                                     tensorboard=cfg.logging.tensorboard,
+                                     wandb=self._wandb_writer())
         self._start_metrics()
         self.throughput = Throughput(self.flops_per_token, self.ctx.world_size,
                                      peak_flops(self.ctx.device), self.train_iters)
@@ -212,6 +213,17 @@ class Trainer:
             log.info("%s | %s", self.model.describe(), self.schedule)
 
     # ----- start-up -----
+    def _wandb_writer(self):
+        """The W&B run on the logging rank when `--wandb-project` is given, else None."""
+        lg = self.cfg.logging
+        if lg.wandb_project is None or self.ctx.rank != 0:
+            return None
+        from megacpt.training.metrics import WandbWriter
+
+        return WandbWriter(lg.wandb_project, lg.wandb_exp_name,
+                           lg.wandb_save_dir or os.path.join(lg.log_dir, "wandb"),
+                           self.cfg.to_dict())
+
     def _init_weights(self) -> None:
         from megacpt.checkpoint import load_weights
 

@@ -1,4 +1,11 @@
-"""Run metrics: the `metrics.jsonl` file, TensorBoard, and the console progress line.
+"""Run metrics: the `metrics.jsonl` file, TensorBoard, Weights & Biases, and the console line.
+
+TensorBoard (`LOG_DIR/tensorboard`, when installed) and W&B (with `--wandb-project`; files in
+`--wandb-save-dir`, default `LOG_DIR/wandb`) get the same scalars: `train/lm_loss`, `train/lr`,
+`train/grad_norm`, `train/tokens_per_sec` and `valid/NAME` at the optimizer step, W&B also
+`train/consumed_tokens`; TensorBoard the loss curves against tokens as well. The W&B run id is
+kept in `WANDB_DIR/wandb_run_id`, so a resumed run (`--load`) continues the same W&B run;
+the run's config is `Config.to_dict()`.
 
 `metrics.jsonl` (in `--log-dir`, written by global rank 0 only) holds one JSON object per line.
 Every row has a `type`; readers should ignore types and keys they do not know.
@@ -80,10 +87,12 @@ def _clean(value):
 class MetricsLogger:
     """Writes `metrics.jsonl` (and TensorBoard when installed) on the logging rank only."""
 
-    def __init__(self, log_dir: str | None, enabled: bool = True, tensorboard: bool = True):
+    def __init__(self, log_dir: str | None, enabled: bool = True, tensorboard: bool = True,
+                 wandb: "WandbWriter | None" = None):
         self.enabled = enabled and log_dir is not None
         self.path = os.path.join(log_dir, METRICS_FILE) if log_dir else None
         self._tb = None
+        self._wandb = wandb if enabled else None
         if not self.enabled:
             return
         os.makedirs(log_dir, exist_ok=True)
@@ -116,6 +125,10 @@ class MetricsLogger:
             if fields.get("lm_loss") is not None and math.isfinite(fields["lm_loss"]):
                 self._tb.add_scalar("train/lm_loss_vs_tokens", fields["lm_loss"],
                                     fields["consumed_tokens"])
+        if self._wandb is not None:
+            keys = ("lm_loss", "lr", "grad_norm", "tokens_per_sec", "consumed_tokens")
+            self._wandb.log({f"train/{k}": fields[k] for k in keys
+                             if fields.get(k) is not None}, fields["iteration"])
 
     def valid(self, name: str, iteration: int, loss: float, consumed_tokens: int,
               flops: float, bpb: float | None = None) -> None:
@@ -129,6 +142,11 @@ class MetricsLogger:
             self._tb.add_scalar(f"valid_vs_tokens/{name}", loss, consumed_tokens)
             if bpb is not None:
                 self._tb.add_scalar(f"valid_bpb/{name}", bpb, iteration)
+        if self._wandb is not None:
+            values = {f"valid/{name}": loss}
+            if bpb is not None:
+                values[f"valid_bpb/{name}"] = bpb
+            self._wandb.log(values, iteration)
 
     def has_header(self) -> bool:
         if not self.path or not os.path.exists(self.path):
@@ -167,6 +185,40 @@ class MetricsLogger:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._wandb is not None:
+            self._wandb.close()
+            self._wandb = None
+
+
+class WandbWriter:
+    """One W&B run (Megatron's `--wandb-project/--wandb-exp-name/--wandb-save-dir`).
+
+    Build it on the logging rank only. `log` drops non-finite values (W&B charts them badly).
+    """
+
+    def __init__(self, project: str, name: str | None, save_dir: str, config: dict):
+        try:
+            import wandb
+        except ImportError:
+            raise ImportError(f"--wandb-project {project}: the wandb package is not installed; "
+                              f"pip install 'megacpt[wandb]'") from None
+        os.makedirs(save_dir, exist_ok=True)
+        id_file = os.path.join(save_dir, "wandb_run_id")
+        run_id = open(id_file).read().strip() if os.path.exists(id_file) else None
+        self.run = wandb.init(project=project, name=name, dir=save_dir, config=config,
+                              id=run_id, resume="allow" if run_id else None)
+        if run_id is None:
+            with open(id_file, "w") as f:
+                f.write(self.run.id)
+
+    def log(self, values: dict, step: int) -> None:
+        values = {k: float(_clean(v)) for k, v in values.items()
+                  if _clean(v) is not None}
+        if values:
+            self.run.log(values, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
 
 
 def is_torn(lines: list[str], n: int) -> bool:
