@@ -17,8 +17,8 @@ from megacpt.parallel.context import ParallelContext, resolve_virtual_stages
 from megacpt.parallel.schedule import (StageRunner, microbatch_loss, run_1f1b, run_cooldown,
                                        run_steady, run_warmup, split_global_batch,
                                        warmup_count)
-from megacpt.parallel.interleaved import (chunk_of, interleaved_warmup, microbatch_of,
-                                          run_interleaved)
+from megacpt.parallel.interleaved import interleaved_warmup, run_interleaved
+from megacpt.parallel.simulate import schedule_order
 from megacpt.testing import tiny_model_config
 
 TIMEOUT = 30.0
@@ -149,7 +149,7 @@ def test_1f1b_order_and_memory_bound(pp, num):
         for i in range(num - warm):
             expect += [("F", 0, warm + i), ("B", 0, i)]
         expect += [("B", 0, i) for i in range(num - warm, num)]
-        assert st.events == expect
+        assert st.events == expect == schedule_order("1f1b", pp, r, num)  # what is simulated
         assert st.max_pending == min(pp - r, num)
 
 
@@ -226,31 +226,16 @@ def test_threaded_pipeline_matches_single_model():
         torch.testing.assert_close(g, ref_grads[n], rtol=1e-5, atol=1e-7, msg=n)
 
 
-def interleaved_order(pp: int, rank: int, vp: int, num: int) -> list[tuple[str, int, int]]:
-    """The order Megatron's interleaved schedule runs (F/B, chunk, micro-batch) on `rank`."""
-    total, warm = num * vp, interleaved_warmup(pp, rank, vp, num, False)
-
-    def f(k):
-        return ("F", chunk_of(k, pp, vp, True), microbatch_of(k, pp, vp))
-
-    def b(k):
-        return ("B", chunk_of(k, pp, vp, False), microbatch_of(k, pp, vp))
-
-    order = [f(k) for k in range(warm)]
-    for k in range(total - warm):
-        order += [f(k + warm), b(k)]
-    return order + [b(k) for k in range(total - warm, total)]
-
-
 @pytest.mark.parametrize("pp,vp,num", [(2, 2, 2), (2, 2, 4), (2, 3, 6), (3, 2, 6), (4, 2, 4),
                                        (4, 2, 8), (4, 3, 12)])
 def test_interleaved_order_messages_and_memory(pp, vp, num):
     """Every stage gets the right activation and gradient for each (chunk, micro-batch),
-    in Megatron's order, holding at most warm-up + 1 chunk activations."""
+    in Megatron's order - the order the simulator times (recorded here) - holding at most
+    warm-up + 1 chunk activations."""
     stages = [RecordingStage(r, pp, num, vp=vp) for r in range(pp)]
     run_threads(stages, vp)
     for r, st in enumerate(stages):
-        assert st.events == interleaved_order(pp, r, vp, num), r
+        assert st.events == schedule_order("interleaved", pp, r, num, vp), r
         warm = interleaved_warmup(pp, r, vp, num, False)
         assert st.max_pending == min(warm + 1, num * vp)
         assert st.forwards == st.backwards == [num] * vp
