@@ -32,6 +32,8 @@ CFG8 = T.tiny_model_config(num_layers=8)  # 8 = pp4 x vp2 chunks of one layer
 # a smaller LR than OPT's: this model at lr 1e-2 is chaotic enough that tp2's summation order
 # alone moves step 5 by 4e-4 (measured with and without virtual stages alike); the clip binds
 OPT8 = T.tiny_optim_config(lr=3e-3)
+ZB = {2: [dict(pp=2)], 4: [dict(pp=4), dict(pp=2, use_distributed_optimizer=True)]}
+ZB_NAMES = {2: ["tp1pp2dp1+zb-h1"], 4: ["tp1pp4dp1+zb-h1", "tp1pp2dp2+zero1+zb-h1"]}
 VIRTUAL = {2: [dict(pp=2, vp=2)],
            4: [dict(pp=4, vp=2), dict(tp=2, pp=2, vp=2), dict(pp=2, vp=2)]}
 VIRTUAL_NAMES = {2: ["tp1pp2dp1vp2"], 4: ["tp1pp4dp1vp2", "tp2pp2dp1vp2", "tp1pp2dp2vp2"]}
@@ -75,6 +77,10 @@ def _virtual(world):
                                   micro_batch_size=MBS, **lay)) for lay in VIRTUAL[world]]
 
 
+def _zb(world):
+    return [_train(schedule="zb-h1", **lay) for lay in ZB[world]]
+
+
 def _spawn(world, extra=()):
     jobs = list(extra) + [_train(**lay) for lay in LAYOUTS[world]]
     return T.run_distributed(T.jobs_worker, world, jobs, timeout=420)
@@ -104,7 +110,7 @@ def world2(interleaved_ckpt):
     save = ("train_and_save", dict(model_cfg=CFG8, optim_cfg=OPT8, batches=BATCHES[:2],
                                    micro_batch_size=MBS, save_dir=interleaved_ckpt, pp=2, vp=2))
     return _spawn(2, [("comm_check", {}), _grads(2, False), _grads(2, True)] + _state_jobs()
-                  + [("vocab_ce_check", {"vocab_size": 100}), save] + _virtual(2))
+                  + [("vocab_ce_check", {"vocab_size": 100}), save] + _virtual(2) + _zb(2))
 
 
 COUNTED = [dict(tp=2, pp=2), dict(tp=2, pp=2, sequence_parallel=True),
@@ -119,7 +125,7 @@ def _count(**layout):
 @pytest.fixture(scope="module")
 def world4():
     return _spawn(4, [_grads(4, False), _grads(4, True)] + [_count(**c) for c in COUNTED]
-                  + _virtual(4))
+                  + _virtual(4) + _zb(4))
 
 
 GROUP_LAYOUTS = [(2, 2), (4, 1), (1, 4), (2, 4), (8, 1)]
@@ -162,10 +168,19 @@ def test_layouts_equal_single_process(reference, world, request):
 @pytest.mark.parametrize("world", [2, 4])
 def test_interleaved_layouts_equal_single_process(reference8, world, request):
     ranks = request.getfixturevalue(f"world{world}")
-    n, k = len(LAYOUTS[world]), len(VIRTUAL[world])
-    for r in ranks[1:]:
-        assert [x["losses"] for x in r[-n - k:-n]] == [x["losses"] for x in ranks[0][-n - k:-n]]
-    _check_against(reference8, ranks[0][-n - k:-n], VIRTUAL_NAMES[world])
+    n, k, z = len(LAYOUTS[world]), len(VIRTUAL[world]), len(ZB[world])
+    got = [r[-n - z - k:-n - z] for r in ranks]
+    for r in got[1:]:
+        assert [x["losses"] for x in r] == [x["losses"] for x in got[0]]
+    _check_against(reference8, got[0], VIRTUAL_NAMES[world])
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_zero_bubble_layouts_equal_single_process(reference, world, request):
+    """ZB-H1 (weight gradients deferred, 5 layers split unevenly) trains like one process."""
+    ranks = request.getfixturevalue(f"world{world}")
+    n, k = len(LAYOUTS[world]), len(ZB[world])
+    _check_against(reference, ranks[0][-n - k:-n], ZB_NAMES[world])
 
 
 def test_interleaved_checkpoint_continues_in_one_process(reference8, world2, interleaved_ckpt,
