@@ -13,10 +13,11 @@ reference, and a pp2vp2 checkpoint continues in one process like the uninterrupt
 import pytest
 import torch
 
-from megacpt.checkpoint import convert_checkpoint, load_checkpoint
+from megacpt.checkpoint import CheckpointError, convert_checkpoint, load_checkpoint
 from megacpt.config import Config
 from megacpt import testing as T
 from megacpt.model import LlamaModel
+from megacpt.parallel.context import ParallelContext
 from megacpt.parallel.optimizer import build_optimizer
 from megacpt.parallel.schedule import forward_backward, split_global_batch
 from megacpt.parallel.volume import Layout, step_bytes
@@ -32,8 +33,10 @@ CFG8 = T.tiny_model_config(num_layers=8)  # 8 = pp4 x vp2 chunks of one layer
 # a smaller LR than OPT's: this model at lr 1e-2 is chaotic enough that tp2's summation order
 # alone moves step 5 by 4e-4 (measured with and without virtual stages alike); the clip binds
 OPT8 = T.tiny_optim_config(lr=3e-3)
-ZB = {2: [dict(pp=2)], 4: [dict(pp=4), dict(pp=2, use_distributed_optimizer=True)]}
-ZB_NAMES = {2: ["tp1pp2dp1+zb-h1"], 4: ["tp1pp4dp1+zb-h1", "tp1pp2dp2+zero1+zb-h1"]}
+ZB = {2: [dict(pp=2)], 4: [dict(pp=4), dict(pp=2, use_distributed_optimizer=True),
+                           dict(tp=2, pp=2, sequence_parallel=True)]}
+ZB_NAMES = {2: ["tp1pp2dp1+zb-h1"], 4: ["tp1pp4dp1+zb-h1", "tp1pp2dp2+zero1+zb-h1",
+                                         "tp2pp2dp1+sp+zb-h1"]}
 VIRTUAL = {2: [dict(pp=2, vp=2)],
            4: [dict(pp=4, vp=2), dict(tp=2, pp=2, vp=2), dict(pp=2, vp=2)]}
 VIRTUAL_NAMES = {2: ["tp1pp2dp1vp2"], 4: ["tp1pp4dp1vp2", "tp2pp2dp1vp2", "tp1pp2dp2vp2"]}
@@ -188,6 +191,11 @@ def test_interleaved_checkpoint_continues_in_one_process(reference8, world2, int
     """pp2vp2 (layers 0,1,4,5 | 2,3,6,7 per rank) saved after 2 steps, converted to tp1pp1 with
     its optimizer state: steps 3-5 give the uninterrupted single-process losses."""
     assert world2[0][8] == pytest.approx(reference8["losses"][:2], rel=1e-5)
+    plain_pp2 = ParallelContext(pp=2, rank=0, world_size=2)  # no groups needed to refuse
+    with pytest.raises(CheckpointError, match="saved in layout tp1pp2vp2 but this run is "
+                                              "tp1pp2; convert it first"):
+        load_checkpoint(interleaved_ckpt, LlamaModel(CFG8, plain_pp2, seed=None), None,
+                        Config(model=CFG8, optim=OPT8), plain_pp2)
     conv = convert_checkpoint(interleaved_ckpt, str(tmp_path / "tp1pp1"), tp=1, pp=1)
     model = LlamaModel(CFG8, seed=None)
     opt = build_optimizer(model, OPT8, model.ctx)

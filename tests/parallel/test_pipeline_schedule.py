@@ -383,3 +383,40 @@ def test_schedule_flags_reach_the_config():
     with pytest.raises(ConfigError, match="zb-h1 runs without virtual pipeline stages"):
         parse_args(base + ["--pipeline-schedule", "zb-h1",
                            "--virtual-pipeline-model-parallel-size", "2"])
+
+
+class UntaggedComm(QueueComm):
+    """NCCL-like: one FIFO per ordered pair of ranks, no tags; with pp 2 both neighbours are
+    the same rank, so activations and gradients share a channel and must arrive in order."""
+
+    def exchange(self, send_next=None, send_prev=None, recv_prev=False, recv_next=False):
+        nxt, prv = (self.rank + 1) % self.pp, (self.rank - 1) % self.pp
+        if send_next is not None:
+            self.chans[(self.rank, nxt)].put(send_next)
+        if send_prev is not None:
+            self.chans[(self.rank, prv)].put(send_prev)
+        x = self._get((prv, self.rank)) if recv_prev else None
+        g = self._get((nxt, self.rank)) if recv_next else None
+        assert x is None or x[0] == "act", f"rank {self.rank} expected an activation, got {x}"
+        assert g is None or g[0] == "grad", f"rank {self.rank} expected a gradient, got {g}"
+        return x, g
+
+
+@pytest.mark.parametrize("pp,vp,num", [(2, 2, 2), (2, 2, 8), (2, 3, 6), (4, 2, 8)])
+def test_interleaved_messages_match_without_tags(pp, vp, num):
+    stages = [RecordingStage(r, pp, num, vp=vp) for r in range(pp)]
+    chans = {(a, b): queue.Queue() for a in range(pp) for b in range(pp)}
+    errors = []
+
+    def body(r):
+        try:
+            run_interleaved(stages[r], UntaggedComm(r, pp, chans), pp, r, vp)
+        except BaseException as e:  # surfaced below
+            errors.append((r, e))
+
+    threads = [threading.Thread(target=body, args=(r,)) for r in range(pp)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=4 * TIMEOUT)
+    assert not errors and not any(t.is_alive() for t in threads), errors
