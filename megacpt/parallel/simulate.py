@@ -142,6 +142,47 @@ def model_costs(shape, seq: int, mbs: int, vocab: int, pp: int, vp: int, tflops:
     return Costs(fwd, bwd, wgr, p2p, act)
 
 
+def measure_costs(model_size: str, seq: int, mbs: int, reps: int = 3,
+                  device: str = "cpu") -> tuple[float, float, float]:
+    """Measured F, B (input gradient) and W (weight gradient) of the whole model in ms: the
+    real split backward of the ZB-H1 schedule (`StageRunner` with a gradient buffer), the
+    median of `reps` micro-batches after one warm-up."""
+    import statistics
+    import time
+
+    import torch
+
+    from megacpt.config import ModelConfig
+    from megacpt.model import LlamaModel
+    from megacpt.parallel.context import ParallelContext
+    from megacpt.parallel.grads import GradBuffer
+    from megacpt.parallel.schedule import StageRunner
+
+    cfg = ModelConfig.from_size(model_size, seq_length=seq, vocab_size=1024)
+    ctx = ParallelContext.single(device)
+    model = LlamaModel(cfg, ctx, seed=0)
+    buf = GradBuffer(list(model.named_parameters()), ctx, fuse_wgrad=True)
+    tokens = torch.randint(0, cfg.vocab_size, (mbs, seq), device=ctx.device)
+    mb = {"tokens": tokens, "labels": tokens}
+
+    def clock(fn):
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize()
+        return 1e3 * (time.perf_counter() - t)
+
+    times = []
+    for _ in range(reps + 1):
+        st = StageRunner(model, [mb], ctx, grad_sync=buf, split_backward=True)
+        times.append((clock(lambda: st.forward_step(None)), clock(lambda: st.backward_step(None)),
+                      clock(st.wgrad_step)))
+        buf.zero()
+    return tuple(statistics.median(t[i] for t in times[1:]) for i in range(3))
+
+
 def _plain_range(layers: int, pp: int, p: int) -> tuple[int, int]:
     base, extra = divmod(layers, pp)
     start = p * base + min(p, extra)
@@ -327,6 +368,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="achieved TFLOP/s per GPU for model shapes")
     p.add_argument("--p2p-gbps", type=float, default=0.0,
                    help="P2P bandwidth in GB/s for model shapes (0: free)")
+    p.add_argument("--measure", action="store_true",
+                   help="time F, B and W of --model-size here (--device) and simulate with "
+                        "those costs split evenly over the stages")
+    p.add_argument("--device", default="cpu")
     p.add_argument("--out", help="PNG path for the timelines")
     p.add_argument("--title", default="")
     return p
@@ -358,6 +403,15 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"interleaved: --num-microbatches {num} must be a multiple of "
                              f"--pipeline-model-parallel-size {pp} (as Megatron)")
         shape = _shape(a) if a.model_size else None
+        if a.measure:
+            if not a.model_size:
+                raise ValueError("--measure needs --model-size")
+            f, b, w = measure_costs(a.model_size, a.seq_length, a.micro_batch_size,
+                                    device=a.device)
+            print(f"measured on {a.device}: F {f:.2f} ms, B {b:.2f} ms, W {w:.2f} ms "
+                  f"(whole model, one micro-batch)")
+            a.forward_time, a.backward_time, a.wgrad_share = f / pp, (b + w) / pp, w / (b + w)
+            shape = None
         results = []
         for n in names:
             v = vp if n == "interleaved" else 1

@@ -62,3 +62,13 @@ def test_cli_writes_png_and_refuses_bad_input(tmp_path, capsys):
     assert "must be a multiple of --pipeline-model-parallel-size 3" in capsys.readouterr().err
     assert main(["--pipeline-model-parallel-size", "2", "--num-microbatches", "4",
                  "--schedules", "gpipe"]) == 2
+
+
+def test_measured_costs_drive_the_simulation(capsys):
+    assert main(["--model-size", "tiny", "--seq-length", "16", "--micro-batch-size", "2",
+                 "--measure", "--pipeline-model-parallel-size", "2",
+                 "--num-microbatches", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "measured on cpu: F" in out and out.count("bubble") == 3
+    assert main(["--measure", "--pipeline-model-parallel-size", "2",
+                 "--num-microbatches", "4"]) == 2
