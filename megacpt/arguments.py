@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model chunks per pipeline rank: interleaved 1F1B (bubble / vp)")
     g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int,
                    help="the same as layers per chunk (Megatron's flag)")
+    g.add_argument("--pipeline-schedule", choices=["1f1b", "zb-h1"], default="1f1b",
+                   help="zb-h1: zero-bubble H1, weight gradients deferred into the bubbles "
+                        "(1F1B's peak memory; no virtual stages)")
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--use-distributed-optimizer", action="store_true")
     g.add_argument("--grad-bucket-size-mb", type=float,
@@ -374,6 +377,7 @@ def config_from_args(a: argparse.Namespace) -> tuple[Config, RunOptions]:
             sequence_parallel=a.sequence_parallel,
             virtual_pipeline_model_parallel_size=a.virtual_pipeline_model_parallel_size,
             num_layers_per_virtual_pipeline_stage=a.num_layers_per_virtual_pipeline_stage,
+            pipeline_schedule=a.pipeline_schedule,
             use_distributed_optimizer=a.use_distributed_optimizer,
             grad_bucket_size_mb=a.grad_bucket_size_mb,
             gradient_accumulation_fusion=not a.no_gradient_accumulation_fusion, distributed_backend=a.distributed_backend,

@@ -198,6 +198,9 @@ class ParallelConfig:
     num_layers_per_virtual_pipeline_stage: int | None = None
     """The same given as layers per chunk (`--num-layers-per-virtual-pipeline-stage`):
     virtual stages = num_layers / pp / this. At most one of the two."""
+    pipeline_schedule: str = "1f1b"
+    """`--pipeline-schedule`: 1f1b (interleaved with virtual stages) or zb-h1 (zero-bubble
+    H1: backward split into input and weight gradients; no virtual stages)."""
     sequence_parallel: bool = False
     """Shard norms/activations along the sequence over tp ranks (`--sequence-parallel`)."""
     use_distributed_optimizer: bool = False
@@ -215,6 +218,14 @@ class ParallelConfig:
     def __post_init__(self):
         _check(self.tensor_model_parallel_size >= 1, "parallel.tensor_model_parallel_size must be >= 1")
         _check(self.pipeline_model_parallel_size >= 1, "parallel.pipeline_model_parallel_size must be >= 1")
+        _check(self.pipeline_schedule in ("1f1b", "zb-h1"),
+               f"parallel.pipeline_schedule must be 1f1b or zb-h1, got {self.pipeline_schedule!r}")
+        _check(self.pipeline_schedule == "1f1b" or not (
+            self.virtual_pipeline_model_parallel_size or self.num_layers_per_virtual_pipeline_stage),
+            "parallel.pipeline_schedule zb-h1 runs without virtual pipeline stages")
+        _check(self.pipeline_schedule == "1f1b" or self.gradient_accumulation_fusion,
+               "parallel.pipeline_schedule zb-h1 needs gradient_accumulation_fusion "
+               "(drop --no-gradient-accumulation-fusion)")
         for name in ("virtual_pipeline_model_parallel_size", "num_layers_per_virtual_pipeline_stage"):
             v = getattr(self, name)
             _check(v is None or v >= 1, f"parallel.{name} must be >= 1 when given, got {v}")

@@ -179,7 +179,7 @@ def train_losses(model_cfg: ModelConfig, optim_cfg: OptimizerConfig, batches: li
                  use_distributed_optimizer: bool = False, dtype: torch.dtype = torch.float32,
                  bucket_size_mb: float = 25.0, seed: int = 1234, device: str = "cpu",
                  return_state: bool = False, gradient_accumulation_fusion: bool = True,
-                 vp: int = 1) -> dict:
+                 vp: int = 1, schedule: str = "1f1b") -> dict:
     """Train from `seed` on `batches` in layout (tp, pp, dp = world / tp / pp; vp virtual
     stages per pipeline rank).
 
@@ -204,7 +204,7 @@ def train_losses(model_cfg: ModelConfig, optim_cfg: OptimizerConfig, batches: li
         opt.zero_grad()
         losses.append(forward_backward(model, split_global_batch(tokens, labels,
                                                                  micro_batch_size, ctx), ctx,
-                                       grad_sync=opt.grad_sync))
+                                       grad_sync=opt.grad_sync, schedule=schedule))
         norm, applied = opt.step(optim_cfg.lr)
         if not applied:
             raise RuntimeError(f"{ctx.layout}: optimizer step skipped (grad norm {norm})")
@@ -214,7 +214,8 @@ def train_losses(model_cfg: ModelConfig, optim_cfg: OptimizerConfig, batches: li
                                  ctx, forward_only=True)
     name = ctx.layout + ("+sp" if ctx.sequence_parallel else "") + (
         "+zero1" if use_distributed_optimizer else "") + (
-        "" if dtype == torch.float32 else f"+{str(dtype).split('.')[-1]}")
+        "" if dtype == torch.float32 else f"+{str(dtype).split('.')[-1]}") + (
+        "" if schedule == "1f1b" else f"+{schedule}")
     out = {"layout": name, "losses": losses, "grad_norms": norms, "eval_loss": eval_loss}
     if return_state:
         out["model"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}

@@ -183,6 +183,10 @@ def convert_command(load_dir: str, tp: int, pp: int) -> str:
             f"--target-tensor-parallel-size {tp} --target-pipeline-parallel-size {pp}")
 
 
+def _vp(vp: int) -> str:
+    return f"vp{vp}" if vp > 1 else ""
+
+
 def load_checkpoint(load_dir: str, model, optimizer, cfg: Config,
                     ctx: ParallelContext) -> tuple[int, dict]:
     """Exact resume: fill model (and optimizer) from the checkpoint; (iteration, state).
@@ -198,11 +202,12 @@ def load_checkpoint(load_dir: str, model, optimizer, cfg: Config,
     tp, pp = int(meta["layout"]["tp"]), int(meta["layout"]["pp"])
     vp = int(meta["layout"].get("vp", 1))
     if (tp, pp, vp) != (ctx.tp, ctx.pp, ctx.vp):
-        v, cv = (f"vp{vp}" if vp > 1 else ""), (f"vp{ctx.vp}" if ctx.vp > 1 else "")
         raise CheckpointError(
-            f"{iter_dir} was saved in layout tp{tp}pp{pp}{v} but this run is "
-            f"tp{ctx.tp}pp{ctx.pp}{cv}; convert it first: "
-            f"{convert_command(load_dir, ctx.tp, ctx.pp)}")
+            f"{iter_dir} was saved in layout tp{tp}pp{pp}{_vp(vp)} but this run is "
+            f"tp{ctx.tp}pp{ctx.pp}{_vp(ctx.vp)}; " + (
+                f"convert it first: {convert_command(load_dir, ctx.tp, ctx.pp)}"
+                if ctx.vp == 1 else "resume with the virtual stages it was saved with, or "
+                "start from its weights with --init-from"))
     fmt.check_same_model(fmt.config_from_meta(meta, meta_path).model, cfg.model, iter_dir)
     shard = os.path.join(iter_dir, fmt.shard_dirname(ctx.tp_rank, ctx.pp_rank))
     _load_shard(os.path.join(shard, fmt.MODEL_FILE), model)

@@ -25,6 +25,12 @@ then reduces it over dp like the others. Summing the local gradients before the 
 gives the same total, and the bucket is laid out identically on both stages, so ZeRO-1 shards
 it the same way there too.
 
+Split backward (the ZB-H1 schedule): between `begin_wgrad_deferral()` and
+`end_wgrad_deferral()` the fused linear layers compute only their input gradient and leave
+(param, dy, x) here; the hook does not count such a parameter as ready. `run_wgrad(entries,
+final)` later adds the weight gradients (the W pass) and counts them, so a bucket's reduction
+starts only when the last micro-batch's W has run.
+
 `finish()` waits for every bucket, then all-reduces over tp the gradients of parameters marked
 `sequence_parallel=True` (norm weights under sequence parallelism see only s/tp tokens). The
 schedule calls it when the step's backward is done, so after `forward_backward` the main
@@ -85,11 +91,12 @@ class GradBuffer:
                  fuse_wgrad: bool = False, tied: tuple[str, ...] = (), tied_group=None):
         if bucket_size_mb <= 0:
             raise ValueError(f"grad_bucket_size_mb must be > 0, got {bucket_size_mb}")
-        self.ctx, self.shard_over_dp = ctx, shard_over_dp
+        self.ctx, self.shard_over_dp, self.fuse_wgrad = ctx, shard_over_dp, fuse_wgrad
         self.tied_group = tied_group
         held = [(n, p) for n, p in named_params if n in tied]
         named_params = [(n, p) for n, p in named_params if n not in tied] + held
         self.final_backward = self.finished = False
+        self.defer_wgrad, self.deferred = False, []  # split backward: W work left for later
         self.buckets: list[Bucket] = []
         self.location: dict[str, tuple[int, int]] = {}  # name -> (bucket, offset)
         limit = int(bucket_size_mb * 2**20 / 4)
@@ -101,6 +108,7 @@ class GradBuffer:
                 current = Bucket(len(self.buckets))
             current.held = hold
             self.location[name] = (current.index, current.numel)
+            p.grad_name = name
             current.names.append(name)
             current.params.append(p)
             current.offsets.append(current.numel)
@@ -117,7 +125,7 @@ class GradBuffer:
             old.remove_hooks()  # the parameters move to this buffer
         for b in self.buckets:
             for p, off in zip(b.params, b.offsets):
-                p.grad_buffer = self
+                p.grad_buffer, p.wgrad_deferred = self, False
                 view = b.grad[off: off + p.numel()].view(p.shape)
                 p.main_grad = view
                 p.fuse_wgrad, p.grad_added_to_main_grad = fuse_wgrad, False
@@ -127,6 +135,9 @@ class GradBuffer:
     # ----- backward hooks -----
     def _make_hook(self, bucket: Bucket, view: torch.Tensor):
         def hook(p: torch.Tensor) -> None:
+            if p.wgrad_deferred:  # its W pass adds and counts it later
+                p.wgrad_deferred, p.grad = False, None
+                return
             if p.grad_added_to_main_grad:  # the fused linear backward already added it
                 p.grad_added_to_main_grad = False
             else:
@@ -137,6 +148,32 @@ class GradBuffer:
                 if bucket.ready == len(bucket.params) and not bucket.held:
                     self._launch(bucket)
         return hook
+
+    def begin_wgrad_deferral(self) -> None:
+        """The next backward computes input gradients only (fused linears' W is kept)."""
+        if not self.fuse_wgrad:
+            raise RuntimeError("a split backward (zero-bubble schedule) needs gradient-"
+                               "accumulation fusion; drop --no-gradient-accumulation-fusion")
+        self.defer_wgrad, self.deferred = True, []
+
+    def end_wgrad_deferral(self) -> list:
+        """The (param, dy [n, out], x [n, in]) triples the backward left for its W pass."""
+        out, self.defer_wgrad, self.deferred = self.deferred, False, []
+        return out
+
+    @torch.no_grad()
+    def run_wgrad(self, entries: list, final: bool) -> None:
+        """The W pass of one micro-batch: main_grad += dy^T x for each deferred linear;
+        `final`: the step's last micro-batch (its parameters count towards the buckets)."""
+        from megacpt.parallel.wgrad import accumulate_wgrad
+
+        for p, dy2, x2 in entries:
+            accumulate_wgrad(p.main_grad, dy2, x2)
+            if final:
+                bucket = self.buckets[self.location[p.grad_name][0]]
+                bucket.ready += 1
+                if bucket.ready == len(bucket.params):
+                    self._launch(bucket)
 
     def set_final_backward(self, final: bool) -> None:
         """Called by the schedule before each backward: is it the step's last micro-batch?"""

@@ -16,8 +16,8 @@ other way. Every exchange is one `comm.exchange(send_next, send_prev, recv_prev,
 posted as in Megatron's `forward_backward_pipelining_with_interleaving` (the same pairs of
 sends and receives in the same order on neighbouring ranks, so it cannot deadlock); received
 tensors queue per chunk until their step runs. The bubble shrinks from (P - 1) / (M + P - 1)
-of the step to (P - 1) / (vp M + P - 1) for a few more (smaller) messages and more warm-up
-activations: rank p keeps up to `2 (P - p - 1) + (vp - 1) P + 1` chunk activations, each 1/vp
+of the step to (P - 1) / (vp M + P - 1) for vp times the P2P traffic (every chunk boundary
+sends a whole activation) and more warm-up activations: rank p keeps up to `2 (P - p - 1) + (vp - 1) P + 1` chunk activations, each 1/vp
 of a stage's (`megacpt.parallel.simulate` draws both).
 
 Megatron's constraint holds here: M must be a multiple of P.

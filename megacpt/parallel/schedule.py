@@ -168,9 +168,14 @@ class StageRunner:
     """
 
     def __init__(self, model, microbatches: list[dict], ctx: ParallelContext,
-                 forward_only: bool = False, grad_sync=None, chunks: int = 1):
+                 forward_only: bool = False, grad_sync=None, chunks: int = 1,
+                 split_backward: bool = False):
         self.model, self.mbs, self.ctx, self.forward_only = model, microbatches, ctx, forward_only
         self.num, self.chunks, self.grad_sync = len(microbatches), chunks, grad_sync
+        #: ZB-H1: backward_step computes input gradients only, wgrad_step the weight grads
+        self.split_backward = split_backward
+        self.wpending: deque = deque()  # per backward done: its deferred W work
+        self.wgrads = 0
         self.pending = [deque() for _ in range(chunks)]  # per chunk: (input, output)
         self.forwards, self.backwards = [0] * chunks, [0] * chunks
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)  # no host sync
@@ -208,11 +213,23 @@ class StageRunner:
         self.backwards[chunk] += 1
         if self.grad_sync is not None:
             self.grad_sync.set_final_backward(self.backwards[chunk] == self.num)
-        if grad_out is None:
-            torch.autograd.backward(out)
-        else:
-            torch.autograd.backward(out, grad_tensors=grad_out)
+            if self.split_backward:
+                self.grad_sync.begin_wgrad_deferral()
+        try:
+            if grad_out is None:
+                torch.autograd.backward(out)
+            else:
+                torch.autograd.backward(out, grad_tensors=grad_out)
+        finally:
+            if self.split_backward:
+                self.wpending.append(self.grad_sync.end_wgrad_deferral())
         return None if x is None else x.grad
+
+    def wgrad_step(self) -> None:
+        """The W pass (weight gradients of the linear layers) of the oldest backward."""
+        entries = self.wpending.popleft()
+        self.wgrads += 1
+        self.grad_sync.run_wgrad(entries, final=self.wgrads == self.num)
 
 
 def run_warmup(stage: StageRunner, comm, n: int) -> None:
@@ -222,8 +239,9 @@ def run_warmup(stage: StageRunner, comm, n: int) -> None:
         comm.send_forward(stage.forward_step(x))
 
 
-def run_steady(stage: StageRunner, comm, n: int) -> None:
-    """n rounds of one forward and one backward (forward only: n plain forwards)."""
+def run_steady(stage: StageRunner, comm, n: int, after_backward=None) -> None:
+    """n rounds of one forward and one backward (forward only: n plain forwards);
+    `after_backward()` runs once the round's gradient is sent (ZB-H1's W passes)."""
     if n == 0:
         return
     x = comm.recv_forward()
@@ -240,13 +258,17 @@ def run_steady(stage: StageRunner, comm, n: int) -> None:
             comm.send_backward(grad_x)
         else:
             x = comm.send_backward_recv_forward(grad_x)
+        if after_backward is not None:
+            after_backward()
 
 
-def run_cooldown(stage: StageRunner, comm, n: int) -> None:
+def run_cooldown(stage: StageRunner, comm, n: int, after_backward=None) -> None:
     """n backward passes of the micro-batches left over from warm-up."""
     for _ in range(n):
         grad_y = comm.recv_backward()
         comm.send_backward(stage.backward_step(grad_y))
+        if after_backward is not None:
+            after_backward()
 
 
 def run_1f1b(stage: StageRunner, comm, pp: int, pp_rank: int) -> None:
@@ -258,6 +280,32 @@ def run_1f1b(stage: StageRunner, comm, pp: int, pp_rank: int) -> None:
         run_cooldown(stage, comm, n_warm)
 
 
+def run_zb_h1(stage: StageRunner, comm, pp: int, pp_rank: int) -> None:
+    """ZB-H1 (Qi et al. 2023): 1F1B's forwards, input-gradient backwards and messages, with
+    each backward's weight-gradient pass W moved: rank p keeps its first p W passes back in
+    the steady state (so gradients reach earlier stages sooner), runs one W after each
+    cool-down backward (where 1F1B waits for the next gradient) and the rest at the end.
+    The order is `megacpt.parallel.simulate.order_zb_h1`."""
+    n_warm = warmup_count(pp, pp_rank, stage.num, False)
+
+    def steady_w():
+        if stage.backwards[0] - stage.wgrads > pp_rank:
+            stage.wgrad_step()
+
+    def cooldown_w():
+        if stage.wgrads < stage.backwards[0]:
+            stage.wgrad_step()
+
+    run_warmup(stage, comm, n_warm)
+    run_steady(stage, comm, stage.num - n_warm, steady_w)
+    run_cooldown(stage, comm, n_warm, cooldown_w)
+    while stage.wpending:
+        stage.wgrad_step()
+
+
+PIPELINE_SCHEDULES = ("1f1b", "zb-h1")
+
+
 def _activation_shape(model, mb: dict, ctx: ParallelContext) -> tuple[int, int, int]:
     b, s = mb["tokens"].shape
     if ctx.sequence_parallel:
@@ -266,16 +314,27 @@ def _activation_shape(model, mb: dict, ctx: ParallelContext) -> tuple[int, int, 
 
 
 def forward_backward(model, microbatches: list[dict], ctx: ParallelContext, *,
-                     forward_only: bool = False, grad_sync=None) -> float:
+                     forward_only: bool = False, grad_sync=None,
+                     schedule: str = "1f1b") -> float:
     """Run all micro-batches through this rank's stage (1F1B when pp > 1, interleaved with
     virtual stages), backward unless `forward_only`; return the mean micro-batch loss over all
     micro-batches and dp ranks, identical on every rank.
 
     `grad_sync`: the optimizer's gradient buffer (`optimizer.grad_sync`); given, its
-    data-parallel reduction overlaps the backward and is complete when this returns."""
+    data-parallel reduction overlaps the backward and is complete when this returns.
+    `schedule`: "1f1b" (interleaved when ctx.vp > 1) or "zb-h1" (split backward, pp > 1,
+    needs grad_sync with gradient-accumulation fusion)."""
     if not microbatches:
         raise ValueError("forward_backward needs at least one micro-batch")
-    stage = StageRunner(model, microbatches, ctx, forward_only, grad_sync, ctx.vp)
+    if schedule not in PIPELINE_SCHEDULES:
+        raise ValueError(f"unknown pipeline schedule {schedule!r}; choose from "
+                         f"{', '.join(PIPELINE_SCHEDULES)}")
+    zb = schedule == "zb-h1" and ctx.pp > 1 and not forward_only
+    if zb and (ctx.vp > 1 or grad_sync is None):
+        raise ValueError("the zb-h1 schedule runs without virtual stages and needs the "
+                         "optimizer's grad_sync (it defers weight gradients into it)")
+    stage = StageRunner(model, microbatches, ctx, forward_only, grad_sync, ctx.vp,
+                        split_backward=zb)
     with torch.set_grad_enabled(not forward_only):
         if ctx.pp == 1:
             for _ in range(stage.num):
@@ -288,6 +347,8 @@ def forward_backward(model, microbatches: list[dict], ctx: ParallelContext, *,
                             ctx.device)
             if ctx.vp > 1:
                 run_interleaved(stage, comm, ctx.pp, ctx.pp_rank, ctx.vp)
+            elif zb:
+                run_zb_h1(stage, comm, ctx.pp, ctx.pp_rank)
             else:
                 run_1f1b(stage, comm, ctx.pp, ctx.pp_rank)
     if grad_sync is not None and not forward_only:

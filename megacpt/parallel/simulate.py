@@ -62,10 +62,12 @@ def order_interleaved(pp: int, rank: int, num: int, vp: int) -> list[Op]:
 
 
 def order_zb_h1(pp: int, rank: int, num: int) -> list[Op]:
-    """1F1B's F/B order; rank p holds back up to P - p - 1 weight-gradient passes W in the
-    steady state and runs one after each cool-down B (where 1F1B waits), the rest at the end."""
+    """1F1B's F/B order with the backward split: rank p holds back its first p weight-gradient
+    passes W in the steady state (later stages' B reach earlier stages sooner), runs one W
+    after each cool-down B (where 1F1B waits) and the rest at the end. Uniform costs give the
+    closed-form bubble with at most P micro-batches alive (until W) on every rank (M >= P)."""
     warm = warmup_count(pp, rank, num, False)
-    defer = pp - rank - 1
+    defer = rank
     out, w_next = [("F", 0, i) for i in range(warm)], 0
     for i in range(num - warm):
         out += [("F", 0, warm + i), ("B", 0, i)]
@@ -138,6 +140,47 @@ def model_costs(shape, seq: int, mbs: int, vocab: int, pp: int, vp: int, tflops:
         act.append(34.0 * seq * mbs * h * n)
     p2p = 0.0 if not p2p_gbps else 2.0 * seq * mbs * h / (p2p_gbps * 1e9 / 1e3)
     return Costs(fwd, bwd, wgr, p2p, act)
+
+
+def measure_costs(model_size: str, seq: int, mbs: int, reps: int = 3,
+                  device: str = "cpu") -> tuple[float, float, float]:
+    """Measured F, B (input gradient) and W (weight gradient) of the whole model in ms: the
+    real split backward of the ZB-H1 schedule (`StageRunner` with a gradient buffer), the
+    median of `reps` micro-batches after one warm-up."""
+    import statistics
+    import time
+
+    import torch
+
+    from megacpt.config import ModelConfig
+    from megacpt.model import LlamaModel
+    from megacpt.parallel.context import ParallelContext
+    from megacpt.parallel.grads import GradBuffer
+    from megacpt.parallel.schedule import StageRunner
+
+    cfg = ModelConfig.from_size(model_size, seq_length=seq, vocab_size=1024)
+    ctx = ParallelContext.single(device)
+    model = LlamaModel(cfg, ctx, seed=0)
+    buf = GradBuffer(list(model.named_parameters()), ctx, fuse_wgrad=True)
+    tokens = torch.randint(0, cfg.vocab_size, (mbs, seq), device=ctx.device)
+    mb = {"tokens": tokens, "labels": tokens}
+
+    def clock(fn):
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize()
+        return 1e3 * (time.perf_counter() - t)
+
+    times = []
+    for _ in range(reps + 1):
+        st = StageRunner(model, [mb], ctx, grad_sync=buf, split_backward=True)
+        times.append((clock(lambda: st.forward_step(None)), clock(lambda: st.backward_step(None)),
+                      clock(st.wgrad_step)))
+        buf.zero()
+    return tuple(statistics.median(t[i] for t in times[1:]) for i in range(3))
 
 
 def _plain_range(layers: int, pp: int, p: int) -> tuple[int, int]:
@@ -240,3 +283,158 @@ def closed_form_bubble(name: str, pp: int, num: int, vp: int = 1, f: float = 1.0
         return (pp - 1) / (vp * num + pp - 1)
     idle = (pp - 1) * (f + b - w)
     return idle / (num * (f + b + w) + idle)
+
+
+# ----- report and pictures -----
+COLORS = {"F": "#4C72B0", "B": "#55A868", "W": "#C6A15B"}
+
+
+def report_line(res: Result) -> str:
+    peak = ", ".join(f"{p:g}" for p in res.peak)
+    line = (f"{res.schedule:12s} P={res.pp} vp={res.vp} M={res.num}: makespan "
+            f"{res.makespan:.2f}, bubble {100 * res.bubble:.1f}%, peak activations per rank "
+            f"[{peak}] stage-micro-batches")
+    if res.peak_bytes:
+        line += f" = max {max(res.peak_bytes) / 2**30:.1f} GiB"
+    return line
+
+
+def plot(results: list[Result], path: str, title: str = "") -> None:
+    """One timeline per schedule (rows: ranks; F blue, B green, W ochre; number = micro-batch;
+    chunks of interleaved runs shaded lighter), saved as a PNG."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise RuntimeError("the timeline picture needs matplotlib: pip install matplotlib") \
+            from None
+    span = max(r.makespan for r in results)
+    fig, axes = plt.subplots(len(results), 1, figsize=(12, 1.0 + 0.42 * sum(
+        r.pp for r in results) + 0.5 * len(results)), squeeze=False)
+    for ax, res in zip(axes[:, 0], results):
+        for rank, tl in enumerate(res.timeline):
+            for s, e, (kind, c, m) in tl:
+                alpha = 1.0 - 0.45 * (c / max(res.vp - 1, 1)) if res.vp > 1 else 1.0
+                ax.barh(rank, e - s, left=s, height=0.8, color=COLORS[kind], alpha=alpha,
+                        edgecolor="white", linewidth=0.4)
+                if (e - s) / span > 0.012:
+                    ax.text((s + e) / 2, rank, str(m), ha="center", va="center", fontsize=6,
+                            color="white")
+        ax.set_ylim(res.pp - 0.5, -0.5)
+        ax.set_xlim(0, span)
+        ax.set_yticks(range(res.pp))
+        ax.set_yticklabels([f"rank {r}" for r in range(res.pp)], fontsize=7)
+        peak = max(res.peak_bytes) / 2**30 if res.peak_bytes else max(res.peak)
+        unit = "GiB" if res.peak_bytes else "stage-micro-batches"
+        ax.set_title(f"{res.schedule} (vp={res.vp}): bubble {100 * res.bubble:.1f}%, "
+                     f"peak activations {peak:.3g} {unit}", fontsize=9, loc="left")
+        ax.tick_params(axis="x", labelsize=7)
+    axes[-1, 0].set_xlabel("time (ms)" if results[0].peak_bytes else "time (forward = 1)",
+                           fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m megacpt.parallel.simulate",
+                                description="Simulate pipeline schedules: timeline PNG, "
+                                            "bubble share, peak activations.")
+    p.add_argument("--pipeline-model-parallel-size", type=int, required=True)
+    p.add_argument("--virtual-pipeline-model-parallel-size", type=int, default=2,
+                   help="model chunks per rank for the interleaved schedule")
+    p.add_argument("--num-microbatches", type=int, required=True,
+                   help="micro-batches per step and data-parallel rank (M)")
+    p.add_argument("--schedules", default=",".join(SCHEDULES),
+                   help=f"comma-separated, from {', '.join(SCHEDULES)}")
+    p.add_argument("--forward-time", type=float, default=1.0, help="F of one stage")
+    p.add_argument("--backward-time", type=float, default=2.0, help="B + W of one stage")
+    p.add_argument("--wgrad-share", type=float, default=0.5,
+                   help="share of the backward that is weight gradient (W)")
+    p.add_argument("--p2p-time", type=float, default=0.0, help="one P2P message")
+    p.add_argument("--model-size", help="registered shape (e.g. 1393M): costs from FLOPs")
+    p.add_argument("--num-layers", type=int, help="override the shape's layer count")
+    p.add_argument("--hidden-size", type=int)
+    p.add_argument("--ffn-hidden-size", type=int)
+    p.add_argument("--num-attention-heads", type=int)
+    p.add_argument("--num-query-groups", type=int)
+    p.add_argument("--seq-length", type=int, default=2048)
+    p.add_argument("--micro-batch-size", type=int, default=1)
+    p.add_argument("--vocab-size", type=int, default=36152)
+    p.add_argument("--tflops", type=float, default=400.0,
+                   help="achieved TFLOP/s per GPU for model shapes")
+    p.add_argument("--p2p-gbps", type=float, default=0.0,
+                   help="P2P bandwidth in GB/s for model shapes (0: free)")
+    p.add_argument("--measure", action="store_true",
+                   help="time F, B and W of --model-size here (--device) and simulate with "
+                        "those costs split evenly over the stages")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", help="PNG path for the timelines")
+    p.add_argument("--title", default="")
+    return p
+
+
+def _shape(a):
+    from megacpt import sizes
+
+    shape = sizes.get_size(a.model_size)
+    over = {k: getattr(a, k) for k in ("num_layers", "hidden_size", "ffn_hidden_size",
+                                       "num_attention_heads", "num_query_groups")
+            if getattr(a, k) is not None}
+    return sizes.ModelShape(**{**shape.__dict__, **over})
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = _parser().parse_args(argv)
+    pp, vp, num = a.pipeline_model_parallel_size, a.virtual_pipeline_model_parallel_size, \
+        a.num_microbatches
+    names = [n.strip() for n in a.schedules.split(",") if n.strip()]
+    try:
+        if pp < 2 or num < 1 or vp < 1:
+            raise ValueError("need --pipeline-model-parallel-size >= 2, "
+                             "--num-microbatches >= 1 and virtual stages >= 1")
+        bad = [n for n in names if n not in SCHEDULES]
+        if bad:
+            raise ValueError(f"--schedules: unknown {bad}; choose from {', '.join(SCHEDULES)}")
+        if "interleaved" in names and num % pp:
+            raise ValueError(f"interleaved: --num-microbatches {num} must be a multiple of "
+                             f"--pipeline-model-parallel-size {pp} (as Megatron)")
+        shape = _shape(a) if a.model_size else None
+        if a.measure:
+            if not a.model_size:
+                raise ValueError("--measure needs --model-size")
+            f, b, w = measure_costs(a.model_size, a.seq_length, a.micro_batch_size,
+                                    device=a.device)
+            print(f"measured on {a.device}: F {f:.2f} ms, B {b:.2f} ms, W {w:.2f} ms "
+                  f"(whole model, one micro-batch)")
+            a.forward_time, a.backward_time, a.wgrad_share = f / pp, (b + w) / pp, w / (b + w)
+            shape = None
+        results = []
+        for n in names:
+            v = vp if n == "interleaved" else 1
+            if shape is not None:
+                if v > 1 and shape.num_layers % (pp * v):
+                    raise ValueError(f"interleaved: {shape.num_layers} layers do not split "
+                                     f"into {pp} x {v} equal chunks")
+                costs = model_costs(shape, a.seq_length, a.micro_batch_size, a.vocab_size,
+                                    pp, v, a.tflops, a.p2p_gbps)
+            else:
+                costs = Costs.uniform(pp * v, a.forward_time / v, a.backward_time / v,
+                                      a.wgrad_share, a.p2p_time)
+            results.append(simulate(n, pp, num, v, costs))
+    except (ValueError, KeyError) as e:
+        print(f"simulate: {e}", file=sys.stderr)
+        return 2
+    for res in results:
+        print(report_line(res))
+    if a.out:
+        plot(results, a.out, a.title)
+        print(f"timelines written to {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -18,6 +18,10 @@ linear's backward does `main_grad += dy^T x` itself:
 autograd still calls the hook - which keeps counting the bucket's ready parameters and starts
 its data-parallel reduction - and the hook skips the add.
 
+Split backward (zero-bubble schedules): while the parameter's `grad_buffer` defers weight
+gradients, backward stores (dy, x) there instead of accumulating; `GradBuffer.run_wgrad`
+does the GEMM later.
+
 `linear(x, weight)` is what the tensor-parallel layers call: the fused path when the weight
 was enrolled by a `GradBuffer` built with `fuse_wgrad=True` (`weight.fuse_wgrad`) and a
 gradient is being recorded, else `F.linear`. Inside `torch.compile`d code it is always
@@ -95,8 +99,13 @@ class _LinearFusedWGrad(torch.autograd.Function):
             return dx, None
         dy2 = dy.reshape(-1, dy.shape[-1])  # [n, out]
         x2 = x.reshape(-1, x.shape[-1])  # [n, in]
-        accumulate_wgrad(ctx.param.main_grad, dy2, x2)
-        ctx.param.grad_added_to_main_grad = True
+        buf = ctx.param.grad_buffer
+        if buf.defer_wgrad:  # split backward: the W pass adds it later (GradBuffer.run_wgrad)
+            buf.deferred.append((ctx.param, dy2, x2))
+            ctx.param.wgrad_deferred = True
+        else:
+            accumulate_wgrad(ctx.param.main_grad, dy2, x2)
+            ctx.param.grad_added_to_main_grad = True
         # a placeholder for autograd to hand to the GradBuffer hook, which ignores its values
         return dx, torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
 

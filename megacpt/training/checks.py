@@ -296,6 +296,12 @@ def check_resume_layout(path: str, ctx) -> None:
             f"tp{ctx.tp}pp{ctx.pp} (--tensor-model-parallel-size {ctx.tp} "
             f"--pipeline-model-parallel-size {ctx.pp}); convert it first: "
             f"{convert_command(path, ctx.tp, ctx.pp)}")
+    vp = int(layout.get("vp", 1))
+    if vp != ctx.vp:
+        raise ConfigError(
+            f"--load {path} was saved with {vp} virtual pipeline stage(s) per rank but this run "
+            f"has {ctx.vp}: resume with --virtual-pipeline-model-parallel-size {vp}, or start "
+            f"from its weights with --init-from")
 
 
 def resolved_iter_dir(path: str) -> str:

@@ -4,8 +4,8 @@ Built on `megacpt.data` (`build_train_valid_datasets`, `BlendedDataset`, `build_
 `--data-path` words name the blend (`0.7 zh=PREFIX 0.3 en=PREFIX`; a bare prefix is named by
 its base name without `_text_document`), samples are Megatron's GPT samples of each prefix's
 train split, and the blend assigns global samples to datasets with exact ratios. Each dp rank
-reads only its own micro-batches (the loader's order rule, the same as
-`megacpt.parallel.schedule.split_global_batch`: micro-step m of a step gives dp rank r the
+reads only its own micro-batches (the loader's order rule `microbatch_samples`, which
+`split_global_batch` shares: micro-step m of a step gives dp rank r the
 samples [(m dp + r) mbs, (m dp + r + 1) mbs) of the global batch).
 
 State (`TrainData.state_dict()`, stored in the checkpoint's meta.json as `state["data"]`) is

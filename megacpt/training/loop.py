@@ -297,7 +297,8 @@ class Trainer:
         mbs, counts = self.data.next_microbatches()  # this dp rank's [mbs, s] batches
         lr = self.schedule.step()
         self.optimizer.zero_grad()
-        loss = forward_backward(self.model, mbs, ctx, grad_sync=self.optimizer.grad_sync)
+        loss = forward_backward(self.model, mbs, ctx, grad_sync=self.optimizer.grad_sync,
+                                schedule=self.cfg.parallel.pipeline_schedule)
         hook = self.callbacks.get("after_backward")
         if hook is not None:
             replaced = hook(self, self.iteration + 1, loss)

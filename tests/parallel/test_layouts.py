@@ -13,10 +13,11 @@ reference, and a pp2vp2 checkpoint continues in one process like the uninterrupt
 import pytest
 import torch
 
-from megacpt.checkpoint import convert_checkpoint, load_checkpoint
+from megacpt.checkpoint import CheckpointError, convert_checkpoint, load_checkpoint
 from megacpt.config import Config
 from megacpt import testing as T
 from megacpt.model import LlamaModel
+from megacpt.parallel.context import ParallelContext
 from megacpt.parallel.optimizer import build_optimizer
 from megacpt.parallel.schedule import forward_backward, split_global_batch
 from megacpt.parallel.volume import Layout, step_bytes
@@ -32,6 +33,10 @@ CFG8 = T.tiny_model_config(num_layers=8)  # 8 = pp4 x vp2 chunks of one layer
 # a smaller LR than OPT's: this model at lr 1e-2 is chaotic enough that tp2's summation order
 # alone moves step 5 by 4e-4 (measured with and without virtual stages alike); the clip binds
 OPT8 = T.tiny_optim_config(lr=3e-3)
+ZB = {2: [dict(pp=2)], 4: [dict(pp=4), dict(pp=2, use_distributed_optimizer=True),
+                           dict(tp=2, pp=2, sequence_parallel=True)]}
+ZB_NAMES = {2: ["tp1pp2dp1+zb-h1"], 4: ["tp1pp4dp1+zb-h1", "tp1pp2dp2+zero1+zb-h1",
+                                         "tp2pp2dp1+sp+zb-h1"]}
 VIRTUAL = {2: [dict(pp=2, vp=2)],
            4: [dict(pp=4, vp=2), dict(tp=2, pp=2, vp=2), dict(pp=2, vp=2)]}
 VIRTUAL_NAMES = {2: ["tp1pp2dp1vp2"], 4: ["tp1pp4dp1vp2", "tp2pp2dp1vp2", "tp1pp2dp2vp2"]}
@@ -75,6 +80,10 @@ def _virtual(world):
                                   micro_batch_size=MBS, **lay)) for lay in VIRTUAL[world]]
 
 
+def _zb(world):
+    return [_train(schedule="zb-h1", **lay) for lay in ZB[world]]
+
+
 def _spawn(world, extra=()):
     jobs = list(extra) + [_train(**lay) for lay in LAYOUTS[world]]
     return T.run_distributed(T.jobs_worker, world, jobs, timeout=420)
@@ -104,7 +113,7 @@ def world2(interleaved_ckpt):
     save = ("train_and_save", dict(model_cfg=CFG8, optim_cfg=OPT8, batches=BATCHES[:2],
                                    micro_batch_size=MBS, save_dir=interleaved_ckpt, pp=2, vp=2))
     return _spawn(2, [("comm_check", {}), _grads(2, False), _grads(2, True)] + _state_jobs()
-                  + [("vocab_ce_check", {"vocab_size": 100}), save] + _virtual(2))
+                  + [("vocab_ce_check", {"vocab_size": 100}), save] + _virtual(2) + _zb(2))
 
 
 COUNTED = [dict(tp=2, pp=2), dict(tp=2, pp=2, sequence_parallel=True),
@@ -119,7 +128,7 @@ def _count(**layout):
 @pytest.fixture(scope="module")
 def world4():
     return _spawn(4, [_grads(4, False), _grads(4, True)] + [_count(**c) for c in COUNTED]
-                  + _virtual(4))
+                  + _virtual(4) + _zb(4))
 
 
 GROUP_LAYOUTS = [(2, 2), (4, 1), (1, 4), (2, 4), (8, 1)]
@@ -162,10 +171,19 @@ def test_layouts_equal_single_process(reference, world, request):
 @pytest.mark.parametrize("world", [2, 4])
 def test_interleaved_layouts_equal_single_process(reference8, world, request):
     ranks = request.getfixturevalue(f"world{world}")
-    n, k = len(LAYOUTS[world]), len(VIRTUAL[world])
-    for r in ranks[1:]:
-        assert [x["losses"] for x in r[-n - k:-n]] == [x["losses"] for x in ranks[0][-n - k:-n]]
-    _check_against(reference8, ranks[0][-n - k:-n], VIRTUAL_NAMES[world])
+    n, k, z = len(LAYOUTS[world]), len(VIRTUAL[world]), len(ZB[world])
+    got = [r[-n - z - k:-n - z] for r in ranks]
+    for r in got[1:]:
+        assert [x["losses"] for x in r] == [x["losses"] for x in got[0]]
+    _check_against(reference8, got[0], VIRTUAL_NAMES[world])
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_zero_bubble_layouts_equal_single_process(reference, world, request):
+    """ZB-H1 (weight gradients deferred, 5 layers split unevenly) trains like one process."""
+    ranks = request.getfixturevalue(f"world{world}")
+    n, k = len(LAYOUTS[world]), len(ZB[world])
+    _check_against(reference, ranks[0][-n - k:-n], ZB_NAMES[world])
 
 
 def test_interleaved_checkpoint_continues_in_one_process(reference8, world2, interleaved_ckpt,
@@ -173,6 +191,11 @@ def test_interleaved_checkpoint_continues_in_one_process(reference8, world2, int
     """pp2vp2 (layers 0,1,4,5 | 2,3,6,7 per rank) saved after 2 steps, converted to tp1pp1 with
     its optimizer state: steps 3-5 give the uninterrupted single-process losses."""
     assert world2[0][8] == pytest.approx(reference8["losses"][:2], rel=1e-5)
+    plain_pp2 = ParallelContext(pp=2, rank=0, world_size=2)  # no groups needed to refuse
+    with pytest.raises(CheckpointError, match="saved in layout tp1pp2vp2 but this run is "
+                                              "tp1pp2; convert it first"):
+        load_checkpoint(interleaved_ckpt, LlamaModel(CFG8, plain_pp2, seed=None), None,
+                        Config(model=CFG8, optim=OPT8), plain_pp2)
     conv = convert_checkpoint(interleaved_ckpt, str(tmp_path / "tp1pp1"), tp=1, pp=1)
     model = LlamaModel(CFG8, seed=None)
     opt = build_optimizer(model, OPT8, model.ctx)

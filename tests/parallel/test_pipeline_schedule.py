@@ -15,10 +15,11 @@ from megacpt.model import LlamaModel
 from megacpt.config import ConfigError
 from megacpt.parallel.context import ParallelContext, resolve_virtual_stages
 from megacpt.parallel.schedule import (StageRunner, microbatch_loss, run_1f1b, run_cooldown,
-                                       run_steady, run_warmup, split_global_batch,
+                                       run_steady, run_warmup, run_zb_h1, split_global_batch,
                                        warmup_count)
-from megacpt.parallel.interleaved import (chunk_of, interleaved_warmup, microbatch_of,
-                                          run_interleaved)
+from megacpt.parallel.grads import GradBuffer
+from megacpt.parallel.interleaved import interleaved_warmup, run_interleaved
+from megacpt.parallel.simulate import schedule_order
 from megacpt.testing import tiny_model_config
 
 TIMEOUT = 30.0
@@ -74,14 +75,16 @@ def _detach(t):
     return t.detach().clone() if isinstance(t, torch.Tensor) else t
 
 
-def run_threads(stages: list, vp: int = 1) -> None:
+def run_threads(stages: list, vp: int = 1, zb: bool = False) -> None:
     pp = len(stages)
     chans = {(k, r): queue.Queue() for k in ("fwd", "bwd") for r in range(pp)}
     errors = []
 
     def body(r):
         try:
-            if vp == 1:
+            if zb:
+                run_zb_h1(stages[r], QueueComm(r, pp, chans), pp, r)
+            elif vp == 1:
                 run_1f1b(stages[r], QueueComm(r, pp, chans), pp, r)
             else:
                 run_interleaved(stages[r], QueueComm(r, pp, chans), pp, r, vp)
@@ -101,9 +104,10 @@ class RecordingStage(StageRunner):
     """Replaces the model by tokens naming (virtual stage, micro-batch) and records every
     step as (kind, chunk, micro-batch); checks each received token is the right one."""
 
-    def __init__(self, rank: int, pp: int, num: int, forward_only: bool = False, vp: int = 1):
+    def __init__(self, rank: int, pp: int, num: int, forward_only: bool = False, vp: int = 1,
+                 split: bool = False):
         ctx = ParallelContext(pp=pp, rank=rank, world_size=pp, vp=vp)
-        super().__init__(None, [{}] * num, ctx, forward_only, chunks=vp)
+        super().__init__(None, [{}] * num, ctx, forward_only, chunks=vp, split_backward=split)
         self.rank, self.events = rank, []
 
     def _vstage(self, chunk):
@@ -125,7 +129,13 @@ class RecordingStage(StageRunner):
         assert g == (None if v == last else ("grad", v + 1, i)), (self.rank, chunk, g)
         self.backwards[chunk] += 1
         self.events.append(("B", chunk, i))
+        if self.split_backward:
+            self.wpending.append(i)
         return None if v == 0 else ("grad", v, i)
+
+    def wgrad_step(self):
+        self.events.append(("W", 0, self.wpending.popleft()))
+        self.wgrads += 1
 
 
 def test_warmup_count():
@@ -149,7 +159,7 @@ def test_1f1b_order_and_memory_bound(pp, num):
         for i in range(num - warm):
             expect += [("F", 0, warm + i), ("B", 0, i)]
         expect += [("B", 0, i) for i in range(num - warm, num)]
-        assert st.events == expect
+        assert st.events == expect == schedule_order("1f1b", pp, r, num)  # what is simulated
         assert st.max_pending == min(pp - r, num)
 
 
@@ -226,31 +236,16 @@ def test_threaded_pipeline_matches_single_model():
         torch.testing.assert_close(g, ref_grads[n], rtol=1e-5, atol=1e-7, msg=n)
 
 
-def interleaved_order(pp: int, rank: int, vp: int, num: int) -> list[tuple[str, int, int]]:
-    """The order Megatron's interleaved schedule runs (F/B, chunk, micro-batch) on `rank`."""
-    total, warm = num * vp, interleaved_warmup(pp, rank, vp, num, False)
-
-    def f(k):
-        return ("F", chunk_of(k, pp, vp, True), microbatch_of(k, pp, vp))
-
-    def b(k):
-        return ("B", chunk_of(k, pp, vp, False), microbatch_of(k, pp, vp))
-
-    order = [f(k) for k in range(warm)]
-    for k in range(total - warm):
-        order += [f(k + warm), b(k)]
-    return order + [b(k) for k in range(total - warm, total)]
-
-
 @pytest.mark.parametrize("pp,vp,num", [(2, 2, 2), (2, 2, 4), (2, 3, 6), (3, 2, 6), (4, 2, 4),
                                        (4, 2, 8), (4, 3, 12)])
 def test_interleaved_order_messages_and_memory(pp, vp, num):
     """Every stage gets the right activation and gradient for each (chunk, micro-batch),
-    in Megatron's order, holding at most warm-up + 1 chunk activations."""
+    in Megatron's order - the order the simulator times (recorded here) - holding at most
+    warm-up + 1 chunk activations."""
     stages = [RecordingStage(r, pp, num, vp=vp) for r in range(pp)]
     run_threads(stages, vp)
     for r, st in enumerate(stages):
-        assert st.events == interleaved_order(pp, r, vp, num), r
+        assert st.events == schedule_order("interleaved", pp, r, num, vp), r
         warm = interleaved_warmup(pp, r, vp, num, False)
         assert st.max_pending == min(warm + 1, num * vp)
         assert st.forwards == st.backwards == [num] * vp
@@ -308,3 +303,120 @@ def test_threaded_interleaved_matches_single_model(pp, vp, layers):
     assert sorted(got) == sorted(ref_grads)
     for n, g in got.items():
         torch.testing.assert_close(g, ref_grads[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+@pytest.mark.parametrize("pp,num", [(2, 2), (2, 5), (3, 6), (4, 4), (4, 8), (4, 3)])
+def test_zb_h1_order_is_the_simulated_one(pp, num):
+    stages = [RecordingStage(r, pp, num, split=True) for r in range(pp)]
+    run_threads(stages, zb=True)
+    for r, st in enumerate(stages):
+        assert st.events == schedule_order("zb-h1", pp, r, num), r
+        assert [i for k, _, i in st.events if k == "W"] == list(range(num))
+
+
+@pytest.mark.parametrize("fuse_ok", [True, False])
+def test_threaded_zb_h1_matches_single_model(fuse_ok):
+    """pp 3 over 5 layers (uneven), split backward: every main gradient equals the unsplit
+    model's; without gradient-accumulation fusion the split is refused."""
+    torch.manual_seed(0)
+    cfg = tiny_model_config(num_layers=5)
+    pp, num = 3, 4
+    tokens = torch.randint(0, cfg.vocab_size, (num * 2, cfg.seq_length))
+    labels = torch.randint(0, cfg.vocab_size, (num * 2, cfg.seq_length))
+    mbs = split_global_batch(tokens, labels, 2, ParallelContext())
+    ref = LlamaModel(cfg, seed=7)
+    ref_loss = sum(ref(mb["tokens"], mb["labels"]).mean() for mb in mbs) / num
+    ref_loss.backward()
+    stages = []
+    for r in range(pp):
+        ctx = ParallelContext(pp=pp, rank=r, world_size=pp)
+        model = LlamaModel(cfg, ctx, seed=7)
+        buf = GradBuffer(list(model.named_parameters()), ctx, bucket_size_mb=0.01,
+                         fuse_wgrad=fuse_ok)
+        stages.append(StageRunner(model, mbs, ctx, grad_sync=buf, split_backward=True))
+    if not fuse_ok:
+        with pytest.raises(RuntimeError, match="needs gradient-accumulation fusion"):
+            stages[-1].forward_step(None if pp == 1 else torch.zeros(16, 2, 32))
+            stages[-1].backward_step(None)
+        return
+    run_threads(stages, zb=True)
+    assert all(s.wgrads == num and not s.wpending for s in stages)
+    assert stages[-1].loss_sum.item() / num == pytest.approx(ref_loss.item(), rel=1e-6)
+    ref_grads = {n: p.grad for n, p in ref.named_parameters()}
+    got = {}
+    for s in stages:
+        s.grad_sync.finish()
+        got.update({n: p.main_grad for n, p in s.model.named_parameters()})
+    assert sorted(got) == sorted(ref_grads)
+    for n, g in got.items():
+        torch.testing.assert_close(g, ref_grads[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_split_backward_defers_linear_weight_grads_to_w():
+    cfg = tiny_model_config(num_layers=2)
+    ctx = ParallelContext()
+    model = LlamaModel(cfg, ctx, seed=3)
+    buf = GradBuffer(list(model.named_parameters()), ctx, fuse_wgrad=True)
+    tokens = torch.randint(0, cfg.vocab_size, (2, cfg.seq_length))
+    st = StageRunner(model, [{"tokens": tokens, "labels": tokens}], ctx, grad_sync=buf,
+                     split_backward=True)
+    st.forward_step(None)
+    st.backward_step(None)
+    qkv = model.get_parameter("layers.0.attention.qkv.weight")
+    norm = model.get_parameter("layers.0.input_norm.weight")
+    assert len(st.wpending[0]) >= 8 and not qkv.main_grad.any() and norm.main_grad.any()
+    st.wgrad_step()
+    assert qkv.main_grad.any() and not st.wpending
+
+
+def test_schedule_flags_reach_the_config():
+    from megacpt.arguments import parse_args
+    base = ["--model-size", "debug-l", "--vocab-size", "300", "--mock-data", "--seq-length", "16",
+            "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "2",
+            "--pipeline-model-parallel-size", "2"]
+    cfg, _ = parse_args(base + ["--num-layers-per-virtual-pipeline-stage", "2"])
+    p = cfg.parallel
+    assert resolve_virtual_stages(8, 2, p.virtual_pipeline_model_parallel_size,
+                                  p.num_layers_per_virtual_pipeline_stage) == 2
+    cfg, _ = parse_args(base + ["--pipeline-schedule", "zb-h1"])
+    assert cfg.parallel.pipeline_schedule == "zb-h1"
+    with pytest.raises(ConfigError, match="zb-h1 runs without virtual pipeline stages"):
+        parse_args(base + ["--pipeline-schedule", "zb-h1",
+                           "--virtual-pipeline-model-parallel-size", "2"])
+
+
+class UntaggedComm(QueueComm):
+    """NCCL-like: one FIFO per ordered pair of ranks, no tags; with pp 2 both neighbours are
+    the same rank, so activations and gradients share a channel and must arrive in order."""
+
+    def exchange(self, send_next=None, send_prev=None, recv_prev=False, recv_next=False):
+        nxt, prv = (self.rank + 1) % self.pp, (self.rank - 1) % self.pp
+        if send_next is not None:
+            self.chans[(self.rank, nxt)].put(send_next)
+        if send_prev is not None:
+            self.chans[(self.rank, prv)].put(send_prev)
+        x = self._get((prv, self.rank)) if recv_prev else None
+        g = self._get((nxt, self.rank)) if recv_next else None
+        assert x is None or x[0] == "act", f"rank {self.rank} expected an activation, got {x}"
+        assert g is None or g[0] == "grad", f"rank {self.rank} expected a gradient, got {g}"
+        return x, g
+
+
+@pytest.mark.parametrize("pp,vp,num", [(2, 2, 2), (2, 2, 8), (2, 3, 6), (4, 2, 8)])
+def test_interleaved_messages_match_without_tags(pp, vp, num):
+    stages = [RecordingStage(r, pp, num, vp=vp) for r in range(pp)]
+    chans = {(a, b): queue.Queue() for a in range(pp) for b in range(pp)}
+    errors = []
+
+    def body(r):
+        try:
+            run_interleaved(stages[r], UntaggedComm(r, pp, chans), pp, r, vp)
+        except BaseException as e:  # surfaced below
+            errors.append((r, e))
+
+    threads = [threading.Thread(target=body, args=(r,)) for r in range(pp)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=4 * TIMEOUT)
+    assert not errors and not any(t.is_alive() for t in threads), errors
