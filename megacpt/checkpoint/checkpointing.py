@@ -3,8 +3,8 @@
 - `save_checkpoint`: every rank calls it; writes the layout in `megacpt.checkpoint.format`
   (dp-rank-0 ranks write model/optimizer shards, every rank its RNG state, rank 0 the meta,
   the rename of `iter_*.tmp` and, after a barrier, the tracker).
-- `load_checkpoint`: exact resume in the SAME (tp, pp) layout (dp may differ: shards do not
-  depend on it); a different layout is an error that prints the conversion command.
+- `load_checkpoint`: exact resume from any (tp, pp, dp) layout, ZeRO-1 or not; each rank
+  reads only the slices of the saved shards it needs (resharding on load).
 - `load_weights`: weights only, from our checkpoint in any layout, a HuggingFace LLaMA
   directory or a Megatron-LM checkpoint, legacy or torch_dist (`--init-from`, continual
   pre-training).
@@ -23,8 +23,9 @@ import torch.distributed as dist
 from megacpt.checkpoint import format as fmt
 from megacpt.checkpoint.format import CheckpointError
 from megacpt.checkpoint.format import load_plain
+from megacpt.checkpoint.reader import MegacptSource, split_rest
 from megacpt.checkpoint.registry import open_source
-from megacpt.checkpoint.safetensors_io import SafetensorsReader, load_tensors, save_tensors
+from megacpt.checkpoint.safetensors_io import save_tensors
 from megacpt.config import Config
 from megacpt.parallel.context import ParallelContext
 
@@ -158,42 +159,45 @@ def _publish(save_dir: str, tmp: str, final: str, iteration: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def convert_command(load_dir: str, tp: int, pp: int) -> str:
-    return (f"python tools/convert_checkpoint.py --load-dir {load_dir} "
-            f"--save-dir {load_dir.rstrip('/')}_tp{tp}pp{pp} "
-            f"--target-tensor-parallel-size {tp} --target-pipeline-parallel-size {pp}")
-
-
 def load_checkpoint(load_dir: str, model, optimizer, cfg: Config,
                     ctx: ParallelContext) -> tuple[int, dict]:
-    """Exact resume: fill model (and optimizer) from the checkpoint; (iteration, state).
+    """Exact resume from a checkpoint saved in ANY (tp, pp, dp) layout, with or without ZeRO-1:
+    fill model (and optimizer) from it; returns (iteration, state).
 
-    state["rng"] is this rank's saved RNG state, or None when there is none for this rank
-    (e.g. after a layout conversion or with a different world size).
+    Each rank reads only its own part: in the saved layout its shard files; in another, the
+    slices of the saved shards that overlap its part (`MegacptSource.get_shard`), one tensor
+    at a time. Optimizer state is stored gathered over dp, so the optimizer (ZeRO-1 or not)
+    takes its dp share itself. state["rng"] is this rank's saved RNG state when the world
+    size is unchanged, else None (the model has no dropout; the trainer keeps its seeded RNG).
     """
-    iter_dir = fmt.resolve_iter_dir(load_dir)
-    meta = fmt.read_meta(iter_dir)
-    meta_path = os.path.join(iter_dir, fmt.META)
-    tp, pp = int(meta["layout"]["tp"]), int(meta["layout"]["pp"])
-    if (tp, pp) != (ctx.tp, ctx.pp):
-        raise CheckpointError(
-            f"{iter_dir} was saved in layout tp{tp}pp{pp} but this run is tp{ctx.tp}pp{ctx.pp}; "
-            f"convert it first: {convert_command(load_dir, ctx.tp, ctx.pp)}")
-    fmt.check_same_model(fmt.config_from_meta(meta, meta_path).model, cfg.model, iter_dir)
-    shard = os.path.join(iter_dir, fmt.shard_dirname(ctx.tp_rank, ctx.pp_rank))
-    _load_shard(os.path.join(shard, fmt.MODEL_FILE), model)
-    if optimizer is not None:
-        if not meta.get("has_optimizer"):
-            raise CheckpointError(f"{meta_path}: the checkpoint has no optimizer state (saved "
-                                  f"with --no-save-optim or converted with --no-optimizer); "
-                                  f"start from it with --init-from instead of --load")
-        tensors = _read_tensors(os.path.join(shard, fmt.OPTIM_TENSORS))
-        rest = load_plain(os.path.join(shard, fmt.OPTIM_REST))
-        optimizer.load_state_dict(join_optimizer_state(tensors, rest))
+    with MegacptSource(load_dir) as src:
+        iter_dir, meta = src.iter_dir, src.meta
+        fmt.check_same_model(src.cfg.model, cfg.model, iter_dir)
+        same = (src.tp, src.pp) == (ctx.tp, ctx.pp)
+        if not same:
+            log.info("resharding %s from tp%dpp%d to tp%dpp%d on load", iter_dir, src.tp,
+                     src.pp, ctx.tp, ctx.pp)
+        names = _fill_model(src, model, ctx)
+        if optimizer is not None:
+            if not src.has_optimizer:
+                raise CheckpointError(f"{os.path.join(iter_dir, fmt.META)}: the checkpoint has "
+                                      f"no optimizer state (saved with --no-save-optim or "
+                                      f"converted with --no-optimizer); start from it with "
+                                      f"--init-from instead of --load")
+            tensors = {f"{n}/{k}": src.optimizer_get_shard(n, k, ctx.tp, ctx.tp_rank)
+                       for n in names for k, *_ in src.optimizer_entries(n)}
+            if same:
+                rest = load_plain(os.path.join(iter_dir, fmt.shard_dirname(ctx.tp_rank,
+                                                                            ctx.pp_rank),
+                                               fmt.OPTIM_REST))
+            else:
+                rest = split_rest(src.optimizer_rest(), names)
+            optimizer.load_state_dict(join_optimizer_state(tensors, rest))
+            del tensors
     state = dict(meta["state"])
     state["rng"] = None
     rng_path = os.path.join(iter_dir, fmt.rng_filename(ctx.rank))
-    saved_world = tp * pp * int(meta["layout"].get("dp", 1))
+    saved_world = src.tp * src.pp * src.dp
     if saved_world == ctx.world_size and os.path.isfile(rng_path):
         state["rng"] = _load_rng(rng_path)
     else:
@@ -201,31 +205,22 @@ def load_checkpoint(load_dir: str, model, optimizer, cfg: Config,
     return int(meta["iteration"]), state
 
 
-def _read_tensors(path: str) -> dict[str, torch.Tensor]:
-    try:
-        return load_tensors(path)
-    except ValueError as e:
-        raise CheckpointError(str(e)) from None
-
-
-def _load_shard(path: str, model) -> None:
-    try:
-        reader = SafetensorsReader(path)
-    except ValueError as e:
-        raise CheckpointError(f"{e} (missing or damaged shard)") from None
-    with reader, torch.no_grad():
-        params = dict(model.named_parameters())
-        extra = [k for k in reader.keys() if k not in params]
-        if extra:
-            raise CheckpointError(f"{path}: holds tensors the model does not have: {extra[:3]}")
+def _fill_model(src: MegacptSource, model, ctx: ParallelContext) -> list[str]:
+    """Copy this rank's part of every parameter of `model` from `src`; the names filled."""
+    params = dict(model.named_parameters())
+    want = set(fmt.stage_param_names(src.cfg.model, ctx.pp, ctx.pp_rank))
+    if set(params) != want:
+        raise CheckpointError(f"{src.iter_dir}: the model's stage holds {sorted(params)[:3]}..., "
+                              f"the parameter table says {sorted(want)[:3]}...")
+    with torch.no_grad():
         for name, p in params.items():
-            if name not in reader:
-                raise CheckpointError(f"{path}: missing tensor {name!r}")
-            if tuple(reader.shape(name)) != tuple(p.shape):
-                raise CheckpointError(f"{path}: tensor {name!r} has shape "
-                                      f"{tuple(reader.shape(name))}, the model expects "
+            part = src.get_shard(name, ctx.tp, ctx.tp_rank)
+            if tuple(part.shape) != tuple(p.shape):
+                raise CheckpointError(f"{src.iter_dir}: {name!r} gives shape "
+                                      f"{tuple(part.shape)} at tp{ctx.tp}, the model expects "
                                       f"{tuple(p.shape)}")
-            p.copy_(reader.get(name))
+            p.copy_(part)
+    return list(params)
 
 
 def _load_rng(path: str):

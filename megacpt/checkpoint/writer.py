@@ -113,7 +113,8 @@ def _write_param(source: Source, name: str, writers: list, dtype: torch.dtype,
                  transform: Transform | None) -> None:
     """One parameter to its tp shards; the full tensor dies when this returns."""
     tp = len(writers)
-    if transform is None and source.native_tp == tp:  # shards as stored
+    if transform is None and (source.native_tp == tp or source.reads_slices):
+        # shards as stored, or read part by part (the same reads as a resharding --load)
         for t, w in enumerate(writers):
             w.write(name, source.get_shard(name, tp, t).to(dtype))
         return
@@ -126,7 +127,7 @@ def _write_param(source: Source, name: str, writers: list, dtype: torch.dtype,
 
 def _write_optim(source: Source, name: str, key: str, sharded: bool, writers: list) -> None:
     tp = len(writers)
-    if source.native_tp == tp:
+    if source.native_tp == tp or source.reads_slices:
         for t, w in enumerate(writers):
             w.write(f"{name}/{key}", source.optimizer_get_shard(name, key, tp, t))
         return
