@@ -12,9 +12,10 @@ a whole file in memory; converting a checkpoint must not):
 
 `SafetensorsReader` parses the header once and reads a single tensor with seek + readinto
 (no mmap, so pages of tensors already processed do not stay resident), or only a range of
-one dim of it (`get_slice`: the resharding loader reads just the rows/columns it needs). `SafetensorsWriter`
-takes the list of (name, dtype, shape) up front, writes the header, then accepts the tensors
-one by one in that order; the result is loadable by the `safetensors` library.
+one dim of it (`get_slice`: the resharding loader reads just the rows/columns it needs).
+`SafetensorsWriter` takes the list of (name, dtype, shape) up front, writes the header, then
+accepts the tensors one by one in that order; the result is loadable by the `safetensors`
+library.
 """
 from __future__ import annotations
 
