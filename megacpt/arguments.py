@@ -149,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--init-from", help="weights only (CPT): our checkpoint in any layout or a "
                    "HuggingFace LLaMA directory; fresh optimizer, iteration 0, LR re-warm-up")
     g.add_argument("--no-save-optim", action="store_true")
+    g.add_argument("--keep-last-checkpoints", type=int, metavar="N",
+                   help="keep only the newest N checkpoints in --save (default: all)")
+    g.add_argument("--async-save", action="store_true",
+                   help="write checkpoints in a background thread while training goes on")
 
     g = p.add_argument_group("logging")
     g.add_argument("--log-dir")
@@ -281,7 +285,9 @@ def config_from_args(a: argparse.Namespace) -> tuple[Config, RunOptions]:
             exit_interval=a.exit_interval, device=a.device,
             max_nonfinite_steps=a.max_nonfinite_steps),
         checkpoint=CheckpointConfig(save=a.save, load=a.load, save_interval=a.save_interval,
-                                    init_from=a.init_from, no_save_optim=a.no_save_optim),
+                                    init_from=a.init_from, no_save_optim=a.no_save_optim,
+                                    keep_last_checkpoints=a.keep_last_checkpoints,
+                                    async_save=a.async_save),
         logging=LoggingConfig(log_dir=a.log_dir, log_interval=a.log_interval,
                               tensorboard=not a.no_tensorboard, run_kind=a.run_kind),
     )

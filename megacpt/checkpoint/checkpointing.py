@@ -12,9 +12,12 @@
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import shutil
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -37,7 +40,7 @@ def _barrier(ctx: ParallelContext) -> None:
         dist.barrier()
 
 
-def _agree(ctx: ParallelContext, error: Exception | None, what: str) -> None:
+def agree_on_errors(ctx: ParallelContext, error: Exception | None, what: str) -> None:
     """A barrier that also tells every rank whether any rank failed `what`: then each raises
     (naming the failed ranks) instead of the healthy ones waiting at the next barrier until
     the distributed timeout. One process: re-raise its own error unchanged."""
@@ -56,7 +59,13 @@ def _agree(ctx: ParallelContext, error: Exception | None, what: str) -> None:
                           "and the tracker are untouched") from error
 
 
-def split_optimizer_state(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+def _plain_cpu(t: torch.Tensor, key: str) -> torch.Tensor:
+    """A CPU tensor with t's values (t itself when it is already on the CPU)."""
+    return t.detach().to("cpu").contiguous()
+
+
+def split_optimizer_state(sd: dict, to_cpu: Callable = _plain_cpu
+                          ) -> tuple[dict[str, torch.Tensor], dict]:
     """Optimizer state dict -> ({"name/key": tensor}, everything else)."""
     tensors, rest_state = {}, {}
     for name, entry in sd.get("state", {}).items():
@@ -65,7 +74,7 @@ def split_optimizer_state(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
                                   f"parameter names")
         for key, v in entry.items():
             if isinstance(v, torch.Tensor):
-                tensors[f"{name}/{key}"] = v.detach().to("cpu").contiguous()
+                tensors[f"{name}/{key}"] = to_cpu(v, f"optim/{name}/{key}")
             else:
                 rest_state.setdefault(name, {})[key] = v
     rest = {k: v for k, v in sd.items() if k != "state"}
@@ -84,14 +93,59 @@ def join_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
     return sd
 
 
-def save_checkpoint(save_dir: str, iteration: int, model, optimizer, cfg: Config,
-                    ctx: ParallelContext, state: dict) -> str:
-    """Save this rank's part of a checkpoint (collective: every rank must call it).
+@dataclass
+class Snapshot:
+    """What one rank writes for one checkpoint, already copied off the live model/optimizer
+    (so training may go on while it is written: `--async-save`)."""
 
-    `state`: {"scheduler": dict, "data": dict, "counters": dict, "rng": this rank's RNG
-    state (any torch.save-able plain value)}; all but "rng" must be JSON values and go to
-    meta.json. Returns the final iteration directory.
-    """
+    save_dir: str
+    iteration: int
+    tmp: str  # iter_*.tmp, renamed to `final` when complete
+    final: str
+    rank: int
+    layout: str
+    params: dict[str, torch.Tensor]  # CPU; empty unless dp rank 0
+    dtype: torch.dtype
+    optim: tuple[dict, dict] | None  # (tensors, rest); dp rank 0 with optimizer state only
+    rng: object
+    meta: dict | None  # rank 0: fmt.write_meta keyword arguments
+    tokenizer: str | None
+    keep_last: int | None
+    shard_dir: str | None = None  # dp rank 0: where params/optim go
+
+    def nbytes(self) -> int:
+        tensors = list(self.params.values()) + (list(self.optim[0].values()) if self.optim else [])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class SnapshotBuffers:
+    """CPU buffers reused by every snapshot of a run (pinned when the tensors are on a GPU):
+    a snapshot is a copy into them, not an allocation. One save at a time may use them."""
+
+    def __init__(self):
+        self._bufs: dict[str, torch.Tensor] = {}
+        self._cuda = False
+
+    def __call__(self, t: torch.Tensor, key: str) -> torch.Tensor:
+        buf = self._bufs.get(key)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            buf = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.is_cuda)
+            self._bufs[key] = buf
+        buf.copy_(t.detach(), non_blocking=t.is_cuda)
+        self._cuda |= t.is_cuda
+        return buf
+
+    def synchronize(self) -> None:
+        if self._cuda:
+            torch.cuda.synchronize()
+
+
+def snapshot_checkpoint(save_dir: str, iteration: int, model, optimizer, cfg: Config,
+                        ctx: ParallelContext, state: dict,
+                        buffers: SnapshotBuffers | None = None) -> Snapshot:
+    """Collective first half of a save: prepare `iter_*.tmp`, gather the optimizer state
+    (ZeRO-1: over dp) and take this rank's part off the model. Without `buffers` the CPU
+    tensors may alias the live ones (write them before the next step)."""
     final = os.path.join(save_dir, fmt.iter_dirname(iteration))
     tmp = final + ".tmp"
     if ctx.rank == 0:
@@ -101,49 +155,101 @@ def save_checkpoint(save_dir: str, iteration: int, model, optimizer, cfg: Config
     _barrier(ctx)
     with_optim = optimizer is not None and not cfg.checkpoint.no_save_optim
     opt_sd = optimizer.state_dict() if with_optim else None  # collective under ZeRO-1
+    to_cpu = buffers or _plain_cpu
+    named = dict(model.named_parameters())
+    params, optim, shard_dir = {}, None, None
+    if ctx.dp_rank == 0:
+        shard_dir = os.path.join(tmp, fmt.shard_dirname(ctx.tp_rank, ctx.pp_rank))
+        params = {n: to_cpu(p, n) for n, p in named.items()}
+        if opt_sd is not None:
+            optim = split_optimizer_state(opt_sd, to_cpu)
+    if buffers is not None:
+        buffers.synchronize()
+    meta = None
+    if ctx.rank == 0:
+        dtype = next(iter(named.values())).dtype
+        meta = dict(iteration=iteration, tp=ctx.tp, pp=ctx.pp, dp=ctx.dp,
+                    dtype=str(dtype).replace("torch.", ""), has_optimizer=opt_sd is not None,
+                    config=cfg.to_dict(),
+                    state=fmt.json_safe({k: v for k, v in state.items() if k != "rng"},
+                                        "state"))
+    return Snapshot(save_dir, iteration, tmp, final, ctx.rank, ctx.layout, params,
+                    next(iter(named.values())).dtype, optim, copy.deepcopy(state.get("rng")),
+                    meta, cfg.data.tokenizer_model, cfg.checkpoint.keep_last_checkpoints,
+                    shard_dir)
+
+
+def write_snapshot(snap: Snapshot) -> None:
+    """This rank's files of a snapshot (rank 0 also meta.json and the tokenizer copy); no
+    collectives, so it may run in a background thread."""
+    if snap.shard_dir is not None:
+        os.makedirs(snap.shard_dir, exist_ok=True)
+        save_tensors(os.path.join(snap.shard_dir, fmt.MODEL_FILE), snap.params,
+                     {"iteration": str(snap.iteration), "layout": snap.layout})
+        if snap.optim is not None:
+            tensors, rest = snap.optim
+            save_tensors(os.path.join(snap.shard_dir, fmt.OPTIM_TENSORS), tensors)
+            torch.save(rest, os.path.join(snap.shard_dir, fmt.OPTIM_REST))
+    if snap.rng is not None:
+        torch.save(snap.rng, os.path.join(snap.tmp, fmt.rng_filename(snap.rank)))
+    if snap.meta is not None:
+        fmt.write_meta(snap.tmp, **snap.meta)
+        tok = snap.tokenizer
+        if tok and os.path.isfile(tok) and \
+                not os.path.exists(os.path.join(snap.save_dir, fmt.TOKENIZER)):
+            shutil.copyfile(tok, os.path.join(snap.save_dir, fmt.TOKENIZER))
+
+
+def publish_snapshot(snap: Snapshot) -> None:
+    """Rank 0, once every rank's files are complete: rename into place, point the tracker at
+    it, apply retention."""
+    _publish(snap.save_dir, snap.tmp, snap.final, snap.iteration)
+    log.info("saved checkpoint %s (%s)", snap.final, snap.layout)
+    if snap.keep_last:
+        prune_checkpoints(snap.save_dir, snap.keep_last)
+
+
+def save_checkpoint(save_dir: str, iteration: int, model, optimizer, cfg: Config,
+                    ctx: ParallelContext, state: dict) -> str:
+    """Save this rank's part of a checkpoint (collective: every rank must call it).
+
+    `state`: {"scheduler": dict, "data": dict, "counters": dict, "rng": this rank's RNG
+    state (any torch.save-able plain value)}; all but "rng" must be JSON values and go to
+    meta.json. Returns the final iteration directory. (`--async-save`:
+    `megacpt.checkpoint.async_save.AsyncCheckpointSaver`, the same steps with the writing in
+    a background thread.)
+    """
+    snap = snapshot_checkpoint(save_dir, iteration, model, optimizer, cfg, ctx, state)
     error = None
     try:  # a rank that fails here (disk full, permissions) must not leave the others waiting
-        dtype = _write_rank_files(tmp, iteration, model, opt_sd, ctx, state.get("rng"))
-        if ctx.rank == 0:
-            _write_meta(tmp, save_dir, iteration, dtype, opt_sd is not None, cfg, ctx, state)
-    except Exception as e:  # noqa: BLE001 - reported to every rank by _agree
+        write_snapshot(snap)
+    except Exception as e:  # noqa: BLE001 - reported to every rank by agree_on_errors
         error = e
-    _agree(ctx, error, f"saving checkpoint {tmp}")
+    agree_on_errors(ctx, error, f"saving checkpoint {snap.tmp}")
     if ctx.rank == 0:
-        _publish(save_dir, tmp, final, iteration)
-        log.info("saved checkpoint %s (%s)", final, ctx.layout)
+        publish_snapshot(snap)
     _barrier(ctx)
-    return final
+    return snap.final
 
 
-def _write_meta(tmp: str, save_dir: str, iteration: int, dtype: torch.dtype, with_optim: bool,
-                cfg: Config, ctx: ParallelContext, state: dict) -> None:
-    """Rank 0: meta.json (layout, dtype, resolved config, counters) and the tokenizer copy."""
-    meta_state = {k: v for k, v in state.items() if k != "rng"}
-    fmt.write_meta(tmp, iteration, ctx.tp, ctx.pp, ctx.dp, str(dtype).replace("torch.", ""),
-                   with_optim, cfg.to_dict(), meta_state)
-    tok = cfg.data.tokenizer_model
-    if tok and os.path.isfile(tok) and not os.path.exists(os.path.join(save_dir, fmt.TOKENIZER)):
-        shutil.copyfile(tok, os.path.join(save_dir, fmt.TOKENIZER))
-
-
-def _write_rank_files(tmp: str, iteration: int, model, opt_sd: dict | None,
-                      ctx: ParallelContext, rng) -> torch.dtype:
-    """This rank's files: model/optimizer shard (dp rank 0 only) and its RNG state."""
-    params = dict(model.named_parameters())
-    if ctx.dp_rank == 0:
-        shard = os.path.join(tmp, fmt.shard_dirname(ctx.tp_rank, ctx.pp_rank))
-        os.makedirs(shard, exist_ok=True)
-        save_tensors(os.path.join(shard, fmt.MODEL_FILE),
-                     {n: p.detach().to("cpu").contiguous() for n, p in params.items()},
-                     {"iteration": str(iteration), "layout": ctx.layout})
-        if opt_sd is not None:
-            tensors, rest = split_optimizer_state(opt_sd)
-            save_tensors(os.path.join(shard, fmt.OPTIM_TENSORS), tensors)
-            torch.save(rest, os.path.join(shard, fmt.OPTIM_REST))
-    if rng is not None:
-        torch.save(rng, os.path.join(tmp, fmt.rng_filename(ctx.rank)))
-    return next(iter(params.values())).dtype
+def prune_checkpoints(save_dir: str, keep: int) -> list[int]:
+    """Retention (`--keep-last-checkpoints`): delete the complete `iter_*` directories of
+    `save_dir` beyond the newest `keep`, never the one the tracker names, nor one still being
+    written (`iter_*.tmp`, not complete yet, is never a candidate). Each is renamed away first,
+    so a crash mid-delete leaves no half checkpoint under a complete name. Returns the
+    iterations deleted."""
+    tracked = fmt.read_tracker(save_dir)
+    complete = sorted(it for it in (fmt.parse_iter_dirname(e) for e in os.listdir(save_dir))
+                      if it is not None)
+    doomed = [it for it in complete[:max(0, len(complete) - keep)] if it != tracked]
+    for it in doomed:
+        path = os.path.join(save_dir, fmt.iter_dirname(it))
+        gone = path + ".deleting"
+        os.rename(path, gone)
+        shutil.rmtree(gone, ignore_errors=True)
+    if doomed:
+        log.info("--keep-last-checkpoints %d: deleted iterations %s", keep, doomed)
+    return doomed
 
 
 def _publish(save_dir: str, tmp: str, final: str, iteration: int) -> None:

@@ -35,12 +35,15 @@
 Only dp-rank-0 ranks write model/optimizer shards; every rank writes its RNG file; global
 rank 0 writes meta.json, renames the directory and updates the tracker after a barrier, so a
 crash mid-save leaves the previous checkpoint (and the tracker pointing at it) intact.
+With `--keep-last-checkpoints N` rank 0 then deletes the oldest complete `iter_*` directories
+beyond N (never the tracker's; each renamed to `iter_*.deleting` before removal).
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 
@@ -68,6 +71,13 @@ class CheckpointError(ValueError):
 
 def iter_dirname(iteration: int) -> str:
     return f"iter_{iteration:07d}"
+
+
+def parse_iter_dirname(name: str) -> int | None:
+    """The iteration of a complete checkpoint directory's name (`iter_0000100`), else None
+    (`iter_0000100.tmp` being written, anything else)."""
+    m = re.fullmatch(r"iter_(\d{7,})", name)
+    return int(m.group(1)) if m else None
 
 
 def shard_dirname(tp_rank: int, pp_rank: int) -> str:

@@ -118,6 +118,8 @@ RESHARD_CASES = {
                                     "tp2pp2": (2, 2, False), "dp4_zero1": (1, 1, True)}),
     "pp2dp2": ((1, 2, False), {"tp2": (2, 1, False)}),
 }
+#: saved layouts whose run also uses --async-save (4 ranks writing in background threads)
+ASYNC_SOURCES = ("pp2dp2",)
 
 
 def reshard_worker(tmp: str, steps: int, k: int) -> dict:
@@ -128,6 +130,7 @@ def reshard_worker(tmp: str, steps: int, k: int) -> dict:
     for src, ((tp, pp, zero1), targets) in RESHARD_CASES.items():
         d = os.path.join(tmp, src)
         z = ["--use-distributed-optimizer"] if zero1 else []
+        z += ["--async-save"] if src in ASYNC_SOURCES else []
         out[src] = _train(tp, pp, steps, ["--save", d, "--save-interval", str(k)] + z)
         for name, (ttp, tpp, tz) in targets.items():
             load = ["--load", os.path.join(d, f"iter_{k:07d}")]
