@@ -9,8 +9,8 @@ blocked for the whole save) and asynchronously (`AsyncCheckpointSaver`: blocked 
 snapshot into reused CPU buffers, pinned on GPU), side by side in the same process, while
 "training" (a forward/backward of the model) runs on until the background write ends; then
 loads the checkpoint back (`load_checkpoint`, model and optimizer). Files go to the page cache
-as a real run's do (no fsync), so on a machine with free memory the save rate is a memory
-rate; the ratio blocked(async) / blocked(sync) is the figure of merit (goal: <= 0.2 from
+as a real run's do (no fsync; `os.sync()` between measurements so one save's writeback does not
+run into the next), so on a machine with free memory the save rate is partly a memory rate; the ratio blocked(async) / blocked(sync) is the figure of merit (goal: <= 0.2 from
 49M up).
 
 Rows: {"size", "params", "dtype", "checkpoint_gb", "sync_blocked_s", "async_blocked_s",
@@ -76,9 +76,11 @@ def bench_size(size: str, dtype: torch.dtype, device: str, repeats: int, workdir
     saver = AsyncCheckpointSaver(ctx)
     sync_s, async_s, write_s, steps, load_s = [], [], [], [], []
     for it in range(1, repeats + 2):  # the first repeat warms up (allocates buffers)
+        os.sync()  # no writeback of an earlier save running into the one measured
         t0 = time.perf_counter()
         save_checkpoint(sync_dir, it, model, opt, cfg, ctx, state)
         t_sync = time.perf_counter() - t0
+        os.sync()
         t0 = time.perf_counter()
         saver.save(async_dir, it, model, opt, cfg, state)
         t_async = time.perf_counter() - t0
@@ -88,6 +90,7 @@ def bench_size(size: str, dtype: torch.dtype, device: str, repeats: int, workdir
             n += 1
         saver.finish()
         t_write = time.perf_counter() - t0
+        os.sync()
         t0 = time.perf_counter()
         load_checkpoint(sync_dir, model, opt, cfg, ctx)
         t_load = time.perf_counter() - t0

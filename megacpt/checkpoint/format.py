@@ -22,6 +22,9 @@
                                            torch.save of plain types, loaded weights_only
         rng/rank_{r}.pt                    per-global-rank RNG state (`state["rng"]`); absent
                                            after a layout conversion
+      iter_0000200.tmp/.async/             only while an --async-save is being written: one
+                                           rank_{r}.done (or .failed) marker per rank; rank 0
+                                           removes it, then publishes (`async_save`)
 
 `meta.json`:
 
