@@ -96,7 +96,7 @@ def _write_shards(source: Source, iter_dir: str, mcfg, tp: int, pp: int, dtype: 
                           for n in names for k, dt, sh, shape in opt_entries[n]]
                     optims[(t, p)] = stack.enter_context(
                         SafetensorsWriter(os.path.join(d, fmt.OPTIM_TENSORS), oe))
-        for name in _progress(fmt.param_names(mcfg), progress, f"writing tp{tp}pp{pp}"):
+        for name in progress_iter(fmt.param_names(mcfg), progress, f"writing tp{tp}pp{pp}"):
             p = stage_of[name]
             _write_param(source, name, [models[(t, p)] for t in range(tp)], dtype, transform)
             for key, _, sharded, _ in opt_entries.get(name, []):
@@ -136,7 +136,7 @@ def _write_optim(source: Source, name: str, key: str, sharded: bool, writers: li
         w.write(f"{name}/{key}", sharding.shard(name, full, t, tp) if sharded else full)
 
 
-def _progress(items, enabled: bool, desc: str):
+def progress_iter(items, enabled: bool, desc: str):
     """tqdm when available and enabled, else a log line every ~10% with rate and ETA."""
     if not enabled:
         return items
