@@ -300,6 +300,8 @@ def load_checkpoint(load_dir: str, model, optimizer, cfg: Config,
                 rest = split_rest(src.optimizer_rest(), names)
             optimizer.load_state_dict(join_optimizer_state(tensors, rest))
             del tensors
+        log.info("rank %d loaded %s%s: read %.1f MB of tensors", ctx.rank, iter_dir,
+                 "" if same else f" (resharded from tp{src.tp}pp{src.pp})", src.bytes_read / 1e6)
     state = dict(meta["state"])
     state["rng"] = None
     rng_path = os.path.join(iter_dir, fmt.rng_filename(ctx.rank))

@@ -88,6 +88,11 @@ class MegacptSource(Source):
                 raise CheckpointError(f"{e} (meta.json says the checkpoint has optimizer "
                                       f"state)") from None
 
+    @property
+    def bytes_read(self) -> int:
+        """Tensor bytes read so far from all shard files (resharding reads only slices)."""
+        return sum(r.bytes_read for r in list(self._model.values()) + list(self._optim.values()))
+
     def stage_of(self, name: str) -> int:
         try:
             return self._stage[name]

@@ -93,3 +93,29 @@ def test_retention_keeps_the_newest_and_the_tracked(setup, tmp_path):
     (tmp_path / TRACKER).write_text("4\n")
     assert prune_checkpoints(str(tmp_path), 1) == [3]
     assert _dirs(tmp_path) == ["iter_0000004", "iter_0000009.tmp"]
+
+
+@pytest.mark.gpu
+def test_async_save_from_gpu_snapshots_into_pinned_buffers(tmp_path):
+    from megacpt.model.llama import LlamaModel
+    from megacpt.parallel.context import ParallelContext
+    from megacpt.parallel.optimizer import build_optimizer
+
+    cfg = tiny_config(num_layers=2)
+    ctx = ParallelContext.single("cuda")
+    model = LlamaModel(cfg.model, ctx, device="cuda", seed=5)
+    opt = build_optimizer(model, cfg.optim, ctx)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step(1e-2)
+    want = {n: p.detach().cpu() for n, p in model.named_parameters()}
+    saver = AsyncCheckpointSaver(ctx)
+    saver.save(str(tmp_path), 1, model, opt, cfg, fake_state(1))
+    assert all(b.is_pinned() for b in saver.buffers._bufs.values())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(-1.0)
+    saver.finish()
+    with MegacptSource(str(tmp_path)) as src:
+        for n, t in want.items():
+            assert torch.equal(src.get(n), t), n
