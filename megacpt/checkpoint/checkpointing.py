@@ -273,7 +273,9 @@ def load_checkpoint(load_dir: str, model, optimizer, cfg: Config,
     Each rank reads only its own part: in the saved layout its shard files; in another, the
     slices of the saved shards that overlap its part (`MegacptSource.get_shard`), one tensor
     at a time. Optimizer state is stored gathered over dp, so the optimizer (ZeRO-1 or not)
-    takes its dp share itself. state["rng"] is this rank's saved RNG state when the world
+    takes its dp share itself (memory: the rank's tp part of the optimizer state is held once
+    more until `load_state_dict` has taken it; parameters are copied one at a time).
+    state["rng"] is this rank's saved RNG state when the world
     size is unchanged, else None (the model has no dropout; the trainer keeps its seeded RNG).
     """
     with MegacptSource(load_dir) as src:
