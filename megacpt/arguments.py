@@ -183,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "in their meta.json (default: checked; a corrupt file is refused)")
     g.add_argument("--save-iters", type=int, nargs="+", default=[], metavar="ITER",
                    help="also save at these iterations (e.g. the starts of WSD cooldowns)")
+    g.add_argument("--keep-last-checkpoints", type=int, metavar="N",
+                   help="keep only the newest N checkpoints in --save (default: all)")
+    g.add_argument("--async-save", action="store_true",
+                   help="write checkpoints in a background thread while training goes on")
 
     g = p.add_argument_group("logging")
     g.add_argument("--log-dir")
@@ -404,7 +408,9 @@ def config_from_args(a: argparse.Namespace) -> tuple[Config, RunOptions]:
         checkpoint=CheckpointConfig(save=a.save, load=a.load, save_interval=a.save_interval,
                                     init_from=a.init_from, no_save_optim=a.no_save_optim,
                                     verify_checksums=not a.no_verify_checksums,
-                                    save_iters=list(a.save_iters)),
+                                    save_iters=list(a.save_iters),
+                                    keep_last_checkpoints=a.keep_last_checkpoints,
+                                    async_save=a.async_save),
         logging=LoggingConfig(log_dir=a.log_dir, log_interval=a.log_interval,
                               tensorboard=not a.no_tensorboard, run_kind=a.run_kind,
                               wandb_project=a.wandb_project, wandb_exp_name=a.wandb_exp_name,

@@ -371,6 +371,18 @@ class CheckpointConfig:
     `--init-from`); off with `--no-verify-checksums` (saves one read of the files)."""
     save_iters: list[int] = field(default_factory=list)
     """Also save at these iterations (`--save-iters`; e.g. where WSD cooldown branches start)."""
+    keep_last_checkpoints: int | None = None
+    """`--keep-last-checkpoints N`: after each save keep only the newest N complete
+    checkpoints in `save` (never the one the tracker names, nor one being written); None:
+    keep all."""
+    async_save: bool = False
+    """`--async-save`: snapshot the state to CPU and write the checkpoint in a background
+    thread while training goes on (finished before the next save, at exit and on SIGTERM)."""
+
+    def __post_init__(self):
+        _check(self.keep_last_checkpoints is None or self.keep_last_checkpoints >= 1,
+               f"checkpoint.keep_last_checkpoints (--keep-last-checkpoints) must be >= 1, got "
+               f"{self.keep_last_checkpoints}")
 
 
 @dataclass

@@ -3,8 +3,8 @@
 - `save_checkpoint`: every rank calls it; writes the layout in `megacpt.checkpoint.format`
   (dp-rank-0 ranks write model/optimizer shards, every rank its RNG state, rank 0 the meta,
   the rename of `iter_*.tmp` and, after a barrier, the tracker).
-- `load_checkpoint`: exact resume in the SAME (tp, pp) layout (dp may differ: shards do not
-  depend on it); a different layout is an error that prints the conversion command.
+- `load_checkpoint`: exact resume from any (tp, pp, dp) layout, ZeRO-1 or not; each rank
+  reads only the slices of the saved shards it needs (resharding on load).
 - `load_weights`: weights only, from our checkpoint in any layout, a HuggingFace LLaMA
   directory or a Megatron-LM checkpoint, legacy or torch_dist (`--init-from`, continual
   pre-training).
@@ -12,9 +12,12 @@
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import shutil
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -24,8 +27,9 @@ from megacpt.checkpoint import format as fmt
 from megacpt.checkpoint import integrity
 from megacpt.checkpoint.format import CheckpointError
 from megacpt.checkpoint.format import load_plain
+from megacpt.checkpoint.reader import MegacptSource, split_rest
 from megacpt.checkpoint.registry import open_source
-from megacpt.checkpoint.safetensors_io import SafetensorsReader, load_tensors, save_tensors
+from megacpt.checkpoint.safetensors_io import save_tensors
 from megacpt.config import Config
 from megacpt.parallel.context import ParallelContext
 
@@ -37,7 +41,7 @@ def _barrier(ctx: ParallelContext) -> None:
         dist.barrier()
 
 
-def _agree(ctx: ParallelContext, error: Exception | None, what: str) -> None:
+def agree_on_errors(ctx: ParallelContext, error: Exception | None, what: str) -> None:
     """A barrier that also tells every rank whether any rank failed `what`: then each raises
     (naming the failed ranks) instead of the healthy ones waiting at the next barrier until
     the distributed timeout. One process: re-raise its own error unchanged."""
@@ -59,7 +63,13 @@ def _agree(ctx: ParallelContext, error: Exception | None, what: str) -> None:
                           "and the tracker are untouched") from error
 
 
-def split_optimizer_state(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+def _plain_cpu(t: torch.Tensor, key: str) -> torch.Tensor:
+    """A CPU tensor with t's values (t itself when it is already on the CPU)."""
+    return t.detach().to("cpu").contiguous()
+
+
+def split_optimizer_state(sd: dict, to_cpu: Callable = _plain_cpu
+                          ) -> tuple[dict[str, torch.Tensor], dict]:
     """Optimizer state dict -> ({"name/key": tensor}, everything else)."""
     tensors, rest_state = {}, {}
     for name, entry in sd.get("state", {}).items():
@@ -68,7 +78,7 @@ def split_optimizer_state(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
                                   f"parameter names")
         for key, v in entry.items():
             if isinstance(v, torch.Tensor):
-                tensors[f"{name}/{key}"] = v.detach().to("cpu").contiguous()
+                tensors[f"{name}/{key}"] = to_cpu(v, f"optim/{name}/{key}")
             else:
                 rest_state.setdefault(name, {})[key] = v
     rest = {k: v for k, v in sd.items() if k != "state"}
@@ -87,14 +97,59 @@ def join_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
     return sd
 
 
-def save_checkpoint(save_dir: str, iteration: int, model, optimizer, cfg: Config,
-                    ctx: ParallelContext, state: dict) -> str:
-    """Save this rank's part of a checkpoint (collective: every rank must call it).
+@dataclass
+class Snapshot:
+    """What one rank writes for one checkpoint, already copied off the live model/optimizer
+    (so training may go on while it is written: `--async-save`)."""
 
-    `state`: {"scheduler": dict, "data": dict, "counters": dict, "rng": this rank's RNG
-    state (any torch.save-able plain value)}; all but "rng" must be JSON values and go to
-    meta.json. Returns the final iteration directory.
-    """
+    save_dir: str
+    iteration: int
+    tmp: str  # iter_*.tmp, renamed to `final` when complete
+    final: str
+    rank: int
+    layout: str
+    params: dict[str, torch.Tensor]  # CPU; empty unless dp rank 0
+    dtype: torch.dtype
+    optim: tuple[dict, dict] | None  # (tensors, rest); dp rank 0 with optimizer state only
+    rng: object
+    meta: dict | None  # rank 0: fmt.write_meta keyword arguments
+    tokenizer: str | None
+    keep_last: int | None
+    shard_dir: str | None = None  # dp rank 0: where params/optim go
+
+    def nbytes(self) -> int:
+        tensors = list(self.params.values()) + (list(self.optim[0].values()) if self.optim else [])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class SnapshotBuffers:
+    """CPU buffers reused by every snapshot of a run (pinned when the tensors are on a GPU):
+    a snapshot is a copy into them, not an allocation. One save at a time may use them."""
+
+    def __init__(self):
+        self._bufs: dict[str, torch.Tensor] = {}
+        self._cuda = False
+
+    def __call__(self, t: torch.Tensor, key: str) -> torch.Tensor:
+        buf = self._bufs.get(key)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            buf = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.is_cuda)
+            self._bufs[key] = buf
+        buf.copy_(t.detach(), non_blocking=t.is_cuda)
+        self._cuda |= t.is_cuda
+        return buf
+
+    def synchronize(self) -> None:
+        if self._cuda:
+            torch.cuda.synchronize()
+
+
+def snapshot_checkpoint(save_dir: str, iteration: int, model, optimizer, cfg: Config,
+                        ctx: ParallelContext, state: dict,
+                        buffers: SnapshotBuffers | None = None) -> Snapshot:
+    """Collective first half of a save: prepare `iter_*.tmp`, gather the optimizer state
+    (ZeRO-1: over dp) and take this rank's part off the model. Without `buffers` the CPU
+    tensors may alias the live ones (write them before the next step)."""
     final = os.path.join(save_dir, fmt.iter_dirname(iteration))
     tmp = final + ".tmp"
     if ctx.rank == 0:
@@ -104,61 +159,113 @@ def save_checkpoint(save_dir: str, iteration: int, model, optimizer, cfg: Config
     _barrier(ctx)
     with_optim = optimizer is not None and not cfg.checkpoint.no_save_optim
     opt_sd = optimizer.state_dict() if with_optim else None  # collective under ZeRO-1
+    to_cpu = buffers or _plain_cpu
+    named = dict(model.named_parameters())
+    params, optim, shard_dir = {}, None, None
+    if ctx.dp_rank == 0:
+        shard_dir = os.path.join(tmp, fmt.shard_dirname(ctx.tp_rank, ctx.pp_rank))
+        params = {n: to_cpu(p, n) for n, p in named.items()}
+        if opt_sd is not None:
+            optim = split_optimizer_state(opt_sd, to_cpu)
+    if buffers is not None:
+        buffers.synchronize()
+    meta = None
+    if ctx.rank == 0:
+        dtype = next(iter(named.values())).dtype
+        meta = dict(iteration=iteration, tp=ctx.tp, pp=ctx.pp, dp=ctx.dp, vp=ctx.vp,
+                    dtype=str(dtype).replace("torch.", ""), has_optimizer=opt_sd is not None,
+                    config=cfg.to_dict(),
+                    state=fmt.json_safe({k: v for k, v in state.items() if k != "rng"},
+                                        "state"))
+    return Snapshot(save_dir, iteration, tmp, final, ctx.rank, ctx.layout, params,
+                    next(iter(named.values())).dtype, optim, copy.deepcopy(state.get("rng")),
+                    meta, cfg.data.tokenizer_model, cfg.checkpoint.keep_last_checkpoints,
+                    shard_dir)
+
+
+def write_snapshot(snap: Snapshot) -> None:
+    """This rank's files of a snapshot (rank 0 also meta.json and the tokenizer copy); no
+    collectives, so it may run in a background thread."""
+    if snap.shard_dir is not None:
+        os.makedirs(snap.shard_dir, exist_ok=True)
+        save_tensors(os.path.join(snap.shard_dir, fmt.MODEL_FILE), snap.params,
+                     {"iteration": str(snap.iteration), "layout": snap.layout})
+        if snap.optim is not None:
+            tensors, rest = snap.optim
+            save_tensors(os.path.join(snap.shard_dir, fmt.OPTIM_TENSORS), tensors)
+            torch.save(rest, os.path.join(snap.shard_dir, fmt.OPTIM_REST))
+    if snap.rng is not None:
+        torch.save(snap.rng, os.path.join(snap.tmp, fmt.rng_filename(snap.rank)))
+    if snap.meta is not None:
+        fmt.write_meta(snap.tmp, **snap.meta)
+        tok = snap.tokenizer
+        if tok and os.path.isfile(tok) and \
+                not os.path.exists(os.path.join(snap.save_dir, fmt.TOKENIZER)):
+            shutil.copyfile(tok, os.path.join(snap.save_dir, fmt.TOKENIZER))
+
+
+def publish_snapshot(snap: Snapshot) -> None:
+    """Rank 0, once every rank's files are complete: rename into place, point the tracker at
+    it, apply retention."""
+    _publish(snap.save_dir, snap.tmp, snap.final, snap.iteration)
+    log.info("saved checkpoint %s (%s)", snap.final, snap.layout)
+    if snap.keep_last:
+        prune_checkpoints(snap.save_dir, snap.keep_last)
+
+
+def save_checkpoint(save_dir: str, iteration: int, model, optimizer, cfg: Config,
+                    ctx: ParallelContext, state: dict) -> str:
+    """Save this rank's part of a checkpoint (collective: every rank must call it).
+
+    `state`: {"scheduler": dict, "data": dict, "counters": dict, "rng": this rank's RNG
+    state (any torch.save-able plain value)}; all but "rng" must be JSON values and go to
+    meta.json. Returns the final iteration directory. (`--async-save`:
+    `megacpt.checkpoint.async_save.AsyncCheckpointSaver`, the same steps with the writing in
+    a background thread.)
+    """
+    snap = snapshot_checkpoint(save_dir, iteration, model, optimizer, cfg, ctx, state)
     error = None
     try:  # a rank that fails here (disk full, permissions) must not leave the others waiting
-        dtype = _write_rank_files(tmp, iteration, model, opt_sd, ctx, state.get("rng"))
-        if ctx.rank == 0:
-            _write_meta(tmp, save_dir, iteration, dtype, opt_sd is not None, cfg, ctx, state)
-    except Exception as e:  # noqa: BLE001 - reported to every rank by _agree
+        write_snapshot(snap)
+    except Exception as e:  # noqa: BLE001 - reported to every rank by agree_on_errors
         error = e
     try:
-        _agree(ctx, error, f"saving checkpoint {tmp}")
-        digests = integrity.gather_checksums(tmp, ctx)  # collective: each rank hashes its files
+        agree_on_errors(ctx, error, f"saving checkpoint {snap.tmp}")
+        digests = integrity.gather_checksums(snap.tmp, ctx)  # collective: each rank hashes
         try:
             if ctx.rank == 0:
-                integrity.record_checksums(tmp, digests)
-        except Exception as e:  # noqa: BLE001 - reported to every rank by _agree
+                integrity.record_checksums(snap.tmp, digests)
+        except Exception as e:  # noqa: BLE001 - reported to every rank by agree_on_errors
             error = e
-        _agree(ctx, error, f"recording checksums in {tmp}")
+        agree_on_errors(ctx, error, f"recording checksums in {snap.tmp}")
     except CheckpointError:
         if ctx.rank == 0:  # every rank is past writing: free the space the partial save took
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(snap.tmp, ignore_errors=True)
         raise
     if ctx.rank == 0:
-        _publish(save_dir, tmp, final, iteration)
-        log.info("saved checkpoint %s (%s)", final, ctx.layout)
+        publish_snapshot(snap)
     _barrier(ctx)
-    return final
+    return snap.final
 
 
-def _write_meta(tmp: str, save_dir: str, iteration: int, dtype: torch.dtype, with_optim: bool,
-                cfg: Config, ctx: ParallelContext, state: dict) -> None:
-    """Rank 0: meta.json (layout, dtype, resolved config, counters) and the tokenizer copy."""
-    meta_state = {k: v for k, v in state.items() if k != "rng"}
-    fmt.write_meta(tmp, iteration, ctx.tp, ctx.pp, ctx.dp, str(dtype).replace("torch.", ""),
-                   with_optim, cfg.to_dict(), meta_state, vp=ctx.vp)
-    tok = cfg.data.tokenizer_model
-    if tok and os.path.isfile(tok) and not os.path.exists(os.path.join(save_dir, fmt.TOKENIZER)):
-        shutil.copyfile(tok, os.path.join(save_dir, fmt.TOKENIZER))
-
-
-def _write_rank_files(tmp: str, iteration: int, model, opt_sd: dict | None,
-                      ctx: ParallelContext, rng) -> torch.dtype:
-    """This rank's files: model/optimizer shard (dp rank 0 only) and its RNG state."""
-    params = dict(model.named_parameters())
-    if ctx.dp_rank == 0:
-        shard = os.path.join(tmp, fmt.shard_dirname(ctx.tp_rank, ctx.pp_rank))
-        os.makedirs(shard, exist_ok=True)
-        save_tensors(os.path.join(shard, fmt.MODEL_FILE),
-                     {n: p.detach().to("cpu").contiguous() for n, p in params.items()},
-                     {"iteration": str(iteration), "layout": ctx.layout})
-        if opt_sd is not None:
-            tensors, rest = split_optimizer_state(opt_sd)
-            save_tensors(os.path.join(shard, fmt.OPTIM_TENSORS), tensors)
-            torch.save(rest, os.path.join(shard, fmt.OPTIM_REST))
-    if rng is not None:
-        torch.save(rng, os.path.join(tmp, fmt.rng_filename(ctx.rank)))
-    return next(iter(params.values())).dtype
+def prune_checkpoints(save_dir: str, keep: int) -> list[int]:
+    """Retention (`--keep-last-checkpoints`): delete the complete `iter_*` directories of
+    `save_dir` beyond the newest `keep`, never the one the tracker names, nor one still being
+    written (`iter_*.tmp`, not complete yet, is never a candidate). Each is renamed away first,
+    so a crash mid-delete leaves no half checkpoint under a complete name. Returns the
+    iterations deleted."""
+    tracked = fmt.read_tracker(save_dir)
+    complete = sorted(it for it in (fmt.parse_iter_dirname(e) for e in os.listdir(save_dir))
+                      if it is not None)
+    doomed = [it for it in complete[:max(0, len(complete) - keep)] if it != tracked]
+    for it in doomed:
+        path = os.path.join(save_dir, fmt.iter_dirname(it))
+        gone = path + ".deleting"
+        os.rename(path, gone)
+        shutil.rmtree(gone, ignore_errors=True)
+    if doomed:
+        log.info("--keep-last-checkpoints %d: deleted iterations %s", keep, doomed)
+    return doomed
 
 
 def _publish(save_dir: str, tmp: str, final: str, iteration: int) -> None:
@@ -177,52 +284,51 @@ def _publish(save_dir: str, tmp: str, final: str, iteration: int) -> None:
             shutil.rmtree(os.path.join(save_dir, name), ignore_errors=True)
 
 
-def convert_command(load_dir: str, tp: int, pp: int) -> str:
-    return (f"python tools/convert_checkpoint.py --load-dir {load_dir} "
-            f"--save-dir {load_dir.rstrip('/')}_tp{tp}pp{pp} "
-            f"--target-tensor-parallel-size {tp} --target-pipeline-parallel-size {pp}")
-
-
-def _vp(vp: int) -> str:
-    return f"vp{vp}" if vp > 1 else ""
-
-
 def load_checkpoint(load_dir: str, model, optimizer, cfg: Config,
                     ctx: ParallelContext) -> tuple[int, dict]:
-    """Exact resume: fill model (and optimizer) from the checkpoint; (iteration, state).
+    """Exact resume from a checkpoint saved in ANY (tp, pp, dp) layout, with or without ZeRO-1:
+    fill model (and optimizer) from it; returns (iteration, state).
 
-    state["rng"] is this rank's saved RNG state, or None when there is none for this rank
-    (e.g. after a layout conversion or with a different world size).
+    Each rank reads only its own part: in the saved layout its shard files; in another, the
+    slices of the saved shards that overlap its part (`MegacptSource.get_shard`), one tensor
+    at a time. Optimizer state is stored gathered over dp, so the optimizer (ZeRO-1 or not)
+    takes its dp share itself (memory: the rank's tp part of the optimizer state is held once
+    more until `load_state_dict` has taken it; parameters are copied one at a time).
+    state["rng"] is this rank's saved RNG state when the world
+    size is unchanged, else None (the model has no dropout; the trainer keeps its seeded RNG).
     """
-    iter_dir = fmt.resolve_iter_dir(load_dir)
     if cfg.checkpoint.verify_checksums:
-        integrity.verify_for_rank(iter_dir, ctx)
-    meta = fmt.read_meta(iter_dir)
-    meta_path = os.path.join(iter_dir, fmt.META)
-    tp, pp = int(meta["layout"]["tp"]), int(meta["layout"]["pp"])
-    vp = int(meta["layout"].get("vp", 1))
-    if (tp, pp, vp) != (ctx.tp, ctx.pp, ctx.vp):
-        raise CheckpointError(
-            f"{iter_dir} was saved in layout tp{tp}pp{pp}{_vp(vp)} but this run is "
-            f"tp{ctx.tp}pp{ctx.pp}{_vp(ctx.vp)}; " + (
-                f"convert it first: {convert_command(load_dir, ctx.tp, ctx.pp)}"
-                if ctx.vp == 1 else "resume with the virtual stages it was saved with, or "
-                "start from its weights with --init-from"))
-    fmt.check_same_model(fmt.config_from_meta(meta, meta_path).model, cfg.model, iter_dir)
-    shard = os.path.join(iter_dir, fmt.shard_dirname(ctx.tp_rank, ctx.pp_rank))
-    _load_shard(os.path.join(shard, fmt.MODEL_FILE), model)
-    if optimizer is not None:
-        if not meta.get("has_optimizer"):
-            raise CheckpointError(f"{meta_path}: the checkpoint has no optimizer state (saved "
-                                  f"with --no-save-optim or converted with --no-optimizer); "
-                                  f"start from it with --init-from instead of --load")
-        tensors = _read_tensors(os.path.join(shard, fmt.OPTIM_TENSORS))
-        rest = load_plain(os.path.join(shard, fmt.OPTIM_REST))
-        optimizer.load_state_dict(join_optimizer_state(tensors, rest))
+        integrity.verify_for_rank(fmt.resolve_iter_dir(load_dir), ctx)
+    with MegacptSource(load_dir) as src:
+        iter_dir, meta = src.iter_dir, src.meta
+        fmt.check_same_model(src.cfg.model, cfg.model, iter_dir)
+        same = (src.tp, src.pp) == (ctx.tp, ctx.pp)
+        if not same:
+            log.info("resharding %s from tp%dpp%d to tp%dpp%d on load", iter_dir, src.tp,
+                     src.pp, ctx.tp, ctx.pp)
+        names = _fill_model(src, model, ctx)
+        if optimizer is not None:
+            if not src.has_optimizer:
+                raise CheckpointError(f"{os.path.join(iter_dir, fmt.META)}: the checkpoint has "
+                                      f"no optimizer state (saved with --no-save-optim or "
+                                      f"converted with --no-optimizer); start from it with "
+                                      f"--init-from instead of --load")
+            tensors = {f"{n}/{k}": src.optimizer_get_shard(n, k, ctx.tp, ctx.tp_rank)
+                       for n in names for k, *_ in src.optimizer_entries(n)}
+            if same:
+                rest = load_plain(os.path.join(iter_dir, fmt.shard_dirname(ctx.tp_rank,
+                                                                            ctx.pp_rank),
+                                               fmt.OPTIM_REST))
+            else:
+                rest = split_rest(src.optimizer_rest(), names)
+            optimizer.load_state_dict(join_optimizer_state(tensors, rest))
+            del tensors
+        log.info("rank %d loaded %s%s: read %.1f MB of tensors", ctx.rank, iter_dir,
+                 "" if same else f" (resharded from tp{src.tp}pp{src.pp})", src.bytes_read / 1e6)
     state = dict(meta["state"])
     state["rng"] = None
     rng_path = os.path.join(iter_dir, fmt.rng_filename(ctx.rank))
-    saved_world = tp * pp * int(meta["layout"].get("dp", 1))
+    saved_world = src.tp * src.pp * src.dp
     if saved_world == ctx.world_size and os.path.isfile(rng_path):
         state["rng"] = _load_rng(rng_path)
     else:
@@ -230,31 +336,22 @@ def load_checkpoint(load_dir: str, model, optimizer, cfg: Config,
     return int(meta["iteration"]), state
 
 
-def _read_tensors(path: str) -> dict[str, torch.Tensor]:
-    try:
-        return load_tensors(path)
-    except ValueError as e:
-        raise CheckpointError(str(e)) from None
-
-
-def _load_shard(path: str, model) -> None:
-    try:
-        reader = SafetensorsReader(path)
-    except ValueError as e:
-        raise CheckpointError(f"{e} (missing or damaged shard)") from None
-    with reader, torch.no_grad():
-        params = dict(model.named_parameters())
-        extra = [k for k in reader.keys() if k not in params]
-        if extra:
-            raise CheckpointError(f"{path}: holds tensors the model does not have: {extra[:3]}")
+def _fill_model(src: MegacptSource, model, ctx: ParallelContext) -> list[str]:
+    """Copy this rank's part of every parameter of `model` from `src`; the names filled."""
+    params = dict(model.named_parameters())
+    want = set(fmt.stage_param_names(src.cfg.model, ctx.pp, ctx.pp_rank))
+    if set(params) != want:
+        raise CheckpointError(f"{src.iter_dir}: the model's stage holds {sorted(params)[:3]}..., "
+                              f"the parameter table says {sorted(want)[:3]}...")
+    with torch.no_grad():
         for name, p in params.items():
-            if name not in reader:
-                raise CheckpointError(f"{path}: missing tensor {name!r}")
-            if tuple(reader.shape(name)) != tuple(p.shape):
-                raise CheckpointError(f"{path}: tensor {name!r} has shape "
-                                      f"{tuple(reader.shape(name))}, the model expects "
+            part = src.get_shard(name, ctx.tp, ctx.tp_rank)
+            if tuple(part.shape) != tuple(p.shape):
+                raise CheckpointError(f"{src.iter_dir}: {name!r} gives shape "
+                                      f"{tuple(part.shape)} at tp{ctx.tp}, the model expects "
                                       f"{tuple(p.shape)}")
-            p.copy_(reader.get(name))
+            p.copy_(part)
+    return list(params)
 
 
 def _load_rng(path: str):

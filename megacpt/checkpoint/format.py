@@ -22,6 +22,9 @@
                                            torch.save of plain types, loaded weights_only
         rng/rank_{r}.pt                    per-global-rank RNG state (`state["rng"]`); absent
                                            after a layout conversion
+      iter_0000200.tmp/.async/             only while an --async-save is being written: one
+                                           rank_{r}.done (or .failed) marker per rank; rank 0
+                                           removes it, then publishes (`async_save`)
 
 `meta.json`:
 
@@ -39,12 +42,15 @@ any reader or conversion only needs "vp" from meta.json's layout to find them.
 Only dp-rank-0 ranks write model/optimizer shards; every rank writes its RNG file; global
 rank 0 writes meta.json, renames the directory and updates the tracker after a barrier, so a
 crash mid-save leaves the previous checkpoint (and the tracker pointing at it) intact.
+With `--keep-last-checkpoints N` rank 0 then deletes the oldest complete `iter_*` directories
+beyond N (never the tracker's; each renamed to `iter_*.deleting` before removal).
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 
@@ -72,6 +78,13 @@ class CheckpointError(ValueError):
 
 def iter_dirname(iteration: int) -> str:
     return f"iter_{iteration:07d}"
+
+
+def parse_iter_dirname(name: str) -> int | None:
+    """The iteration of a complete checkpoint directory's name (`iter_0000100`), else None
+    (`iter_0000100.tmp` being written, anything else)."""
+    m = re.fullmatch(r"iter_(\d{7,})", name)
+    return int(m.group(1)) if m else None
 
 
 def shard_dirname(tp_rank: int, pp_rank: int) -> str:

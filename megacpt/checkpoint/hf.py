@@ -45,7 +45,7 @@ from megacpt.checkpoint.format import CheckpointError, atomic_output_dir
 from megacpt.checkpoint.source import Source
 from megacpt.checkpoint.safetensors_io import (SafetensorsError, SafetensorsReader,
                                                SafetensorsWriter, nbytes)
-from megacpt.checkpoint.writer import _progress
+from megacpt.checkpoint.writer import progress_iter
 from megacpt import params
 from megacpt.config import Config, ModelConfig
 from megacpt.parallel.sharding import qkv_from_separate, qkv_to_separate
@@ -357,7 +357,7 @@ def export_hf(source: Source, out_dir: str, dtype: torch.dtype | None = None,
     weight_map = {n: f for f, shard in zip(files, shards) for n, _, _ in shard}
     with atomic_output_dir(out_dir) as tmp:
         shard_i, writer = -1, None
-        for name in _progress(source.names(), progress, "exporting to HF"):
+        for name in progress_iter(source.names(), progress, "exporting to HF"):
             for hf_name, t in hf_tensors(cfg, name, source.get(name)):
                 i = files.index(weight_map[hf_name])
                 if i != shard_i:

@@ -23,6 +23,7 @@ class MegacptSource(Source):
     """Our checkpoint, any layout; validates every shard's tensor list and shapes on open."""
 
     kind = "megacpt"
+    reads_slices = True
 
     def __init__(self, path: str):
         self.iter_dir = fmt.resolve_iter_dir(path)
@@ -88,6 +89,11 @@ class MegacptSource(Source):
                 raise CheckpointError(f"{e} (meta.json says the checkpoint has optimizer "
                                       f"state)") from None
 
+    @property
+    def bytes_read(self) -> int:
+        """Tensor bytes read so far from all shard files (resharding reads only slices)."""
+        return sum(r.bytes_read for r in list(self._model.values()) + list(self._optim.values()))
+
     def stage_of(self, name: str) -> int:
         try:
             return self._stage[name]
@@ -99,9 +105,36 @@ class MegacptSource(Source):
         return sharding.unshard(name, [self._model[(t, p)].get(name) for t in range(self.tp)])
 
     def get_shard(self, name: str, tp: int, tp_rank: int) -> torch.Tensor:
+        """One tp rank's part in a tp-way layout, reading only the bytes it holds."""
+        p = self.stage_of(name)
         if tp == self.tp:
-            return self._model[(tp_rank, self.stage_of(name))].get(name)
-        return super().get_shard(name, tp, tp_rank)
+            return self._model[(tp_rank, p)].get(name)
+        return self._read_part([self._model[(t, p)] for t in range(self.tp)], name, name,
+                               fmt.full_shape(self.cfg.model, name), tp, tp_rank)
+
+    def _read_part(self, readers: list, key: str, name: str, full: tuple, tp: int,
+                   tp_rank: int) -> torch.Tensor:
+        """Part `tp_rank` of `tp` of tensor `key` (split like parameter `name`, full shape
+        `full`) from the saved tp ranks' files `readers`: the ranges each saved part holds
+        (`sharding.segments`) are intersected with the ranges the new part needs, and only
+        the overlaps are read (safetensors slices); the pieces are joined in order."""
+        dim = sharding.split_dim(sharding.shard_kind(name))
+        if dim is None:
+            return readers[0].get(key)
+        _, want = sharding.segments(name, full[dim], tp, tp_rank)
+        have = [sharding.segments(name, full[dim], self.tp, t)[1] for t in range(self.tp)]
+        pieces = []
+        for lo, hi in want:
+            for t, ranges in enumerate(have):
+                offset = 0  # where this saved range starts in rank t's part
+                for slo, shi in ranges:
+                    a, b = max(lo, slo), min(hi, shi)
+                    if a < b:
+                        pieces.append((a, readers[t].get_slice(key, dim, offset + a - slo,
+                                                               offset + b - slo)))
+                    offset += shi - slo
+        pieces.sort(key=lambda x: x[0])
+        return torch.cat([t for _, t in pieces], dim)
 
     def optimizer_entries(self, name: str):
         if not self.has_optimizer:
@@ -130,9 +163,16 @@ class MegacptSource(Source):
         return parts[0]
 
     def optimizer_get_shard(self, name: str, key: str, tp: int, tp_rank: int) -> torch.Tensor:
+        """One tp rank's part of an optimizer state tensor, reading only its bytes."""
+        p = self.stage_of(name)
+        k = f"{name}/{key}"
         if tp == self.tp:
-            return self._optim[(tp_rank, self.stage_of(name))].get(f"{name}/{key}")
-        return super().optimizer_get_shard(name, key, tp, tp_rank)
+            return self._optim[(tp_rank, p)].get(k)
+        readers = [self._optim[(t, p)] for t in range(self.tp)]
+        if tuple(readers[0].shape(k)) != fmt.local_shape(self.cfg.model, name, self.tp):
+            return readers[0].get(k)  # not split like the parameter (e.g. a scalar)
+        return self._read_part(readers, k, name, fmt.full_shape(self.cfg.model, name), tp,
+                               tp_rank)
 
     def optimizer_rest(self) -> dict:
         """The non-tensor optimizer state of every stage, merged (see `merge_rest`)."""

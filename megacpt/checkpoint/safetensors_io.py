@@ -11,9 +11,11 @@ a whole file in memory; converting a checkpoint must not):
     8+N..          the tensors' raw little-endian bytes, C order, back to back, no gaps
 
 `SafetensorsReader` parses the header once and reads a single tensor with seek + readinto
-(no mmap, so pages of tensors already processed do not stay resident). `SafetensorsWriter`
-takes the list of (name, dtype, shape) up front, writes the header, then accepts the tensors
-one by one in that order; the result is loadable by the `safetensors` library.
+(no mmap, so pages of tensors already processed do not stay resident), or only a range of
+one dim of it (`get_slice`: the resharding loader reads just the rows/columns it needs).
+`SafetensorsWriter` takes the list of (name, dtype, shape) up front, writes the header, then
+accepts the tensors one by one in that order; the result is loadable by the `safetensors`
+library.
 """
 from __future__ import annotations
 
@@ -72,6 +74,7 @@ class SafetensorsReader:
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
         self._data_start = 8 + n
         self._entries = header
+        self.bytes_read = 0  # tensor bytes read so far (get / get_slice)
         for name, e in header.items():
             if e.get("dtype") not in DTYPES:
                 raise SafetensorsError(f"{path}: tensor {name!r} has unsupported dtype "
@@ -103,10 +106,36 @@ class SafetensorsReader:
         self._f.seek(self._data_start + begin)
         if self._f.readinto(buf) != len(buf):
             raise SafetensorsError(f"{self.path}: tensor {name!r} is truncated")
+        self.bytes_read += len(buf)
         dtype = DTYPES[e["dtype"]]
         if not buf:
             return torch.empty(e["shape"], dtype=dtype)
         return torch.frombuffer(buf, dtype=dtype).reshape(e["shape"])
+
+    def get_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """`get(name)` narrowed to [start, stop) on `dim`, reading only those bytes: one read
+        when the range is contiguous on disk (dim 0), one per index of the leading dims else."""
+        e = self._entry(name)
+        shape = list(e["shape"])
+        if not 0 <= start <= stop <= shape[dim]:
+            raise SafetensorsError(f"{self.path}: slice {start}:{stop} of dim {dim} is outside "
+                                   f"tensor {name!r} of shape {shape}")
+        dtype = DTYPES[e["dtype"]]
+        item = torch.empty((), dtype=dtype).element_size()
+        outer, inner = math.prod(shape[:dim]), math.prod(shape[dim + 1:]) * item
+        run, stride = (stop - start) * inner, shape[dim] * inner
+        begin = self._data_start + e["data_offsets"][0] + start * inner
+        buf = bytearray(outer * run)
+        view = memoryview(buf)
+        for i in range(outer):  # outer == 1 for dim 0: one read
+            self._f.seek(begin + i * stride)
+            if self._f.readinto(view[i * run: (i + 1) * run]) != run:
+                raise SafetensorsError(f"{self.path}: tensor {name!r} is truncated")
+        self.bytes_read += len(buf)
+        shape[dim] = stop - start
+        if not buf:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
     def _entry(self, name: str) -> dict:
         try:

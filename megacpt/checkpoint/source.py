@@ -35,6 +35,8 @@ class Source(abc.ABC):
     native_tp: int | None = None
     #: data-parallel size of the run that saved it (informational; shards do not depend on it)
     dp: int = 1
+    #: get_shard / optimizer_get_shard read only the part asked for, in any tp (no full tensor)
+    reads_slices: bool = False
 
     def names(self) -> list[str]:
         return params.param_names(self.cfg.model)

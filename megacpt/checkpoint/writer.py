@@ -96,7 +96,7 @@ def _write_shards(source: Source, iter_dir: str, mcfg, tp: int, pp: int, dtype: 
                           for n in names for k, dt, sh, shape in opt_entries[n]]
                     optims[(t, p)] = stack.enter_context(
                         SafetensorsWriter(os.path.join(d, fmt.OPTIM_TENSORS), oe))
-        for name in _progress(fmt.param_names(mcfg), progress, f"writing tp{tp}pp{pp}"):
+        for name in progress_iter(fmt.param_names(mcfg), progress, f"writing tp{tp}pp{pp}"):
             # (a tied embedding under pp > 1 is held by the first and the last stage)
             stages = [p for p, names in stage_names.items() if name in names]
             writers = [models[(t, p)] for p in stages for t in range(tp)]
@@ -116,7 +116,8 @@ def _write_param(source: Source, name: str, writers: list, dtype: torch.dtype,
                  transform: Transform | None, tp: int) -> None:
     """One parameter to its tp shards (writers: tp per stage holding it, in tp order); the
     full tensor dies when this returns."""
-    if transform is None and source.native_tp == tp:  # shards as stored
+    if transform is None and (source.native_tp == tp or source.reads_slices):
+        # shards as stored, or read part by part (the same reads as a resharding --load)
         for k, w in enumerate(writers):
             w.write(name, source.get_shard(name, tp, k % tp).to(dtype))
         return
@@ -129,7 +130,7 @@ def _write_param(source: Source, name: str, writers: list, dtype: torch.dtype,
 
 def _write_optim(source: Source, name: str, key: str, sharded: bool, writers: list,
                  tp: int) -> None:
-    if source.native_tp == tp:
+    if source.native_tp == tp or source.reads_slices:
         for k, w in enumerate(writers):
             w.write(f"{name}/{key}", source.optimizer_get_shard(name, key, tp, k % tp))
         return
@@ -138,7 +139,7 @@ def _write_optim(source: Source, name: str, key: str, sharded: bool, writers: li
         w.write(f"{name}/{key}", sharding.shard(name, full, k % tp, tp) if sharded else full)
 
 
-def _progress(items, enabled: bool, desc: str):
+def progress_iter(items, enabled: bool, desc: str):
     """tqdm when available and enabled, else a log line every ~10% with rate and ETA."""
     if not enabled:
         return items

@@ -54,6 +54,24 @@ def full_shape(name: str, local_shape: torch.Size, tp: int) -> torch.Size:
     return torch.Size(shape)
 
 
+def segments(name: str, size: int, tp: int, tp_rank: int) -> tuple[int | None, list]:
+    """Where rank `tp_rank`'s part lies in the full tensor: (split dim, [(start, stop)] along
+    it, in the order the part holds them); `size` is the full tensor's size on that dim.
+    (None, []) for a replicated parameter. The resharding loader intersects these ranges of
+    a saved layout with those of the new one and reads only the overlap."""
+    kind = shard_kind(name)
+    dim = split_dim(kind)
+    if dim is None:
+        return None, []
+    if kind == GATE_UP:
+        half = size // 2
+        n = half // tp
+        lo = tp_rank * n
+        return dim, [(lo, lo + n), (half + lo, half + lo + n)]
+    n = size // tp
+    return dim, [(tp_rank * n, (tp_rank + 1) * n)]
+
+
 def _chunk(name: str, t: torch.Tensor, dim: int, n: int):
     if t.shape[dim] % n:
         raise ValueError(f"{name}: dim {dim} of shape {tuple(t.shape)} is not divisible by {n}")

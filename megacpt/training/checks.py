@@ -274,29 +274,36 @@ def has_checkpoint(path: str) -> bool:
 
 
 def saved_state(path: str) -> dict:
-    """The `state` dict of the checkpoint `--load` would resume from (meta.json only)."""
-    from megacpt.checkpoint.format import CheckpointError, read_meta, resolve_iter_dir
+    """The `state` dict of the checkpoint `--load` would resume from (meta.json)."""
+    from megacpt.checkpoint.format import CheckpointError
+    from megacpt.checkpoint.reader import MegacptSource
 
     try:
-        return read_meta(resolve_iter_dir(path))["state"]
+        with MegacptSource(path) as src:
+            return src.state
     except CheckpointError as e:
         raise ConfigError(f"--load {path}: {e}") from None
 
 
 def check_resume_layout(path: str, ctx) -> None:
-    """A checkpoint saved in another (tp, pp) layout needs converting first; say how."""
-    from megacpt.checkpoint.checkpointing import convert_command
+    """A checkpoint of any (tp, pp, dp) layout resumes in this one (resharded on load); it
+    must be complete (every shard of its layout, shapes as its config says) and its model
+    must split in this run's layout."""
+    from megacpt.checkpoint.format import CheckpointError
+    from megacpt.checkpoint.reader import MegacptSource
+
+    try:
+        with MegacptSource(path) as src:
+            tp, pp = src.tp, src.pp
+            ctx.check_model(src.cfg.model)
+    except CheckpointError as e:
+        raise ConfigError(f"--load {path}: {e}") from None
+    if (tp, pp) != (ctx.tp, ctx.pp) and ctx.rank == 0:
+        log.info("--load %s: saved in layout tp%dpp%d, resharding to tp%dpp%d", path, tp, pp,
+                 ctx.tp, ctx.pp)
     from megacpt.checkpoint.format import read_meta, resolve_iter_dir
 
-    layout = read_meta(resolve_iter_dir(path))["layout"]
-    tp, pp = int(layout["tp"]), int(layout["pp"])
-    if (tp, pp) != (ctx.tp, ctx.pp):
-        raise ConfigError(
-            f"--load {path} holds a checkpoint in layout tp{tp}pp{pp} but this run is "
-            f"tp{ctx.tp}pp{ctx.pp} (--tensor-model-parallel-size {ctx.tp} "
-            f"--pipeline-model-parallel-size {ctx.pp}); convert it first: "
-            f"{convert_command(path, ctx.tp, ctx.pp)}")
-    vp = int(layout.get("vp", 1))
+    vp = int(read_meta(resolve_iter_dir(path))["layout"].get("vp", 1))
     if vp != ctx.vp:
         raise ConfigError(
             f"--load {path} was saved with {vp} virtual pipeline stage(s) per rank but this run "

@@ -193,6 +193,7 @@ class Trainer:
         #: the newest checkpoint saved outside a streak of skipped (non-finite) steps
         self.last_good_checkpoint: str | None = None
         self._bytes_per_token: dict[str, float | None] = {}  # per validation set
+        self.async_saver = None  # --async-save: an AsyncCheckpointSaver after the first save
         if not self.resumed:  # weights first, so the optimizer's fp32 masters copy them
             self._init_weights()
         self.optimizer = build_optimizer(
@@ -375,14 +376,33 @@ class Trainer:
         state = {"scheduler": self.schedule.state_dict(), "data": self.data.state_dict(),
                  "counters": self.counters.state_dict(), "rng": get_rng_state(),
                  "run_options": asdict(self.opts)}
-        save_checkpoint(self.cfg.checkpoint.save, self.iteration, self.model, self.optimizer,
-                        self.cfg, self.ctx, state)
+        if self.cfg.checkpoint.async_save:
+            self._save_async(state)
+        else:
+            save_checkpoint(self.cfg.checkpoint.save, self.iteration, self.model,
+                            self.optimizer, self.cfg, self.ctx, state)
         self.last_checkpoint = checks.iteration_dir(self.cfg.checkpoint.save, self.iteration)
         if self.nonfinite.consecutive == 0:  # not saved inside a streak of skipped steps
             self.last_good_checkpoint = self.last_checkpoint
-        self._log0("checkpoint of iteration %d took %.1fs", self.iteration,
+        self._log0("checkpoint of iteration %d %s %.2fs", self.iteration,
+                   "blocked training for" if self.cfg.checkpoint.async_save else "took",
                    time.perf_counter() - start)
         return self.last_checkpoint
+
+    def _save_async(self, state: dict) -> None:
+        """--async-save: snapshot now, write in the background (the previous one finished)."""
+        from megacpt.checkpoint.async_save import AsyncCheckpointSaver
+
+        if self.async_saver is None:
+            timeout = 60 * self.cfg.parallel.distributed_timeout_minutes
+            self.async_saver = AsyncCheckpointSaver(self.ctx, timeout)
+        self.async_saver.save(self.cfg.checkpoint.save, self.iteration, self.model,
+                              self.optimizer, self.cfg, state)
+
+    def finish_saves(self, collective: bool = True) -> None:
+        """Wait for an --async-save still in flight (end of run, after a SIGTERM's save)."""
+        if self.async_saver is not None:
+            self.async_saver.finish(collective)
 
     # ----- the loop -----
     def run(self, preempt: PreemptionHandler | None = None) -> TrainResult:
@@ -413,6 +433,11 @@ class Trainer:
                     if stop:
                         result.reason = stop
                         break
+                watchdog.beat("finishing the checkpoint save in flight")
+                self.finish_saves()
+        except BaseException:
+            self.finish_saves(collective=False)  # let the write end; no collectives now
+            raise
         finally:
             self.metrics.close()
         result.iteration = self.iteration

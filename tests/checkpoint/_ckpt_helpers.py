@@ -112,6 +112,33 @@ def resume_worker(tmp: str, steps: int, k: int, hf: tuple) -> dict:
     return out
 
 
+#: resharding on --load: saved layout -> {target: (tp, pp, ZeRO-1)}, all on 4 ranks
+RESHARD_CASES = {
+    "tp2dp2_zero1": ((2, 1, True), {"tp1pp1": (1, 1, False), "tp1pp2": (1, 2, False),
+                                    "tp2pp2": (2, 2, False), "dp4_zero1": (1, 1, True)}),
+    "pp2dp2": ((1, 2, False), {"tp2": (2, 1, False)}),
+}
+#: saved layouts whose run also uses --async-save (4 ranks writing in background threads)
+ASYNC_SOURCES = ("pp2dp2",)
+
+
+def reshard_worker(tmp: str, steps: int, k: int) -> dict:
+    """For each saved layout of RESHARD_CASES: the trainer runs `steps` steps saving at step
+    k (the reference losses), then each target layout resumes from that step-k checkpoint
+    with a plain `--load` (resharded on load) and runs on to `steps`."""
+    out = {}
+    for src, ((tp, pp, zero1), targets) in RESHARD_CASES.items():
+        d = os.path.join(tmp, src)
+        z = ["--use-distributed-optimizer"] if zero1 else []
+        z += ["--async-save"] if src in ASYNC_SOURCES else []
+        out[src] = _train(tp, pp, steps, ["--save", d, "--save-interval", str(k)] + z)
+        for name, (ttp, tpp, tz) in targets.items():
+            load = ["--load", os.path.join(d, f"iter_{k:07d}")]
+            out[f"{src}->{name}"] = _train(ttp, tpp, steps, load + (
+                ["--use-distributed-optimizer"] if tz else []))
+    return out
+
+
 # ----- tokenizers and corpora for the vocabulary tests -----
 
 SOURCE_WORDS = ["the", "house", "of", "river", "green", "water", "stone", "light", "people",

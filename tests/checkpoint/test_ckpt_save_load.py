@@ -78,13 +78,10 @@ def test_crash_mid_save_keeps_previous_checkpoint(cfg, batches, tmp_path, monkey
 def test_layout_and_model_mismatch_errors(cfg, tmp_path):
     ctx, model, opt = build(cfg, 1, 1)
     save_checkpoint(str(tmp_path), 3, model, None, cfg, ctx, {"data": {}})
-    fake_tp2 = ParallelContext(tp=2, pp=1, dp=1, world_size=2)
-    with pytest.raises(CheckpointError) as e:
+    fake_tp2 = ParallelContext(tp=2, pp=1, dp=1, world_size=2)  # a tp1 model in a tp2 context
+    with pytest.raises(CheckpointError, match=r"'embedding.weight' gives shape \(128, 32\) at "
+                                              r"tp2, the model expects \(256, 32\)"):
         load_checkpoint(str(tmp_path), model, None, cfg, fake_tp2)
-    msg = str(e.value)
-    assert "tp1pp1" in msg and "tp2pp1" in msg
-    assert "tools/convert_checkpoint.py --load-dir" in msg
-    assert "--target-tensor-parallel-size 2" in msg
     with pytest.raises(CheckpointError, match="has no optimizer state"):
         load_checkpoint(str(tmp_path), model, opt, cfg, ctx)
     other = tiny_config(num_layers=2, ffn_hidden_size=96)
@@ -116,7 +113,7 @@ def test_damaged_shards_are_named(cfg, tmp_path):
         load_checkpoint(str(tmp_path), model, None, cfg, ctx)  # refused before any shape check
     unverified = copy.deepcopy(cfg)
     unverified.checkpoint.verify_checksums = False
-    with pytest.raises(CheckpointError, match=r"has shape \(32, 65\), the model expects"):
+    with pytest.raises(CheckpointError, match=r"down.weight' has shape \(32, 65\) but the config"):
         load_checkpoint(str(tmp_path), model, None, unverified, ctx)
     data = open(f, "rb").read()
     open(f, "wb").write(data[: len(data) // 2])

@@ -1,0 +1,121 @@
+"""--async-save (snapshot, background write, atomic publication) and --keep-last-checkpoints."""
+import os
+import threading
+
+import pytest
+import torch
+
+from _ckpt_helpers import build, fake_state, tiny_config
+from megacpt.checkpoint import CheckpointError, checkpointing, load_checkpoint, save_checkpoint
+from megacpt.checkpoint.async_save import AsyncCheckpointSaver
+from megacpt.checkpoint.checkpointing import prune_checkpoints
+from megacpt.checkpoint.format import TRACKER, read_tracker
+from megacpt.checkpoint.reader import MegacptSource
+
+
+@pytest.fixture
+def setup():
+    cfg = tiny_config(num_layers=2)
+    ctx, model, opt = build(cfg, 1, 1, seed=5)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step(1e-2)
+    return cfg, ctx, model, opt
+
+
+def _dirs(path):
+    return sorted(e for e in os.listdir(path) if e.startswith("iter_"))
+
+
+def test_async_save_writes_the_snapshot_and_publishes_only_when_complete(
+        setup, tmp_path, monkeypatch):
+    cfg, ctx, model, opt = setup
+    save_checkpoint(str(tmp_path), 1, model, opt, cfg, ctx, fake_state(1))
+    want = {n: p.detach().clone() for n, p in model.named_parameters()}
+    want_opt = {n: {k: v.clone() for k, v in e.items()} for n, e in
+                opt.state_dict()["state"].items()}
+    gate, real = threading.Event(), checkpointing.save_tensors
+
+    def slow_save(*a, **k):  # the background write waits until the test lets it go
+        assert gate.wait(60)
+        return real(*a, **k)
+    monkeypatch.setattr(checkpointing, "save_tensors", slow_save)
+    saver = AsyncCheckpointSaver(ctx)
+    final = saver.save(str(tmp_path), 2, model, opt, cfg, fake_state(2))
+    assert saver.in_flight
+    with torch.no_grad():  # training goes on and changes everything meanwhile
+        for p in model.parameters():
+            p.add_(1.0)
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step(1e-2)
+    assert read_tracker(str(tmp_path)) == 1 and not os.path.exists(final)  # not yet published
+    gate.set()
+    saver.finish()
+    assert read_tracker(str(tmp_path)) == 2 and _dirs(tmp_path) == ["iter_0000001",
+                                                                   "iter_0000002"]
+    assert not os.path.exists(os.path.join(final, ".async"))
+    with MegacptSource(final) as src:  # the state at snapshot time, not the changed one
+        for n, t in want.items():
+            assert torch.equal(src.get(n), t), n
+        for n, entry in want_opt.items():
+            for k, t in entry.items():
+                assert torch.equal(src.optimizer_get(n, k), t), (n, k)
+    it, state = load_checkpoint(str(tmp_path), model, opt, cfg, ctx)
+    assert it == 2 and state["scheduler"]["num_steps"] == 2
+
+
+def test_failed_async_save_keeps_the_previous_checkpoint(setup, tmp_path, monkeypatch):
+    cfg, ctx, model, opt = setup
+    saver = AsyncCheckpointSaver(ctx)
+    saver.save(str(tmp_path), 1, model, opt, cfg, fake_state(1))
+    saver.finish()
+
+    def disk_full(*a, **k):
+        raise OSError("No space left on device")
+    monkeypatch.setattr(checkpointing, "save_tensors", disk_full)
+    saver.save(str(tmp_path), 2, model, opt, cfg, fake_state(2))
+    with pytest.raises(CheckpointError, match="No space left on device"):
+        saver.finish()
+    assert read_tracker(str(tmp_path)) == 1 and _dirs(tmp_path) == ["iter_0000001"]
+    saver.finish()  # nothing in flight any more
+
+
+def test_retention_keeps_the_newest_and_the_tracked(setup, tmp_path):
+    cfg, ctx, model, opt = setup
+    cfg.checkpoint.keep_last_checkpoints = 2
+    for it in range(1, 5):
+        save_checkpoint(str(tmp_path), it, model, None, cfg, ctx, {})
+    assert _dirs(tmp_path) == ["iter_0000003", "iter_0000004"]
+    os.makedirs(tmp_path / "iter_0000009.tmp")  # a save being written is never a candidate
+    (tmp_path / TRACKER).write_text("3\n")  # the tracker names the older one: it stays
+    assert prune_checkpoints(str(tmp_path), 1) == []
+    (tmp_path / TRACKER).write_text("4\n")
+    assert prune_checkpoints(str(tmp_path), 1) == [3]
+    assert _dirs(tmp_path) == ["iter_0000004", "iter_0000009.tmp"]
+
+
+@pytest.mark.gpu
+def test_async_save_from_gpu_snapshots_into_pinned_buffers(tmp_path):
+    from megacpt.model.llama import LlamaModel
+    from megacpt.parallel.context import ParallelContext
+    from megacpt.parallel.optimizer import build_optimizer
+
+    cfg = tiny_config(num_layers=2)
+    ctx = ParallelContext.single("cuda")
+    model = LlamaModel(cfg.model, ctx, device="cuda", seed=5)
+    opt = build_optimizer(model, cfg.optim, ctx)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step(1e-2)
+    want = {n: p.detach().cpu() for n, p in model.named_parameters()}
+    saver = AsyncCheckpointSaver(ctx)
+    saver.save(str(tmp_path), 1, model, opt, cfg, fake_state(1))
+    assert all(b.is_pinned() for b in saver.buffers._bufs.values())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(-1.0)
+    saver.finish()
+    with MegacptSource(str(tmp_path)) as src:
+        for n, t in want.items():
+            assert torch.equal(src.get(n), t), n
