@@ -13,6 +13,8 @@ linear's backward does `main_grad += dy^T x` itself:
   device shows this torch build computes it correctly in place; else
 - `main_grad.add_(dy^T @ x)` (the GEMM in the parameter's dtype, then the fp32 add).
 
+The step's first gradient (`weight.main_grad_empty`, set by `GradBuffer.zero()`) is written
+instead of added (beta = 0, or a copy), so the buffer needs no memset between steps.
 `wgrad_path(device, dtype)` says which one runs. Backward then returns a placeholder gradient
 (uninitialised, from the caching allocator) and marks `weight.grad_added_to_main_grad`, so
 autograd still calls the hook - which keeps counting the bucket's ready parameters and starts
@@ -44,12 +46,16 @@ def _out_dtype_works(device: torch.device, dtype: torch.dtype) -> bool:
     b = torch.randn(67, 48, device=device, generator=gen).to(dtype)  # [n, in]
     acc = torch.randn(96, 48, device=device, generator=gen)  # fp32 [out, in]
     want = acc + a.float().t() @ b.float()
+    fresh = torch.full_like(acc, float("nan"))  # beta=0 (a step's first gradient) ignores it
     try:
         torch.addmm(acc, a.t(), b, out_dtype=torch.float32, out=acc)
+        torch.addmm(fresh, a.t(), b, beta=0.0, out_dtype=torch.float32, out=fresh)
     except (RuntimeError, TypeError) as exc:  # NotImplementedError is a RuntimeError
         log.info("gradient-accumulation fusion: addmm out_dtype unavailable (%s)", exc)
         return False
-    ok = bool(torch.allclose(acc, want, rtol=1e-3, atol=1e-3))
+    product = a.float().t() @ b.float()
+    ok = bool(torch.allclose(acc, want, rtol=1e-3, atol=1e-3)) and bool(
+        torch.allclose(fresh, product, rtol=1e-3, atol=1e-3))
     if not ok:
         log.warning("gradient-accumulation fusion: addmm out_dtype gave wrong results on %s; "
                     "using mm + add_", device)
@@ -65,13 +71,18 @@ def wgrad_path(device: torch.device, dtype: torch.dtype) -> str:
     return "mm + add_"
 
 
-def accumulate_wgrad(main_grad: torch.Tensor, dy2: torch.Tensor, x2: torch.Tensor) -> None:
-    """main_grad [out, in] fp32 += dy2^T @ x2, with dy2 [n, out] and x2 [n, in]."""
+def accumulate_wgrad(main_grad: torch.Tensor, dy2: torch.Tensor, x2: torch.Tensor,
+                     overwrite: bool = False) -> None:
+    """main_grad [out, in] fp32 += dy2^T @ x2, with dy2 [n, out] and x2 [n, in]; with
+    `overwrite`, main_grad = dy2^T @ x2 (its old values, NaN included, are ignored: beta=0)."""
     path = wgrad_path(dy2.device, dy2.dtype)
+    beta = 0.0 if overwrite else 1.0
     if path == "addmm_":
-        main_grad.addmm_(dy2.t(), x2)
+        main_grad.addmm_(dy2.t(), x2, beta=beta)
     elif path == "addmm out_dtype":
-        torch.addmm(main_grad, dy2.t(), x2, out_dtype=torch.float32, out=main_grad)
+        torch.addmm(main_grad, dy2.t(), x2, beta=beta, out_dtype=torch.float32, out=main_grad)
+    elif overwrite:
+        main_grad.copy_(dy2.t() @ x2)
     else:
         main_grad.add_(dy2.t() @ x2)
 
@@ -95,8 +106,9 @@ class _LinearFusedWGrad(torch.autograd.Function):
             return dx, None
         dy2 = dy.reshape(-1, dy.shape[-1])  # [n, out]
         x2 = x.reshape(-1, x.shape[-1])  # [n, in]
-        accumulate_wgrad(ctx.param.main_grad, dy2, x2)
-        ctx.param.grad_added_to_main_grad = True
+        p = ctx.param
+        accumulate_wgrad(p.main_grad, dy2, x2, overwrite=getattr(p, "main_grad_empty", False))
+        p.grad_added_to_main_grad, p.main_grad_empty = True, False
         # a placeholder for autograd to hand to the GradBuffer hook, which ignores its values
         return dx, torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
 
