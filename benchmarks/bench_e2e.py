@@ -42,7 +42,8 @@ exists (Linux /proc high-water mark).
 Rows (benchmarks/common.py file format): {"model", "impl", "dtype", "seq", "micro_batch",
 "accum", "tokens_per_sec", "tflops", "mfu", "peak_mem_gb", "ms_per_step", "rep_ms", "reps",
 "build_s", "warmup_s", "loss", "recompute", "ce_chunk_tokens", "notes", "error",
-"timed_out"}; impl in megacpt (Triton kernels where they run) | megacpt+compile |
+"timed_out", "min_ms", "speedup_vs_hf_paired"} (the last: median over rounds of hf's time /
+this row's, when hf ran in the same interleaved rounds; > 1 means faster than hf); impl in megacpt (Triton kernels where they run) | megacpt+compile |
 megacpt-kernels (torch references instead of the Triton kernels) | hf | hf+compile |
 hf+liger. TFLOP/s come from the one FLOPs formula (`ModelConfig.flops_per_token`), MFU from the
 device's dense bf16 peak (`megacpt.hardware`). With `--profile N` the megacpt impls also run N
@@ -250,6 +251,8 @@ class Impl:
         try:
             if self.device.type == "cuda":
                 peak = self.resident + max(step_peak_bytes(self.step, self.device), 0)
+            elif not self.args.cpu_memory:
+                peak = None
             else:
                 left = self.args.time_limit_s - self.spent
                 t0 = time.perf_counter()
@@ -257,7 +260,7 @@ class Impl:
                     peak = cpu_peak_bytes(self, left)
                 finally:
                     self.spent += time.perf_counter() - t0
-            self.row["peak_mem_gb"] = peak / 2**30
+            self.row["peak_mem_gb"] = None if peak is None else peak / 2**30
             if self.args.profile and self.name.startswith("megacpt"):
                 from benchmarks.e2e_steps import profile_steps
 
@@ -288,10 +291,25 @@ class Impl:
             return
         mfu = f"{r['mfu']:.3f}" if r["mfu"] is not None else "n/a"
         mem = f"{r['peak_mem_gb']:.2f} GiB" if r["peak_mem_gb"] is not None else "n/a"
+        vs = r.get("speedup_vs_hf_paired")
+        vs = f", {vs:.3f}x hf paired" if vs is not None and self.name != "hf" else ""
         print(f"{self.name:16s} {self.dtype_name:5s} mb={self.mb:<3d} "
               f"{r['tokens_per_sec']:10.0f} tok/s {r['tflops']:7.2f} TFLOP/s MFU {mfu} "
-              f"peak {mem} ({r['reps']} reps, median {r['ms_per_step']:.0f} ms/step)",
+              f"peak {mem} ({r['reps']} reps, median {r['ms_per_step']:.0f} ms/step{vs})",
               flush=True)
+
+
+def paired_speedups(group: list[Impl], ref: str = "hf") -> None:
+    """Fill each row's "min_ms" and, when `ref` ran in the same rounds (interleaved),
+    "speedup_vs_hf_paired": the median over rounds of ref's time / this impl's time - on a
+    shared machine the robust comparison, as both saw the same load within a round."""
+    base = next((i.row for i in group if i.name == ref), None)
+    for impl in group:
+        r = impl.row
+        r["min_ms"] = min(r["rep_ms"]) if r["rep_ms"] else None
+        pairs = list(zip(base["rep_ms"], r["rep_ms"])) if base is not None else []
+        if pairs and len(base["rep_ms"]) == len(r["rep_ms"]):
+            r["speedup_vs_hf_paired"] = statistics.median(b / m for b, m in pairs)
 
 
 def parse_args(argv=None):
@@ -321,6 +339,9 @@ def parse_args(argv=None):
                    help="megacpt: LM head + loss this many tokens at a time (0: whole)")
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
                    help="profile the megacpt impls for this many steps (0: off)")
+    p.add_argument("--cpu-memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="CPU: measure peak memory in a spawned probe (one more build and "
+                        "warm-up per row)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU: torch threads (default: torch's; on a shared machine 1 avoids "
                         "OpenMP spin-waits against other jobs)")
@@ -368,6 +389,8 @@ def main(argv=None) -> str:
     rows, profile_rows = [], []
 
     def save() -> None:
+        for group in groups:
+            paired_speedups(group)
         extra = {"profile": profile_rows} if args.profile else {}
         extra["settings"] = {"interleave": interleave, "reps": args.reps, "steps": args.steps,
                              "threads": torch.get_num_threads(),
@@ -397,8 +420,8 @@ def main(argv=None) -> str:
             for impl in run:
                 if impl.alive:
                     impl.finish(profile_rows)
-                impl.report()
                 save()
+                impl.report()
     print(f"wrote {out}")
     return out
 

@@ -41,7 +41,6 @@ def test_dry_run_runs_every_stage(tmp_path):
     assert set(e2e) == {"megacpt", "hf", "hf+liger"}
     for impl in ("megacpt", "hf"):
         assert e2e[impl]["error"] is None and e2e[impl]["tokens_per_sec"] > 0, e2e[impl]
-        assert e2e[impl]["peak_mem_gb"] > 0
     assert e2e["hf+liger"]["error"] or e2e["hf+liger"]["tokens_per_sec"]
     with tarfile.open(out / "logs.tar.gz") as tar:
         names = {os.path.basename(n) for n in tar.getnames()}

@@ -30,6 +30,11 @@ def test_quick_run_rows_and_profile(tmp_path, monkeypatch):
         # one FLOPs formula for both: the ratio of TFLOP/s equals the ratio of tokens/s
         assert r["tflops"] / r["tokens_per_sec"] == pytest.approx(
             rows[0]["tflops"] / rows[0]["tokens_per_sec"])
+    # interleaved (CPU default): paired comparison with hf from the same rounds
+    ratio = rows[1]["ms_per_step"] / rows[0]["ms_per_step"]
+    assert rows[0]["speedup_vs_hf_paired"] == pytest.approx(ratio)
+    assert rows[1]["speedup_vs_hf_paired"] == 1.0
+    assert all(r["min_ms"] == min(r["rep_ms"]) and r["peak_mem_gb"] > 0 for r in rows)
     prof = payload["profile"]
     assert prof and {p["impl"] for p in prof} == {"megacpt"}
     assert sum(p["pct"] for p in prof) <= 100.0 + 1e-6
