@@ -11,7 +11,12 @@ linear's backward does `main_grad += dy^T x` itself:
 - half parameters on CUDA: one GEMM with bf16/fp16 inputs accumulating into fp32
   (`torch.addmm(..., out_dtype=torch.float32, out=main_grad)`), when a one-time probe on the
   device shows this torch build computes it correctly in place; else
-- `main_grad.add_(dy^T @ x)` (the GEMM in the parameter's dtype, then the fp32 add).
+- `main_grad.add_(dy^T @ x)` (the GEMM in the parameter's dtype, then the fp32 add);
+- half parameters on CPU: `main_grad.addmm_(dy^T.float(), x.float())`, the same product
+  accumulated in fp32 (as on CUDA), because CPUs without bf16 instructions run bf16 GEMMs in
+  a fallback many times slower than fp32 (profile at 49M: the backward GEMMs were ~90% of a
+  bf16 step). The input-gradient GEMM `dy @ W` is upcast the same way on CPU and rounded
+  once to the parameter's dtype (what the bf16 GEMM's fp32 accumulation gives too).
 
 The step's first gradient (`weight.main_grad_empty`, set by `GradBuffer.zero()`) is written
 instead of added (beta = 0, or a copy), so the buffer needs no memset between steps.
@@ -35,7 +40,7 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-PATHS = ("addmm_", "addmm out_dtype", "mm + add_")
+PATHS = ("addmm_", "addmm out_dtype", "mm + add_", "upcast addmm_")
 
 
 @functools.lru_cache(maxsize=None)
@@ -66,6 +71,8 @@ def wgrad_path(device: torch.device, dtype: torch.dtype) -> str:
     """Which of PATHS `accumulate_wgrad` takes for parameters of `dtype` on `device`."""
     if dtype == torch.float32:
         return "addmm_"
+    if torch.device(device).type == "cpu":
+        return "upcast addmm_"
     if torch.device(device).type == "cuda" and _out_dtype_works(torch.device(device), dtype):
         return "addmm out_dtype"
     return "mm + add_"
@@ -79,6 +86,8 @@ def accumulate_wgrad(main_grad: torch.Tensor, dy2: torch.Tensor, x2: torch.Tenso
     beta = 0.0 if overwrite else 1.0
     if path == "addmm_":
         main_grad.addmm_(dy2.t(), x2, beta=beta)
+    elif path == "upcast addmm_":
+        main_grad.addmm_(dy2.t().float(), x2.float(), beta=beta)
     elif path == "addmm out_dtype":
         torch.addmm(main_grad, dy2.t(), x2, beta=beta, out_dtype=torch.float32, out=main_grad)
     elif overwrite:
@@ -101,7 +110,12 @@ class _LinearFusedWGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x, weight = ctx.saved_tensors
-        dx = dy @ weight if ctx.needs_input_grad[0] else None  # [..., in]
+        dx = None
+        if ctx.needs_input_grad[0]:
+            if dy.device.type == "cpu" and dy.dtype != torch.float32:  # see module docstring
+                dx = (dy.float() @ weight.float()).to(dy.dtype)  # [..., in]
+            else:
+                dx = dy @ weight  # [..., in]
         if not ctx.needs_input_grad[1]:
             return dx, None
         dy2 = dy.reshape(-1, dy.shape[-1])  # [n, out]
