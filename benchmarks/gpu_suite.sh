@@ -69,7 +69,7 @@ if [ "$dry" = 0 ] && ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH=/tmp/megacpt-site${PYTHONPATH:+:$PYTHONPATH} \
     || note "wheel install failed (see wheels.log)"
 fi
-if ! $PY -c "import megacpt.kernels" >/dev/null 2>&1; then
+if [ "$dry" = 0 ] && ! $PY -c "import megacpt.kernels" >/dev/null 2>&1; then
   # megacpt.kernels lives in kernels/ (setup.py package_dir): an install maps it; where pip
   # can't build offline, a link in this (throwaway) copy of the tree does the same
   if ! $PY -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$logs/install.log" 2>&1; then
