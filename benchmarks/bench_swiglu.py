@@ -8,7 +8,10 @@ Two ops are measured:
 - "swiglu": silu(gate) * up with separate gate, up [rows, ffn] (impls megacpt, torch,
   compile, liger);
 - "swiglu_fused": the same on one gate_up [rows, 2 * ffn] tensor, gate | up halves
-  (impls megacpt, torch, compile; Liger has no fused-input op).
+  (impls megacpt, torch, compile, liger: Liger's `LigerFusedGateUpSiLUMulFunction`, the
+  fused gate-up op of its Megatron integration, out of place like ours).
+An implementation that fails on this machine (Liger missing, or its Triton kernels unable to
+run on CPU) gets a row {"op", "rows", "hidden", "dtype", "impl", "error"} and the run goes on.
 
 Result rows (benchmarks/common.write_results("swiglu", rows)), "hidden" holding ffn:
     {"op": "swiglu" | "swiglu_fused", "pass": "fwd" | "bwd" | "fwd+bwd", "rows": int,
@@ -48,6 +51,12 @@ def _impls(names: list[str]) -> dict:
             print(f"liger skipped: {exc}")
         else:
             table[("swiglu", "liger")] = LigerSiLUMulFunction.apply
+            try:
+                from liger_kernel.ops.swiglu import LigerFusedGateUpSiLUMulFunction
+            except ImportError as exc:  # older Liger: no fused gate-up op
+                print(f"liger swiglu_fused skipped: {exc}")
+            else:
+                table[("swiglu_fused", "liger")] = LigerFusedGateUpSiLUMulFunction.apply
     return {key: fn for key, fn in table.items() if key[1] in names}
 
 
@@ -96,11 +105,18 @@ def main(argv=None) -> str:
     for op, n_rows, ffn, name in tqdm(configs, desc="swiglu", unit="cfg"):
         fn = impls[(op, name)]
         inputs, dout = _inputs(op, n_rows, ffn, dtype, device)
-        if name == "megacpt":
-            check_against_reference(fn, refs[op], inputs, dout, f"{op} {n_rows}x{ffn}")
-        times = measure(fn, inputs, dout, timer, args.warmup, args.iters)
         base = {"op": op, "rows": n_rows, "hidden": ffn,
                 "dtype": str(dtype).replace("torch.", ""), "impl": name}
+        try:
+            if name in ("megacpt", "liger"):
+                check_against_reference(fn, refs[op], inputs, dout, f"{op} {n_rows}x{ffn}")
+            times = measure(fn, inputs, dout, timer, args.warmup, args.iters)
+        except Exception as exc:  # noqa: BLE001 - e.g. Liger's kernels on CPU: record, go on
+            if name == "megacpt":
+                raise
+            print(f"{op} {name} {n_rows}x{ffn} failed: {type(exc).__name__}: {str(exc)[:200]}")
+            rows_out.append({**base, "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+            continue
         rows_out += pass_rows(base, times, ideal_bytes(n_rows, ffn, inputs[0].element_size()),
                               copy_bw)
         del inputs, dout, times

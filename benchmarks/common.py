@@ -15,6 +15,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import re
 import shlex
 import sys
 import time
@@ -80,10 +81,29 @@ def copy_bandwidth_gbps(nbytes: int = 1 << 30) -> float:
     return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
 
 
+def hf_imports() -> None:
+    """Import transformers' llama model with this repository's root off sys.path: its
+    `kernels/` directory (installed as megacpt.kernels) would otherwise shadow the PyPI
+    `kernels` package that transformers probes for, and the import fails."""
+    import importlib
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    saved = list(sys.path)
+    shadow = sys.modules.get("kernels")
+    if shadow is not None and os.path.dirname(getattr(shadow, "__file__", "") or "") == \
+            os.path.join(root, "kernels"):
+        del sys.modules["kernels"]
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != root]
+    try:
+        importlib.import_module("transformers.models.llama.modeling_llama")
+    finally:
+        sys.path[:] = saved
+
+
 def write_results(benchmark: str, rows: list[dict], out: str | None = None,
-                  extra: dict | None = None) -> str:
-    """Write the result JSON and return its path; `extra` adds benchmark-specific top-level
-    keys (e.g. bench_e2e's "profile")."""
+                  extra: dict | None = None, quiet: bool = False) -> str:
+    """Write the result JSON (atomically: a reader never sees half a file) and return its
+    path; `extra` adds benchmark-specific top-level keys (e.g. bench_e2e's "profile")."""
     payload = {
         "benchmark": benchmark,
         "device": device_name(),
@@ -96,9 +116,13 @@ def write_results(benchmark: str, rows: list[dict], out: str | None = None,
     if out is None:
         os.makedirs(RESULTS_DIR, exist_ok=True)
         tag = payload["device"].replace(" ", "_").replace(":", "").replace("/", "_")[:40]
+        tag = re.sub(r"[^A-Za-z0-9._-]+", "_", tag)  # letters, digits, . _ - only
         out = os.path.join(RESULTS_DIR, f"{benchmark}-{tag}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
+    tmp = f"{out}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
         json.dump(payload, f, indent=1)
-    print(f"wrote {out}")
+    os.replace(tmp, out)
+    if not quiet:
+        print(f"wrote {out}")
     return out

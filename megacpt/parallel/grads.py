@@ -31,6 +31,12 @@ Split backward (the ZB-H1 schedule): between `begin_wgrad_deferral()` and
 final)` later adds the weight gradients (the W pass) and counts them, so a bucket's reduction
 starts only when the last micro-batch's W has run.
 
+Reset without a memset: `zero()` only marks every parameter `main_grad_empty = True`; the
+first gradient of the step is then written into `main_grad` (copied, or the fused GEMM
+with beta = 0) instead of added to zeros, and `finish()` zeroes the main grads of parameters
+that got no gradient at all. So between `zero()` and a parameter's first gradient its
+`main_grad` holds stale values; read main grads after `forward_backward` (or `finish()`).
+
 `finish()` waits for every bucket, then all-reduces over tp the gradients of parameters marked
 `sequence_parallel=True` (norm weights under sequence parallelism see only s/tp tokens). The
 schedule calls it when the step's backward is done, so after `forward_backward` the main
@@ -129,6 +135,7 @@ class GradBuffer:
                 view = b.grad[off: off + p.numel()].view(p.shape)
                 p.main_grad = view
                 p.fuse_wgrad, p.grad_added_to_main_grad = fuse_wgrad, False
+                p.main_grad_empty = True  # the next gradient is written, not added
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(b, view)))
         self._backend = dist.get_backend(ctx.dp_group) if ctx.dp_group is not None else None
 
@@ -140,8 +147,11 @@ class GradBuffer:
                 return
             if p.grad_added_to_main_grad:  # the fused linear backward already added it
                 p.grad_added_to_main_grad = False
+            elif p.main_grad_empty:
+                view.copy_(p.grad)  # fp32 = grad: the step's first gradient
             else:
                 view.add_(p.grad)  # fp32 += grad (any dtype)
+            p.main_grad_empty = False
             p.grad = None
             if self.final_backward:
                 bucket.ready += 1
@@ -168,7 +178,8 @@ class GradBuffer:
         from megacpt.parallel.wgrad import accumulate_wgrad
 
         for p, dy2, x2 in entries:
-            accumulate_wgrad(p.main_grad, dy2, x2)
+            accumulate_wgrad(p.main_grad, dy2, x2, overwrite=p.main_grad_empty)
+            p.main_grad_empty = False
             if final:
                 bucket = self.buckets[self.location[p.grad_name][0]]
                 bucket.ready += 1
@@ -210,6 +221,11 @@ class GradBuffer:
         if self.finished:
             return
         for b in self.buckets:
+            if not b.launched:  # launched buckets had every gradient; others may have holes
+                for p in b.params:
+                    if p.main_grad_empty:  # no gradient this step: its main grad is zero
+                        p.main_grad.zero_()
+                        p.main_grad_empty = False
             if b.held and self.tied_group is not None:  # first + last stage's tied copies
                 dist.all_reduce(b.grad, group=self.tied_group)
             self._launch(b)  # buckets not started during backward (e.g. unused parameters)
@@ -234,12 +250,14 @@ class GradBuffer:
             v.copy_(part.view_as(v))
 
     def zero(self) -> None:
-        """Clear every main gradient and the per-step bucket state."""
+        """Clear every main gradient (lazily: see the module docstring) and the per-step
+        bucket state."""
         for b in self.buckets:
             if b.work is not None:  # a reduction still in flight must not write later
                 b.work.wait()
                 b.work = None
-            b.grad.zero_()
+            for p in b.params:
+                p.main_grad_empty = True
             b.ready, b.launched = 0, False
         self.final_backward = self.finished = False
 

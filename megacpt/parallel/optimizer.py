@@ -18,6 +18,9 @@
 The math is torch's own AdamW kernel, called through its functional form
 (`torch.optim.adamw.adamw`): the fused CUDA kernel on GPU (equivalent to Apex FusedAdam, which
 is therefore not needed), the foreach kernel on CPU; `MegaOptimizer.impl` says which. The
+foreach kernel allocates temporaries the size of its whole tensor list, so it is called on
+groups of at most `FOREACH_GROUP_ELEMS` elements (a bounded extra peak, not one more copy of
+the model). The
 functional form keeps the state in this class (flat ZeRO-1 pieces need no torch.optim param
 bookkeeping) and avoids torch.optim's compile machinery at start-up.
 
@@ -50,6 +53,22 @@ from megacpt.parallel.context import ParallelContext
 from megacpt.parallel.grads import GradBuffer, Piece
 
 log = logging.getLogger(__name__)
+
+#: the non-fused (foreach) AdamW runs on groups of at most this many elements (32 MiB fp32)
+FOREACH_GROUP_ELEMS = 1 << 23
+
+
+def _groups(idx: list[int], sizes: list[int], limit: int) -> list[list[int]]:
+    """Split `idx` into consecutive groups whose `sizes` sum to at most `limit` (a larger
+    tensor forms a group of its own)."""
+    out, cur, total = [], [], 0
+    for i in idx:
+        if cur and total + sizes[i] > limit:
+            out.append(cur)
+            cur, total = [], 0
+        cur.append(i)
+        total += sizes[i]
+    return out + ([cur] if cur else [])
 
 
 def clip_coefficient(grad_norm: float, max_norm: float) -> float:
@@ -171,15 +190,15 @@ class MegaOptimizer:
         coef = clip_coefficient(norm, self.cfg.clip_grad)
         if coef < 1.0 and grads:
             torch._foreach_mul_(grads, coef)
+        sizes = [m.numel() for m in self.masters]
+        limit = sum(sizes) if self.kernel.get("fused") else FOREACH_GROUP_ELEMS
         for decay in (True, False):
-            idx = [i for i, d in enumerate(self.decay) if d == decay]
-            if not idx:
-                continue
-            adamw([self.masters[i] for i in idx], [grads[i] for i in idx],
-                  [self.exp_avg[i] for i in idx], [self.exp_avg_sq[i] for i in idx], [],
-                  [self.steps[i] for i in idx], amsgrad=False, beta1=self.cfg.adam_beta1,
-                  beta2=self.cfg.adam_beta2, lr=lr, eps=self.cfg.adam_eps, maximize=False,
-                  weight_decay=self.cfg.weight_decay if decay else 0.0, **self.kernel)
+            for idx in _groups([i for i, d in enumerate(self.decay) if d == decay], sizes, limit):
+                adamw([self.masters[i] for i in idx], [grads[i] for i in idx],
+                      [self.exp_avg[i] for i in idx], [self.exp_avg_sq[i] for i in idx], [],
+                      [self.steps[i] for i in idx], amsgrad=False, beta1=self.cfg.adam_beta1,
+                      beta2=self.cfg.adam_beta2, lr=lr, eps=self.cfg.adam_eps, maximize=False,
+                      weight_decay=self.cfg.weight_decay if decay else 0.0, **self.kernel)
         self._write_back()
         self.step_count += 1
         self.last_lr = lr

@@ -43,3 +43,18 @@ def test_full_run_refuses_cpu(monkeypatch, name):
     bench = importlib.import_module(f"benchmarks.{name}")
     with pytest.raises(SystemExit, match="needs a CUDA GPU; use --quick"):
         bench.main([])
+
+
+def test_swiglu_liger_rows_for_both_ops(tmp_path, monkeypatch):
+    """bench_swiglu compares with Liger's separate and fused gate-up ops; where Liger cannot
+    run (CPU) each gets an "error" row instead of stopping the run."""
+    pytest.importorskip("liger_kernel")
+    monkeypatch.syspath_prepend(REPO)
+    bench = importlib.import_module("benchmarks.bench_swiglu")
+    out = tmp_path / "s.json"
+    bench.main(["--quick", "--impls", "megacpt", "liger", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    liger = [r for r in rows if r["impl"] == "liger"]
+    assert {r["op"] for r in liger} == {"swiglu", "swiglu_fused"}
+    assert all(("ms" in r) != ("error" in r) for r in liger)
+    assert {r["op"] for r in rows if r["impl"] == "megacpt"} == {"swiglu", "swiglu_fused"}

@@ -22,13 +22,13 @@ BATCHES = T.random_global_batches(3, 4, CFG.seq_length, CFG.vocab_size, seed=7)
 
 
 @pytest.mark.parametrize("dtype,path", [(torch.float32, "addmm_"),
-                                        (torch.bfloat16, "mm + add_")])
+                                        (torch.bfloat16, "upcast addmm_")])
 def test_accumulate_wgrad_adds_dy_t_x(dtype, path):
     assert wgrad_path(torch.device("cpu"), dtype) == path
     g = torch.Generator().manual_seed(0)
     dy, x = (torch.randn(13, k, generator=g).to(dtype) for k in (6, 5))  # [n, out], [n, in]
     acc = torch.randn(6, 5, generator=g)
-    want = acc + (dy.t() @ x).float()
+    want = acc + dy.float().t() @ x.float()  # bf16 inputs, fp32 product and sum
     accumulate_wgrad(acc, dy, x)
     torch.testing.assert_close(acc, want, rtol=1e-6, atol=1e-6)
 
