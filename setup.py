@@ -29,7 +29,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7", "transformers>=4.40", "protobuf", "megatron-core>=0.8",
-                 "xxhash>=3.0", "optuna>=3.0", "matplotlib>=3.6", "triton>=3.0", "mpi4py>=3.1", "mpich"],
+                 "xxhash>=3.0", "optuna>=3.0", "matplotlib>=3.6", "triton>=3.0", "mpi4py>=3.1",
+                 "mpich"],
         "hf": ["transformers>=4.40", "protobuf"],
         "tensorboard": ["tensorboard>=2.10"],
         "xxhash": ["xxhash>=3.0"],

@@ -21,7 +21,7 @@ from megacpt.testing import free_port
 from megacpt.training.metrics import read_metrics
 from _train_helpers import mock_args, output, start_cli, train_rows, wait_until
 
-ITERS = 14
+ITERS = 30
 KILLS = {1: 6, 2: 4}  # per layout; MEGACPT_CHAOS_KILLS=N sets both
 if os.environ.get("MEGACPT_CHAOS_KILLS"):
     KILLS = {w: int(os.environ["MEGACPT_CHAOS_KILLS"]) for w in KILLS}
@@ -67,10 +67,11 @@ def _kill_at_random_moment(root: str, world: int, rng: random.Random) -> str | N
             wait_until(lambda: len(train_rows(logs)) and train_rows(logs)[-1]["iteration"]
                        >= done + n or any(p.poll() is not None for p in procs), [],
                        what=f"{n} new steps")
-        else:
-            wait_until(lambda: _saving(ck) or any(p.poll() is not None for p in procs), [],
-                       what="a save")
-        time.sleep(rng.uniform(0.0, 0.01))
+        else:  # poll fast: a tiny model's save takes a few milliseconds
+            while not _saving(ck) and all(p.poll() is None for p in procs):
+                time.sleep(0.0005)
+        if kind != "save":
+            time.sleep(rng.uniform(0.0, 0.01))
         inside_save = _saving(ck)
         finished = all(p.poll() == 0 for p in procs)
         for p in procs:
