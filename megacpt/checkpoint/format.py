@@ -30,7 +30,8 @@
      "dtype": "float32" | "bfloat16" | ...,       # of the parameters in model.safetensors
      "has_optimizer": bool,
      "config": Config.to_dict(),                   # the run's resolved config
-     "state": {"scheduler": {...}, "data": {...}, "counters": {...}, ...}}   # JSON values
+     "state": {"scheduler": {...}, "data": {...}, "counters": {...}, ...},   # JSON values
+     "checksums": {...}}     # every file's checksum: see `megacpt.checkpoint.integrity`
 
 Only dp-rank-0 ranks write model/optimizer shards; every rank writes its RNG file; global
 rank 0 writes meta.json, renames the directory and updates the tracker after a barrier, so a
