@@ -39,8 +39,22 @@ def _launch(root: str, world: int) -> list:
     return [start_cli(_argv(root), rank=r, world=world, port=port) for r in range(world)]
 
 
-def _saving(ck: str) -> bool:
-    return os.path.isdir(ck) and any(n.endswith(".tmp") or ".tmp-" in n for n in os.listdir(ck))
+def _temp_dirs(ck: str) -> set:
+    """Identities of the save temp directories in `ck` (name, inode, creation time)."""
+    out = set()
+    for n in os.listdir(ck) if os.path.isdir(ck) else []:
+        if n.endswith(".tmp") or ".tmp-" in n:
+            try:
+                st = os.stat(os.path.join(ck, n))
+            except FileNotFoundError:
+                continue
+            out.add((n, st.st_ino, st.st_ctime_ns))
+    return out
+
+
+def _saving(ck: str, before: set) -> bool:
+    """A save has started since `before` was taken (leftovers of killed saves don't count)."""
+    return bool(_temp_dirs(ck) - before)
 
 
 def _finish(procs: list, timeout: float = 180) -> None:
@@ -55,6 +69,7 @@ def _kill_at_random_moment(root: str, world: int, rng: random.Random) -> str | N
     finished first)."""
     ck, logs = f"{root}/ck", f"{root}/log"
     done = max([r["iteration"] for r in train_rows(logs)], default=0)
+    leftovers = _temp_dirs(ck)
     procs = _launch(root, world)
     kind = rng.choice(["delay", "steps", "save"])
     try:
@@ -68,11 +83,11 @@ def _kill_at_random_moment(root: str, world: int, rng: random.Random) -> str | N
                        >= done + n or any(p.poll() is not None for p in procs), [],
                        what=f"{n} new steps")
         else:  # poll fast: a tiny model's save takes a few milliseconds
-            while not _saving(ck) and all(p.poll() is None for p in procs):
+            while not _saving(ck, leftovers) and all(p.poll() is None for p in procs):
                 time.sleep(0.0005)
         if kind != "save":
             time.sleep(rng.uniform(0.0, 0.01))
-        inside_save = _saving(ck)
+        inside_save = _saving(ck, leftovers)
         finished = all(p.poll() == 0 for p in procs)
         for p in procs:
             if p.poll() is None:
