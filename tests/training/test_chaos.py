@@ -64,14 +64,14 @@ def _finish(procs: list, timeout: float = 180) -> None:
         assert p.returncode == 0, output(p)
 
 
-def _kill_at_random_moment(root: str, world: int, rng: random.Random) -> str | None:
+def _kill_at_random_moment(root: str, world: int, rng: random.Random,
+                           kind: str) -> str | None:
     """Launch, kill -9 every rank at a random moment; what the moment was (None: the run
     finished first)."""
     ck, logs = f"{root}/ck", f"{root}/log"
     done = max([r["iteration"] for r in train_rows(logs)], default=0)
     leftovers = _temp_dirs(ck)
     procs = _launch(root, world)
-    kind = rng.choice(["delay", "steps", "save"])
     try:
         if kind == "delay":
             end = time.monotonic() + rng.uniform(0.0, 3.0)
@@ -115,8 +115,9 @@ def test_kill_minus_nine_at_random_moments_then_resume_is_bit_identical(tmp_path
     ref, chaos = str(tmp_path / "ref"), str(tmp_path / "chaos")
     _finish(_launch(ref, world))
     moments = []
+    kinds = [k for _ in range(KILLS[world]) for k in rng.sample(["save", "delay", "steps"], 3)]
     while len(moments) < KILLS[world]:
-        moment = _kill_at_random_moment(chaos, world, rng)
+        moment = _kill_at_random_moment(chaos, world, rng, kinds[len(moments)])
         if moment is None:
             break
         moments.append(moment)
