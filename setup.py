@@ -29,8 +29,11 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7", "transformers>=4.40", "protobuf", "megatron-core>=0.8",
-                 "optuna>=3.0", "matplotlib>=3.6", "triton>=3.0", "mpi4py>=3.1", "mpich"],
+                 "xxhash>=3.0", "optuna>=3.0", "matplotlib>=3.6", "triton>=3.0", "mpi4py>=3.1",
+                 "mpich"],
         "hf": ["transformers>=4.40", "protobuf"],
+        "tensorboard": ["tensorboard>=2.10"],
+        "xxhash": ["xxhash>=3.0"],
         "triton": ["triton>=3.0"],
         "mpi": ["mpi4py>=3.1", "mpich"],
         "plots": ["matplotlib>=3.6"],

@@ -9,7 +9,8 @@
 # Default layout for 2 x 8 GPUs = 16 ranks: tensor parallel 2 (inside a node: tp ranks are
 # adjacent global ranks, so a tp group never crosses the node boundary), pipeline 2, data
 # parallel 16 / (2 x 2) = 4, with sequence parallelism and the ZeRO-1 distributed optimizer.
-# See docs_parallel.md for the bytes each axis moves per token before choosing another one.
+# See README.md ("Communication volume per step", `python -m megacpt.parallel.volume`) for the
+# bytes each axis moves per token before choosing another one.
 #
 # Smoke-test the launch itself (tiny model, random tokens, no data files): MOCK=1.
 # Single node: NNODES=1 NODE_RANK=0 MASTER_ADDR=127.0.0.1 GPUS_PER_NODE=8.

@@ -33,7 +33,8 @@
      "dtype": "float32" | "bfloat16" | ...,       # of the parameters in model.safetensors
      "has_optimizer": bool,
      "config": Config.to_dict(),                   # the run's resolved config
-     "state": {"scheduler": {...}, "data": {...}, "counters": {...}, ...}}   # JSON values
+     "state": {"scheduler": {...}, "data": {...}, "counters": {...}, ...},   # JSON values
+     "checksums": {...}}     # every file's checksum: see `megacpt.checkpoint.integrity`
 
 Interleaved runs (vp virtual stages) use the same format: shard mp_rank_t_p holds the layers of
 all of pp rank p's model chunks under their global indices (`stage_param_names(..., vp)`), so

@@ -1,4 +1,4 @@
-"""Tensor, sequence, pipeline and data parallelism (see docs_parallel.md).
+"""Tensor, sequence, pipeline and data parallelism (README.md, "Parallelism").
 
 - `context`: `ParallelContext` (tp/pp/dp axes, groups, rank order), `init_distributed()`
 - `comm`: tp/sp communication primitives as autograd functions

@@ -22,7 +22,8 @@ gradients, 2(d-1)/d x 4 P_rank; with ZeRO-1 on NCCL a reduce-scatter of them plu
 all-gather of the updated parameters: (d-1)/d x (4 + param_bytes) P_rank (gloo has no
 reduce-scatter: it all-reduces instead, `zero1_on_gloo=True`).
 
-`python -m megacpt.parallel.volume --model-size 1393M` prints the table in docs_parallel.md.
+`python -m megacpt.parallel.volume --model-size 1393M` prints the table (README.md,
+"Communication volume per step").
 """
 from __future__ import annotations
 

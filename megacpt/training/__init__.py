@@ -7,7 +7,8 @@
     metrics.MetricsLogger / read_metrics(path, kind)   the metrics.jsonl format
     data.TrainData        blend micro-batches, fixed validation batches, data state
     checks.check_inputs   bad-input checks run before any compute
-    faults                preemption signals, non-finite step skipping, dead-rank errors
+    faults                non-finite step skipping, dead-rank errors, watchdog
+    signals               SIGTERM/SIGUSR1/SIGINT -> save at the next step boundary, exit 0
 
 The command line is `python -m megacpt.train` (`megacpt.train`, flags in `megacpt.arguments`).
 """

@@ -12,7 +12,7 @@ exact resume (`--load`: model, optimizer, counters, RNG).
     -> optimizer.step(lr) (skipped, and counted, when the loss or grad norm is not finite)
     -> metrics row -> validation every --eval-interval -> checkpoint every --save-interval
 
-and stops at --train-iters, after --exit-interval (saving first), or on SIGTERM/SIGUSR1
+and stops at --train-iters, after --exit-interval (saving first), or on SIGTERM/SIGUSR1/SIGINT
 (saving first, then returning normally so the CLI exits 0). Iterations are counted as steps
 done: the row/checkpoint of iteration k comes after k optimizer steps.
 

@@ -109,7 +109,7 @@ def test_damaged_shards_are_named(cfg, tmp_path):
     save_file(tensors, str(f))
     with pytest.raises(CheckpointError, match=r"down.weight' has shape \(32, 65\) but the config"):
         load_model(str(tmp_path))
-    with pytest.raises(CheckpointError, match=r"model.safetensors: xxh3_128 checksum mismatch"):
+    with pytest.raises(CheckpointError, match=r"model.safetensors: \w+ checksum mismatch"):
         load_checkpoint(str(tmp_path), model, None, cfg, ctx)  # refused before any shape check
     unverified = copy.deepcopy(cfg)
     unverified.checkpoint.verify_checksums = False

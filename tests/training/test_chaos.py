@@ -7,7 +7,7 @@ launch (start-up, resume, training or a save, wherever it falls), after a random
 new steps, or as soon as a save's temporary directory appears. Each time the job is then
 started again with `--load`, like a scheduler requeueing it. The moments are drawn from a
 seeded generator (MEGACPT_CHAOS_SEED, printed on failure); MEGACPT_CHAOS_KILLS raises the
-number of kills per layout for a longer soak run (default 5 + 5, about a minute of CI).
+number of kills per layout for a longer soak run (default 6 + 4, about a minute of CI).
 """
 import json
 import os
@@ -21,8 +21,10 @@ from megacpt.testing import free_port
 from megacpt.training.metrics import read_metrics
 from _train_helpers import mock_args, output, start_cli, train_rows, wait_until
 
-ITERS = 14
-KILLS = int(os.environ.get("MEGACPT_CHAOS_KILLS", "5"))
+ITERS = 30
+KILLS = {1: 6, 2: 4}  # per layout; MEGACPT_CHAOS_KILLS=N sets both
+if os.environ.get("MEGACPT_CHAOS_KILLS"):
+    KILLS = {w: int(os.environ["MEGACPT_CHAOS_KILLS"]) for w in KILLS}
 SEED = int(os.environ.get("MEGACPT_CHAOS_SEED", "14"))
 
 
@@ -37,8 +39,22 @@ def _launch(root: str, world: int) -> list:
     return [start_cli(_argv(root), rank=r, world=world, port=port) for r in range(world)]
 
 
-def _saving(ck: str) -> bool:
-    return os.path.isdir(ck) and any(n.endswith(".tmp") or ".tmp-" in n for n in os.listdir(ck))
+def _temp_dirs(ck: str) -> set:
+    """Identities of the save temp directories in `ck` (name, inode, creation time)."""
+    out = set()
+    for n in os.listdir(ck) if os.path.isdir(ck) else []:
+        if n.endswith(".tmp") or ".tmp-" in n:
+            try:
+                st = os.stat(os.path.join(ck, n))
+            except FileNotFoundError:
+                continue
+            out.add((n, st.st_ino, st.st_ctime_ns))
+    return out
+
+
+def _saving(ck: str, before: set) -> bool:
+    """A save has started since `before` was taken (leftovers of killed saves don't count)."""
+    return bool(_temp_dirs(ck) - before)
 
 
 def _finish(procs: list, timeout: float = 180) -> None:
@@ -48,16 +64,17 @@ def _finish(procs: list, timeout: float = 180) -> None:
         assert p.returncode == 0, output(p)
 
 
-def _kill_at_random_moment(root: str, world: int, rng: random.Random) -> str | None:
+def _kill_at_random_moment(root: str, world: int, rng: random.Random,
+                           kind: str) -> str | None:
     """Launch, kill -9 every rank at a random moment; what the moment was (None: the run
     finished first)."""
     ck, logs = f"{root}/ck", f"{root}/log"
     done = max([r["iteration"] for r in train_rows(logs)], default=0)
+    leftovers = _temp_dirs(ck)
     procs = _launch(root, world)
-    kind = rng.choice(["delay", "steps", "save"])
     try:
         if kind == "delay":
-            end = time.monotonic() + rng.uniform(0.0, 4.0)
+            end = time.monotonic() + rng.uniform(0.0, 3.0)
             while time.monotonic() < end and all(p.poll() is None for p in procs):
                 time.sleep(0.005)
         elif kind == "steps":
@@ -65,11 +82,12 @@ def _kill_at_random_moment(root: str, world: int, rng: random.Random) -> str | N
             wait_until(lambda: len(train_rows(logs)) and train_rows(logs)[-1]["iteration"]
                        >= done + n or any(p.poll() is not None for p in procs), [],
                        what=f"{n} new steps")
-        else:
-            wait_until(lambda: _saving(ck) or any(p.poll() is not None for p in procs), [],
-                       what="a save")
-        time.sleep(rng.uniform(0.0, 0.01))
-        inside_save = _saving(ck)
+        else:  # poll fast: a tiny model's save takes a few milliseconds
+            while not _saving(ck, leftovers) and all(p.poll() is None for p in procs):
+                time.sleep(0.0005)
+        if kind != "save":
+            time.sleep(rng.uniform(0.0, 0.01))
+        inside_save = _saving(ck, leftovers)
         finished = all(p.poll() == 0 for p in procs)
         for p in procs:
             if p.poll() is None:
@@ -97,8 +115,9 @@ def test_kill_minus_nine_at_random_moments_then_resume_is_bit_identical(tmp_path
     ref, chaos = str(tmp_path / "ref"), str(tmp_path / "chaos")
     _finish(_launch(ref, world))
     moments = []
-    while len(moments) < KILLS:
-        moment = _kill_at_random_moment(chaos, world, rng)
+    kinds = [k for _ in range(KILLS[world]) for k in rng.sample(["save", "delay", "steps"], 3)]
+    while len(moments) < KILLS[world]:
+        moment = _kill_at_random_moment(chaos, world, rng, kinds[len(moments)])
         if moment is None:
             break
         moments.append(moment)
@@ -106,7 +125,8 @@ def test_kill_minus_nine_at_random_moments_then_resume_is_bit_identical(tmp_path
             os.path.isdir(f"{chaos}/ck/iter_" + open(
                 f"{chaos}/ck/latest_checkpointed_iteration.txt").read().strip().zfill(7))
     note = f"seed {SEED}, world {world}, kills: {moments}"
-    assert len(moments) == KILLS, f"the run finished before all kills: {note}"
+    print(note)
+    assert len(moments) == KILLS[world], f"the run finished before all kills: {note}"
     assert any("inside a save" in m for m in moments), note
     _finish(_launch(chaos, world))
     files, state, losses = _final_state(chaos)

@@ -115,3 +115,54 @@ def test_sigterm_to_torchrun_saves_on_every_rank(tmp_path):
     assert sorted(meta["checksums"]["files"]) == [
         "mp_rank_00_000/model.safetensors", "mp_rank_00_000/optimizer.pt",
         "mp_rank_00_000/optimizer.safetensors", "rng/rank_0.pt", "rng/rank_1.pt"]
+
+
+def test_dead_rank_under_torchrun_gives_the_dead_rank_message(tmp_path):
+    """kill -9 of one rank: torchrun SIGTERMs the survivor's process group (its loader worker
+    included); the survivor must stop with the project's one-line message, no traceback."""
+    logs, rank_logs = str(tmp_path / "log"), str(tmp_path / "ranks")
+    argv = mock_args("--log-dir", logs, "--num-workers", "1", "--distributed-timeout-minutes",
+                     "0.5", iters=3000)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           "2", "--log-dir", rank_logs, "--redirects", "3", "-m", "megacpt.train", *argv]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        wait_until(lambda: train_rows(logs), [proc], what="the first step")
+        victim = _rank_pid(proc.pid, 1)
+        os.kill(victim, signal.SIGKILL)
+        launcher_out, _ = proc.communicate(timeout=150)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    survivor = _rank_output(rank_logs, 0)
+    assert "Traceback" not in survivor, survivor
+    assert "another rank probably died" in survivor or "stopped by SIGTERM" in survivor, \
+        (survivor, launcher_out)
+
+
+def _rank_pid(launcher: int, rank: int) -> int:
+    """The pid of local rank `rank` among the launcher's children (from /proc)."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            stat = open(f"/proc/{pid}/stat").read()
+            environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == launcher and f"LOCAL_RANK={rank}".encode() in environ:
+            return int(pid)
+    raise AssertionError(f"no rank {rank} under launcher {launcher}")
+
+
+def _rank_output(rank_logs: str, rank: int) -> str:
+    text = ""
+    for root, _, files in os.walk(rank_logs):
+        if os.path.basename(root) == str(rank):
+            for f in files:
+                if f.endswith(".log"):
+                    text += open(os.path.join(root, f)).read()
+    return text
