@@ -54,6 +54,10 @@ Config file (YAML; relative paths are relative to the config file's directory)::
     fit:
       min_tokens_fraction: 0.1       # drop a run's points before this share of its tokens
       bootstrap: 100                 # resamples for 95% intervals (0: none)
+    downstream:                      # optional: score each run's final checkpoint
+      tasks: {xcopa_zh: lm_eval:xcopa_zh, mine: tasks/mine.jsonl}  # files or lm-eval tasks
+      demo_items: 64                 # + demo tasks per language from data.corpus_dir
+      languages: [en, zh]            # default: source and targets
 
 Outputs in `out_dir`: `data/` (tokenizer and binaries), `runs/NAME/` (metrics.jsonl, the
 trainer's `--log-dir`), `checkpoints/NAME/`, `plan.json` (every run's argv); and, written by
@@ -113,6 +117,7 @@ class StudyConfig:
     extra_args: list = field(default_factory=list)
     data: dict = field(default_factory=dict)
     fit: dict = field(default_factory=dict)
+    downstream: dict = field(default_factory=dict)  # megacpt.evaluation.report
 
 
 _TYPES = {"name": str, "out_dir": str, "launch": str, "launcher": str, "source_lang": str,
@@ -121,7 +126,7 @@ _TYPES = {"name": str, "out_dir": str, "launch": str, "launcher": str, "source_l
           "global_batch_size": int, "lr": (int, float), "min_lr": (int, float, type(None)),
           "lr_warmup_fraction": (int, float), "evals_per_run": int, "eval_iters": int,
           "seed": int, "device": (str, type(None)), "bf16": bool, "threads": int,
-          "extra_args": list, "data": dict, "fit": dict}
+          "extra_args": list, "data": dict, "fit": dict, "downstream": dict}
 _DATA_KEYS = {"corpus_dir", "vocab_size", "character_coverage", "tokenizer_model", "train",
               "valid"}
 _FIT_DEFAULTS = {"min_tokens_fraction": 0.1, "bootstrap": 100}
@@ -167,6 +172,8 @@ def load_config(path: str, out_dir: str | None = None, launch: str | None = None
         raise bad("fit", f"unknown keys {sorted(set(cfg.fit) - set(_FIT_DEFAULTS))}")
     if not 0 <= cfg.fit["min_tokens_fraction"] < 1 or cfg.fit["bootstrap"] < 0:
         raise bad("fit", "min_tokens_fraction must be in [0, 1) and bootstrap >= 0")
+    from megacpt.evaluation.report import check_study_downstream
+    cfg.downstream = check_study_downstream(cfg.downstream, base, bad)
     return cfg
 
 
@@ -597,4 +604,10 @@ def analyze(cfg: StudyConfig, runs: list[Run]) -> dict:
         raise RuntimeError(f"cannot analyse: runs not finished: {unfinished}")
     return {"name": cfg.name, "config": cfg.path, "source_lang": cfg.source_lang,
             "runs": run_summary(runs, cfg),
-            "languages": {lang: analyze_language(cfg, runs, lang) for lang in cfg.target_langs}}
+            "languages": {lang: analyze_language(cfg, runs, lang) for lang in cfg.target_langs},
+            "downstream": _downstream(cfg, runs)}
+
+
+def _downstream(cfg: StudyConfig, runs: list[Run]):
+    from megacpt.evaluation.report import study_downstream  # downstream.json + bar plot
+    return study_downstream(cfg, runs)

@@ -101,6 +101,14 @@ def test_example_results_and_report(example):
         with open(out / "plots" / png, "rb") as f:
             assert f.read(4) == b"\x89PNG"
     assert (out / "fits" / "zh_fit_scratch.json").is_file()
+    # downstream: every run's final checkpoint on the demo tasks, a table and bars
+    down = res["downstream"]
+    assert set(down["runs"]) == {r.name for r in runs}
+    for r in down["runs"].values():
+        assert set(r) == {"demo_en", "demo_zh"} and r["demo_zh"]["num_items"] == 8
+    assert "## Downstream" in report and (out / "downstream" / "downstream.json").is_file()
+    with open(out / "downstream" / "downstream.png", "rb") as f:
+        assert f.read(4) == b"\x89PNG"
 
 
 def test_rerun_skips_finished_runs_and_redoes_a_missing_one(example):

@@ -216,6 +216,8 @@ def write_report(cfg, results: dict, plot_files: dict) -> str:
     lines.append("")
     for lang, res in results["languages"].items():
         lines += language_section(lang, res, src, plot_files.get(lang, []), cfg.out_dir)
+    from megacpt.evaluation.report import downstream_markdown
+    lines += downstream_markdown(results.get("downstream"), cfg.out_dir)
     path = os.path.join(cfg.out_dir, "report.md")
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines))

@@ -129,3 +129,66 @@ def evaluate_runs(checkpoints: dict[str, str], tasks: dict[str, str], out_dir: s
         json.dump(doc, f, indent=2, ensure_ascii=False)
         f.write("\n")
     return doc
+
+
+# ----- the study runner's hook -----
+
+DOWNSTREAM_KEYS = {"tasks": dict, "demo_items": int, "languages": list, "batch_size": int}
+
+
+def check_study_downstream(section: dict, base: str, bad) -> dict:
+    """Validate a study config's `downstream` mapping; relative task files are resolved
+    against `base` (the config's folder). Keys: tasks {name: FILE.jsonl | lm_eval:NAME},
+    demo_items (demo items per language from the corpus' held-out text; 0: none),
+    languages (default: source and targets), batch_size."""
+    out = {"tasks": {}, "demo_items": 0, "languages": None, "batch_size": 16}
+    for key, value in (section or {}).items():
+        if key not in DOWNSTREAM_KEYS:
+            raise bad("downstream", f"unknown key {key!r}; known: {sorted(DOWNSTREAM_KEYS)}")
+        if not isinstance(value, DOWNSTREAM_KEYS[key]) or isinstance(value, bool):
+            raise bad("downstream", f"{key!r} must be a {DOWNSTREAM_KEYS[key].__name__}")
+        out[key] = value
+    tasks = {}
+    for name, path in out["tasks"].items():
+        if not isinstance(path, str):
+            raise bad("downstream", f"tasks.{name} must be a file path or lm_eval:NAME")
+        if not path.startswith("lm_eval:"):
+            path = os.path.join(base, path)
+            if not os.path.isfile(path):
+                raise bad("downstream", f"tasks.{name}: {path} not found")
+        tasks[name] = path
+    out["tasks"] = tasks
+    if out["demo_items"] < 0 or out["batch_size"] < 1:
+        raise bad("downstream", "demo_items must be >= 0 and batch_size >= 1")
+    return out
+
+
+def study_downstream(cfg, runs) -> dict | None:
+    """Score each finished run's final checkpoint on the tasks the study config names
+    (`cfg.downstream`, checked by `check_study_downstream`), write
+    OUT/downstream/{downstream.json, downstream.png}; None when no tasks are configured."""
+    d = getattr(cfg, "downstream", None) or {}
+    if not d.get("tasks") and not d.get("demo_items"):
+        return None
+    langs = d.get("languages") or [cfg.source_lang, *cfg.target_langs]
+    corpus = (cfg.data or {}).get("corpus_dir")
+    if d.get("demo_items") and not corpus:
+        log.warning("downstream.demo_items needs data.corpus_dir (held-out text); skipped")
+    ckpts = {r.name: r.ckpt_dir for r in runs}
+    return evaluate_runs(ckpts, d.get("tasks", {}), os.path.join(cfg.out_dir, "downstream"),
+                         corpus if d.get("demo_items") else None, langs,
+                         d.get("demo_items", 0), d.get("batch_size", 16))
+
+
+def downstream_markdown(doc: dict | None, out_dir: str) -> list[str]:
+    """The report's "Downstream" section (table + bar plot) from `study_downstream`."""
+    if not doc:
+        return []
+    tasks = list(doc["tasks"])
+    lines = ["## Downstream (acc_norm; demo_* tasks are a smoke signal, not benchmarks)", "",
+             "| run | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    for run, res in doc["runs"].items():
+        cells = [f"{res.get(t, {}).get('acc_norm', float('nan')):.3f}" for t in tasks]
+        lines.append(f"| {run} | " + " | ".join(cells) + " |")
+    lines += ["", f"![downstream](downstream/{doc['plot']})", ""]
+    return lines
