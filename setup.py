@@ -29,14 +29,15 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7", "transformers>=4.40", "protobuf", "megatron-core>=0.8",
-                 "optuna>=3.0", "matplotlib>=3.6", "triton>=3.0", "mpi4py>=3.1", "mpich"],
+                 "optuna>=3.0", "matplotlib>=3.6", "triton>=3.0", "mpi4py>=3.1", "mpich",
+                 "lm-eval>=0.4.2", "accelerate"],
         "hf": ["transformers>=4.40", "protobuf"],
         "triton": ["triton>=3.0"],
         "mpi": ["mpi4py>=3.1", "mpich"],
         "plots": ["matplotlib>=3.6"],
         "optuna": ["optuna>=3.0"],
         "gpu": ["flash-attn"],
-        "eval": ["lm-eval>=0.4.2", "transformers>=4.40", "protobuf"],
+        "eval": ["lm-eval>=0.4.2", "transformers>=4.40", "protobuf", "accelerate"],
     },
     entry_points={
         "console_scripts": [
