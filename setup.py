@@ -30,7 +30,8 @@ setup(
     extras_require={
         "test": ["pytest>=7", "transformers>=4.40", "protobuf", "megatron-core>=0.8",
                  "xxhash>=3.0", "optuna>=3.0", "matplotlib>=3.6", "triton>=3.0", "mpi4py>=3.1",
-                 "mpich"],
+                 "mpich", "lm-eval>=0.4.2", "accelerate", "wandb>=0.15",
+                 "tensorboard>=2.10", "pyarrow>=12", "zstandard>=0.21"],
         "hf": ["transformers>=4.40", "protobuf"],
         "tensorboard": ["tensorboard>=2.10"],
         "xxhash": ["xxhash>=3.0"],
@@ -39,9 +40,8 @@ setup(
         "plots": ["matplotlib>=3.6"],
         "optuna": ["optuna>=3.0"],
         "gpu": ["flash-attn"],
-        "eval": ["lm-eval>=0.4.2", "transformers>=4.40", "protobuf"],
+        "eval": ["lm-eval>=0.4.2", "transformers>=4.40", "protobuf", "accelerate"],
         "wandb": ["wandb>=0.15"],
-        "tensorboard": ["tensorboard>=2.10"],
         "corpora": ["pyarrow>=12", "zstandard>=0.21"],
     },
     entry_points={

@@ -12,8 +12,11 @@ bundled sample corpus in `examples/data` (`{lang}_train.jsonl.gz`, `{lang}_valid
 2. pretrains a tiny English *source* model;
 3. trains the Chinese model three ways for the same number of steps: from scratch, CPT
    from the source model (`--init-from`), and CPT with 30% English replay;
-4. prints a table, writes `OUT/summary.json` and plots both languages' validation loss vs
-   tokens and vs compute.
+4. scores every final model on demo multiple-choice tasks built from each language's
+   held-out text (pick the true continuation among 4: a smoke signal, not the paper's
+   benchmarks; `megacpt.evaluation.demo_tasks`) with `megacpt.evaluate`'s scorer;
+5. prints a table, writes `OUT/summary.json` and plots both languages' validation loss vs
+   tokens and vs compute, and the downstream accuracy as bars.
 
 Every training stage is `megacpt.train.main(argv)` with Megatron's flags (printed before it
 runs, so each stage can be re-run by hand); the tokenizer and preprocessing stages call the
@@ -25,7 +28,8 @@ Output directory layout::
     OUT/data/{lang}_{train,valid}_text_document.{bin,idx}
     OUT/runs/{source,scratch,cpt,cpt_replay}/    metrics.jsonl + config.json (--log-dir)
     OUT/checkpoints/{source,scratch,cpt,cpt_replay}/  our checkpoint layout (--save)
-    OUT/summary.json, OUT/loss_vs_tokens.png, OUT/loss_vs_compute.png
+    OUT/tasks/demo_{lang}.jsonl                  demo multiple-choice tasks (held-out text)
+    OUT/summary.json, OUT/loss_vs_tokens.png, OUT/loss_vs_compute.png, OUT/downstream.png
 
 `summary.json` (all losses are mean per-token validation cross-entropy in nats, on the same
 held-out tokens for every model)::
@@ -40,6 +44,10 @@ held-out tokens for every model)::
      "target_tokens": {"scratch": D, "cpt": D, "cpt_replay": D},  # target tokens trained
      "flops": {"source": C, "scratch": C, "cpt": C, "cpt_replay": C},  # training FLOPs
      "findings": {"cpt_beats_scratch": bool, "replay_limits_forgetting": bool},
+     "downstream": {"metric": "acc_norm", "tasks": {"demo_zh": file, "demo_en": file},
+                    "runs": {"source_model" | "scratch" | "cpt" | "cpt_replay":
+                             {lang: {"acc": a, "acc_norm": a, "num_items": n}}}},
+                    # absent with --eval-items 0
      "curves": {run: {"iteration": [...], "target_tokens": [...], "tokens": [...],
                       "flops": [...], "valid_loss": {lang: [...]}}},
      "model": {...shape and parameter count...}, "train_iters": {...}, "seconds": {...},
@@ -106,10 +114,14 @@ def get_args(argv=None) -> argparse.Namespace:
     g.add_argument("--eval-iters", type=int, default=4,
                    help="validation micro-batches per language")
     g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--eval-items", type=int, default=48,
+                   help="demo multiple-choice items per language for the downstream "
+                        "accuracy (0: skip)")
     args = ap.parse_args(argv)
     for name in ("vocab_size", "seq_length", "micro_batch_size", "global_batch_size",
-                 "source_iters", "target_iters", "evals", "eval_iters", "threads"):
-        least = 0 if name == "threads" else 1
+                 "source_iters", "target_iters", "evals", "eval_iters", "threads",
+                 "eval_items"):
+        least = 0 if name in ("threads", "eval_items") else 1
         if getattr(args, name) < least:
             ap.error(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(args, name)}")
     if args.model_size not in sizes.SIZES:
@@ -333,6 +345,14 @@ def print_table(summary: dict) -> None:
     saved = summary["tokens_saved_fraction"]
     print(f"\nCPT reaches scratch's final {tgt} loss with "
           + ("(never reached)" if saved is None else f"{100 * saved:.1f}% fewer {tgt} tokens"))
+    down = summary.get("downstream")
+    if down:
+        langs = list(next(iter(down["runs"].values())))
+        print(f"\ndownstream {down['metric']} (demo tasks: true continuation among 4, a smoke "
+              f"signal; chance 0.25)")
+        print(f"{'run':<22}" + "".join(f"{lang:>10}" for lang in langs))
+        for run, res in down["runs"].items():
+            print(f"{run:<22}" + "".join(f"{res[lang][down['metric']]:>10.3f}" for lang in langs))
     f = summary["findings"]
     print(f"CPT beats scratch at equal tokens: {'yes' if f['cpt_beats_scratch'] else 'NO'}; "
           f"replay keeps {src} loss well below CPT without replay: "
@@ -376,6 +396,22 @@ def plot(summary: dict, out: str) -> list[str]:
     return paths
 
 
+def run_downstream(args, out: str) -> dict:
+    """Demo tasks per language from the held-out text; every final model scored on them."""
+    from megacpt.evaluation.report import demo_task_files, evaluate_checkpoints
+
+    langs = (args.target_lang, args.source_lang)
+    tasks = demo_task_files(args.data_dir, list(langs), os.path.join(out, "tasks"),
+                            args.eval_items, args.seed)
+    ckpts = {"source_model" if k == "source" else k: os.path.join(out, "checkpoints", k)
+             for k in ("source", *TARGET_RUNS)}
+    res = evaluate_checkpoints(ckpts, tasks, batch_size=32, device=args.device)
+    return {"metric": "acc_norm", "tasks": tasks,
+            "runs": {run: {lang: {k: r[f"demo_{lang}"][k] for k in ("acc", "acc_norm",
+                                                                    "num_items")}
+                           for lang in langs} for run, r in res.items()}}
+
+
 # ----- main -----
 
 def main(argv=None) -> dict:
@@ -398,7 +434,8 @@ def run_quickstart(args) -> dict:
         shutil.rmtree(os.path.join(out, sub), ignore_errors=True)
     os.makedirs(out, exist_ok=True)
     stages = Stages({"data": 0.5 * args.source_iters / 10, "source": args.source_iters,
-                     **{k: args.target_iters for k in TARGET_RUNS}, "report": 1})
+                     **{k: args.target_iters for k in TARGET_RUNS},
+                     "downstream": 0.05 * args.eval_items, "report": 1})
     stages.begin("data", f"tokenizer ({args.vocab_size} pieces) and preprocessing")
     tokenizer, prefixes = prepare_data(args, out)
     stages.end()
@@ -424,8 +461,16 @@ def run_quickstart(args) -> dict:
         curves[name] = read_curve(os.path.join(out, "runs", name), tgt if name != "source"
                                   else src)
         stages.end()
+    downstream = None
+    stages.begin("downstream", f"downstream accuracy on {args.eval_items} demo items per "
+                               f"language")
+    if args.eval_items:
+        downstream = run_downstream(args, out)
+    stages.end()
     stages.begin("report", "summary, table and plots")
     summary = summarize(args, curves)
+    if downstream:
+        summary["downstream"] = downstream
     head = curves["source"]
     summary.update({
         "model": {"size": args.model_size, "shape": {f: getattr(cfg.model, f)
@@ -437,6 +482,14 @@ def run_quickstart(args) -> dict:
         "commands": commands})
     print_table(summary)
     plots = plot(summary, out)
+    if downstream:
+        from megacpt.evaluation.report import plot_downstream
+
+        plots.append(plot_downstream(
+            {run: {lang: m for lang, m in res.items()} for run, res in downstream["runs"].items()},
+            os.path.join(out, "downstream.png"), chance={lang: 0.25 for lang in
+                                                         (args.target_lang, args.source_lang)},
+            title="demo tasks (smoke signal): acc_norm per language"))
     stages.end()
     summary["seconds"] = {**stages.seconds, "total": round(time.time() - stages.t0, 2)}
     path = os.path.join(out, "summary.json")

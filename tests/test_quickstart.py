@@ -26,7 +26,7 @@ qs = _load_quickstart()
 
 SMALL = ["--model-size", "tiny", "--seq-length", "64", "--micro-batch-size", "8",
          "--global-batch-size", "8", "--source-iters", "40", "--target-iters", "24",
-         "--evals", "3", "--eval-iters", "2"]
+         "--evals", "3", "--eval-iters", "2", "--eval-items", "8"]
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +86,21 @@ def test_small_run_artifacts(small_run):
                                                                                rel=1e-5)
         assert "--init-from" in summary["commands"][name]
     assert "--init-from" not in summary["commands"]["scratch"]
+
+
+def test_small_run_downstream_accuracy(small_run):
+    out, summary = small_run
+    down = summary["downstream"]
+    assert down["metric"] == "acc_norm"
+    assert set(down["runs"]) == {"source_model", "scratch", "cpt", "cpt_replay"}
+    for res in down["runs"].values():
+        assert set(res) == {"zh", "en"}
+        for m in res.values():
+            assert m["num_items"] == 8 and 0 <= m["acc"] <= 1 and 0 <= m["acc_norm"] <= 1
+    for lang in ("zh", "en"):
+        assert (out / "tasks" / f"demo_{lang}.jsonl").is_file()
+    with open(out / "downstream.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_tokens_to_reach_interpolates():

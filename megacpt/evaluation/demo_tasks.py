@@ -66,12 +66,15 @@ def build_items(texts: list[str], language: str, num_items: int = 64, num_choice
         raise ValueError(f"only {len(cuts)} documents are long enough for {language} demo "
                          f"items (need {num_choices})")
     rnd = random.Random(seed)
+    n = min(num_items, len(cuts))
+    golds = [k % num_choices for k in range(n)]  # every position equally often
+    rnd.shuffle(golds)
     items = []
-    for k in range(min(num_items, len(cuts))):
+    for k in range(n):
         context, true = cuts[k]
         others = [i for i in range(len(cuts)) if i != k and cuts[i][1] != true]
         distract = [cuts[i][1] for i in rnd.sample(others, num_choices - 1)]
-        gold = rnd.randrange(num_choices)
+        gold = golds[k]
         choices = distract[:gold] + [true] + distract[gold:]
         items.append({"context": context, "choices": choices, "gold": gold,
                       "language": language, "target_delimiter": " " if spaced else ""})

@@ -164,8 +164,14 @@ def run_lm_eval(model, tasks: list[str], batch_size: int = 16, num_fewshot: int 
                              f"{len(tm.all_tasks)} tasks; add YAML tasks with "
                              f"--lm-eval-include-path DIR)")
     lm = MegacptLM(model, batch_size=batch_size)
-    res = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit,
-                                  task_manager=tm)
+    try:
+        res = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot,
+                                      limit=limit, task_manager=tm)
+    except (ConnectionError, FileNotFoundError) as e:  # datasets offline / not downloaded
+        raise EvalInputError(f"--lm-eval-tasks {','.join(names)}: the task data is not "
+                             f"available locally ({type(e).__name__}: {e}); download it into "
+                             f"the HuggingFace datasets cache first, or point a YAML task at "
+                             f"local files with --lm-eval-include-path") from None
     out = {}
     for name, metrics in (res or {}).get("results", {}).items():
         row = {k.split(",")[0]: v for k, v in metrics.items()
