@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 
 from . import checks, curves, diagnostics, fit as fitmod, intervals, laws
@@ -92,6 +93,32 @@ def _summary(result: dict) -> dict:
     return out
 
 
+def _dumps(obj) -> str:
+    """JSON with one key per line but short lists (intervals) kept on one line."""
+    text = json.dumps(obj, indent=1)
+    return re.sub(r"\[\s*([^\[\]{}]*?)\s*\]",
+                  lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]"
+                  if m.group(1) else "[]", text)
+
+
+def format_fit(result: dict) -> str:
+    """A table for people: each parameter and derived quantity with its 95% interval."""
+    if result.get("identifiable") is False:
+        return f"{result['law']} fit: {result.get('allocation_error', 'not identifiable')}"
+    iv = result.get("intervals") or {}
+    rows = [(k, result[k]) for k in ("E", "A", "B", "alpha", "beta", "gamma", "g")
+            if k in result]
+    rows += [(k, v) for k, v in (result.get("derived") or {}).items()]
+    lines = [f"{result['law']} fit ({result.get('n_points')} points): estimate and "
+             f"95% interval" + ("" if iv else " (none: --bootstrap K)")]
+    for k, v in rows:
+        ci = iv.get(k)
+        ci_s = f"[{ci[0]:.4g}, {ci[1]:.4g}]" if ci else ""
+        inh = " (inherited, fixed)" if k in result.get("inherited", []) and k not in iv else ""
+        lines.append(f"  {k:<20}{'-' if v is None else format(v, '.4g'):>12}  {ci_s}{inh}")
+    return "\n".join(lines)
+
+
 def _print_warnings(result: dict):
     for w in result.get("warnings", []):
         print(f"warning: {w}", file=sys.stderr)
@@ -133,7 +160,8 @@ def cmd_fit(args):
                 bootstrap=args.bootstrap, fix_gamma=args.fix_gamma,
                 **{k: v for k, v in kw.items() if k != "progress"})
     _write_json(args.output, result)
-    print(json.dumps(_summary(result), indent=1))
+    print(_dumps(_summary(result)))
+    print(format_fit(result), file=sys.stderr)
     if "holdout" in result:
         print(checks.format_holdout(result["holdout"]), file=sys.stderr)
     _print_warnings(result)
@@ -169,7 +197,7 @@ def cmd_allocate(args):
         return 1
     if args.compute:
         out.update(intervals.allocate_budgets(params, args.compute, args.law))
-    print(json.dumps(out, indent=1))
+    print(_dumps(out))
     _print_warnings(out)
     return 0
 
