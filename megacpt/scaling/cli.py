@@ -5,7 +5,7 @@
         [--base-input FILE.csv... | --base-runs DIR...] [--compute C...] [--holdout-largest K]
     allocate --law chinchilla|cpt --params PARAMS.json [--compute C...]
     check --scratch PATH... --cpt PATH... --scratch-fit FIT.json --cpt-fit FIT.json
-        --output CHECK.json [--plot PNG]
+        --output CHECK.json [--plot PNG] [--scratch-frontier F.json] [--cpt-frontier F.json]
     compare --base FIT.json (--input FILE.csv... | --runs DIR...) [--output TABLE.json]
     transfer --scratch PATH... --cpt PATH... --output TRANSFER.json [--plot PNG]
     plot --kind fit|isoloss|compute|transfer --output PNG [kind-specific inputs]
@@ -236,16 +236,24 @@ def cmd_transfer(args):
 def cmd_check(args):
     scratch = _paths_points(args.scratch, args.valid_name)
     cpt = _paths_points(args.cpt, args.valid_name)
+    fronts = {name: _read_json(path, f"--{name}-frontier") for name, path in
+              (("scratch", args.scratch_frontier), ("cpt", args.cpt_frontier)) if path}
+    for name, f in fronts.items():
+        if not all(k in f for k in ("A", "g")):
+            raise SystemExit(f"--{name}-frontier: expected a frontier fit with A, g (and E); "
+                             f"got keys {sorted(f)}")
     out = checks.consistency_check(scratch, cpt, _read_json(args.scratch_fit, "--scratch-fit"),
-                                   _read_json(args.cpt_fit, "--cpt-fit"), n_levels=args.levels)
+                                   _read_json(args.cpt_fit, "--cpt-fit"), n_levels=args.levels,
+                                   frontiers=fronts or None)
     _write_json(args.output, out)
     t = out["transfer"]
     print(f"FLOPs saved at equal loss: runs {t['median_empirical']:.1%} (median), laws "
           f"{t['median_law']:.1%}" if t["median_law"] is not None else
           "FLOPs saved at equal loss: the laws reach none of the runs' loss levels")
     for name, f in out["frontier"].items():
-        print(f"{name} frontier: runs {checks._fmt_front(f['empirical_fit'])}, law "
-              f"{checks._fmt_front(f['law_fit'])}")
+        given = f", given {checks.format_frontier(f['given']['params'])}" if f.get("given") else ""
+        print(f"{name} frontier: runs {checks.format_frontier(f['empirical_fit'])}, law "
+              f"{checks.format_frontier(f['law_fit'])}{given}")
     print("consistent" if not out["mismatch"] else "MISMATCH:\n  " + "\n  ".join(out["messages"]))
     if args.plot:
         from . import plots
@@ -364,6 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpt-fit", required=True, metavar="FIT.json")
     p.add_argument("--valid-name", default=None)
     p.add_argument("--levels", type=int, default=20, help="loss levels per pair")
+    p.add_argument("--scratch-frontier", metavar="FRONTIER.json",
+                   help="a frontier {E, A, g} (fitted or published) to check against the runs")
+    p.add_argument("--cpt-frontier", metavar="FRONTIER.json", help="as --scratch-frontier")
     p.add_argument("--output", required=True, metavar="CHECK.json")
     p.add_argument("--plot", metavar="PNG", help="runs vs laws figure (+ PDF and SVG beside)")
     p.set_defaults(func=cmd_check)
