@@ -298,7 +298,8 @@ def fit_points(law_name: str, points: Points, *, base: dict | None = None,
     scratch = None
     if law.name == "cpt":
         fit["base"] = {k: base[k] for k in ("law", "E", "A", "B", "alpha", "beta", "huber",
-                                            "n_points", "data", "data_range") if k in base}
+                                            "n_points", "data", "data_range", "warnings",
+                                            "identifiable") if k in base}
         if "B" in base and "beta" in base:
             scratch = law_params(base)
     fit["derived"] = {k: float(v) for k, v in derived(law_params(fit), budgets, scratch).items()}
