@@ -29,6 +29,8 @@ import logging
 import re
 import sys
 
+import numpy as np
+
 from . import checks, curves, diagnostics, fit as fitmod, intervals, laws
 from .runs import Points, load_points
 
@@ -139,7 +141,10 @@ def cmd_fit(args):
         law = laws.frontier(not args.no_offset)
         result = curves.fit_frontier(pts, args.levels, offset=not args.no_offset, **kw)
         result["data"] = pts.source
-        if args.bootstrap:
+        if args.bootstrap and np.unique(pts.group.astype(str)).size >= 3:
+            result["bootstrap"] = intervals.frontier_bootstrap(
+                pts, result, K=args.bootstrap, seed=args.seed, n_levels=args.levels)
+        elif args.bootstrap:  # fewer than 3 runs: resample the frontier points instead
             fp = result["frontier_points"]
             result["bootstrap"] = fitmod.bootstrap(law, result, fp["loss"], C=fp["C"],
                                                    K=args.bootstrap, seed=args.seed,
