@@ -27,7 +27,9 @@ Formats owned here:
      "intervals": {name: [lo, hi] | null}   # --bootstrap: every parameter and derived value
      "bootstrap": {"K", "seed", "method", "n_clusters", "base_refit", "samples", "se",
                    "median"}                                   # chinchilla/cpt: `intervals`
-                | {"K", "seed", "samples", "ci95", "se", "median"}       # frontier: points
+                | {"K", "seed", "method", "n_clusters", "samples", "se", "median"}
+                  # frontier: runs resampled, frontier points rebuilt (frontier_bootstrap;
+                  # with < 3 runs the points are resampled: {"K", "seed", "samples", "ci95"...})
      "budgets", "derived": {"a", ..., "N_opt@<C>", "D_opt@<C>", "L_opt@<C>",
                             "flops_saved@<C>"},                 # see `intervals`
      "data_range": {"N", "D", "C": [lo, hi], "n_sizes", "n_runs"},

@@ -25,10 +25,13 @@ laws imply with what the runs show:
                   "fraction_outside"},
      "frontier": {strategy: {"C", "empirical", "law", "law_lo", "law_hi", "outside",
                              "fraction_outside", "empirical_fit": {E, A, g},
-                             "law_fit": {E, A, g}}},
+                             "law_fit": {E, A, g}, "given": {"params", "values",
+                             "outside", "fraction_outside", "median_rel_err",
+                             "max_abs_rel_err"} (with `frontiers` only)}},
      "mismatch": bool, "messages": [str, ...], "intervals": bool}
 A quantity mismatches when more than half of its points lie outside the laws' band (without
-bootstrap samples: differ by more than `tolerance`, relative).
+bootstrap samples: differ by more than `tolerance`: relative for losses, absolute for the
+FLOPs-saved fraction).
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ import numpy as np
 
 from .curves import frontier_points, transfer_metrics
 from .intervals import expanded_tail, fit_points, law_params
+from .laws import predict
 from .runs import Points
 
 
@@ -141,19 +145,27 @@ def law_samples(scratch_fit: dict, cpt_fit: dict):
     return s, c
 
 
-def _verdict(emp, law, lo, hi, tolerance):
+def _verdict(emp, law, lo, hi, tolerance, absolute=False):
+    """(outside mask, fraction outside) of empirical values against the law's band, or
+    without one against a tolerance (relative; absolute for FLOPs-saved fractions)."""
     ok = np.isfinite(emp) & np.isfinite(law)
     if lo is not None:
         outside = ok & ((emp < lo) | (emp > hi))
     else:
-        outside = ok & (np.abs(emp - law) > tolerance * np.maximum(np.abs(law), 1e-12))
+        scale = 1.0 if absolute else np.maximum(np.abs(law), 1e-12)
+        outside = ok & (np.abs(emp - law) > tolerance * scale)
     frac = float(outside[ok].mean()) if ok.any() else float("nan")
     return outside, frac
 
 
 def consistency_check(scratch: Points, cpt: Points, scratch_fit: dict, cpt_fit: dict, *,
-                      n_levels: int = 20, tolerance: float = 0.05) -> dict:
-    """Law-implied against empirical transfer and frontiers (module doc)."""
+                      n_levels: int = 20, tolerance: float = 0.05,
+                      frontiers: dict | None = None) -> dict:
+    """Law-implied against empirical transfer and frontiers (module doc).
+
+    frontiers: optional {"scratch"/"cpt": frontier FIT.json or {"E", "A", "g"}} (e.g. a
+    published Eq. 3) checked against the runs' frontier points too ("given" in the output).
+    """
     ps, pc = law_params(scratch_fit), law_params(cpt_fit)
     ps.pop("gamma", None)
     samp = law_samples(scratch_fit, cpt_fit)
@@ -168,7 +180,7 @@ def consistency_check(scratch: Points, cpt: Points, scratch_fit: dict, cpt_fit: 
         if samp:
             lo, hi = _band(1 - _tokens_at_loss(samp[1], N, L) / _tokens_at_loss(samp[0], N, L),
                            n_cl)
-        outside, _ = _verdict(emp, law, lo, hi, tolerance)
+        outside, _ = _verdict(emp, law, lo, hi, tolerance, absolute=True)
         pairs.append({"N": N, "loss": L.tolist(), "empirical": emp.tolist(),
                       "law": law.tolist(), "law_lo": None if lo is None else lo.tolist(),
                       "law_hi": None if hi is None else hi.tolist(),
@@ -186,11 +198,20 @@ def consistency_check(scratch: Points, cpt: Points, scratch_fit: dict, cpt_fit: 
         messages.append(f"transfer mismatch: the runs save a median {np.nanmedian(emp):.1%} of "
                         f"the FLOPs at equal loss, the laws imply {np.nanmedian(law[ok]):.1%}; "
                         f"{frac:.0%} of the loss levels lie outside the laws' "
-                        f"{'95% band' if samp else f'{tolerance:.0%} tolerance'}")
+                        f"{'95% band' if samp else f'{tolerance:.0%}-point tolerance'}")
     frontier = {}
     for name, pts, p, idx in (("scratch", scratch, ps, 0), ("cpt", cpt, pc, 1)):
         frontier[name] = _frontier_check(pts, p, samp[idx] if samp else None, n_cl, tolerance)
         f = frontier[name]
+        if frontiers and name in frontiers:
+            f["given"] = _given_frontier(f, frontiers[name], tolerance)
+            if f["given"]["fraction_outside"] > 0.5:
+                g = f["given"]
+                messages.append(
+                    f"{name}: the given frontier {_fmt_front(g['params'])} misses the runs' "
+                    f"frontier points (median {g['median_rel_err']:+.1%}, up to "
+                    f"{g['max_abs_rel_err']:.1%}); the runs follow "
+                    f"{_fmt_front(f['empirical_fit'])}")
         if f["fraction_outside"] > 0.5:
             messages.append(
                 f"{name} frontier mismatch: the runs' lowest loss per compute follows "
@@ -199,6 +220,11 @@ def consistency_check(scratch: Points, cpt: Points, scratch_fit: dict, cpt_fit: 
                 f"{'95% band' if samp else f'{tolerance:.0%} tolerance'}")
     return {"transfer": transfer, "frontier": frontier, "mismatch": bool(messages),
             "messages": messages, "intervals": samp is not None}
+
+
+def format_frontier(f):
+    """E' + A' C^-g as text."""
+    return _fmt_front(f)
 
 
 def _fmt_front(f):
@@ -214,6 +240,25 @@ def _law_frontier(pts: Points, p: dict):
         return None
     return frontier_points(Points(pts.N, pts.D, loss, pts.C, pts.group, pts.source),
                            n_levels=30)[1]
+
+
+def _given_frontier(f: dict, front: dict, tolerance: float) -> dict:
+    """A given frontier E' + A'/C^g against the runs' frontier points (band if it has
+    bootstrap samples, else the relative tolerance)."""
+    C, emp = np.asarray(f["C"]), np.asarray(f["empirical"])
+    params = {"E": float(front.get("E", 0.0)), "A": float(front["A"]), "g": float(front["g"])}
+    vals = predict(params, C=C)
+    lo = hi = None
+    s = (front.get("bootstrap") or {}).get("samples")
+    if s and all(k in s for k in ("A", "g")):
+        arr = {k: np.asarray(s[k], dtype=np.float64)[:, None] for k in ("A", "g")}
+        e = np.asarray(s["E"], dtype=np.float64)[:, None] if "E" in s else params["E"]
+        lo, hi = _band(e + arr["A"] / C ** arr["g"], None)
+    outside, frac = _verdict(emp, vals, lo, hi, tolerance)
+    rel = emp / vals - 1
+    return {"params": params, "values": vals.tolist(), "outside": outside.tolist(),
+            "fraction_outside": frac, "median_rel_err": float(np.median(rel)),
+            "max_abs_rel_err": float(np.max(np.abs(rel)))}
 
 
 def _frontier_check(pts: Points, p: dict, samples, n_cl, tolerance) -> dict:

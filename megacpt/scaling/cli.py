@@ -5,7 +5,7 @@
         [--base-input FILE.csv... | --base-runs DIR...] [--compute C...] [--holdout-largest K]
     allocate --law chinchilla|cpt --params PARAMS.json [--compute C...]
     check --scratch PATH... --cpt PATH... --scratch-fit FIT.json --cpt-fit FIT.json
-        --output CHECK.json [--plot PNG]
+        --output CHECK.json [--plot PNG] [--scratch-frontier F.json] [--cpt-frontier F.json]
     compare --base FIT.json (--input FILE.csv... | --runs DIR...) [--output TABLE.json]
     transfer --scratch PATH... --cpt PATH... --output TRANSFER.json [--plot PNG]
     plot --kind fit|isoloss|compute|transfer --output PNG [kind-specific inputs]
@@ -26,7 +26,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
+
+import numpy as np
 
 from . import checks, curves, diagnostics, fit as fitmod, intervals, laws
 from .runs import Points, load_points
@@ -92,6 +95,32 @@ def _summary(result: dict) -> dict:
     return out
 
 
+def _dumps(obj) -> str:
+    """JSON with one key per line but short lists (intervals) kept on one line."""
+    text = json.dumps(obj, indent=1)
+    return re.sub(r"\[\s*([^\[\]{}]*?)\s*\]",
+                  lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]"
+                  if m.group(1) else "[]", text)
+
+
+def format_fit(result: dict) -> str:
+    """A table for people: each parameter and derived quantity with its 95% interval."""
+    if result.get("identifiable") is False:
+        return f"{result['law']} fit: {result.get('allocation_error', 'not identifiable')}"
+    iv = result.get("intervals") or {}
+    rows = [(k, result[k]) for k in ("E", "A", "B", "alpha", "beta", "gamma", "g")
+            if k in result]
+    rows += [(k, v) for k, v in (result.get("derived") or {}).items()]
+    lines = [f"{result['law']} fit ({result.get('n_points')} points): estimate and "
+             f"95% interval" + ("" if iv else " (none: --bootstrap K)")]
+    for k, v in rows:
+        ci = iv.get(k)
+        ci_s = f"[{ci[0]:.4g}, {ci[1]:.4g}]" if ci else ""
+        inh = " (inherited, fixed)" if k in result.get("inherited", []) and k not in iv else ""
+        lines.append(f"  {k:<20}{'-' if v is None else format(v, '.4g'):>12}  {ci_s}{inh}")
+    return "\n".join(lines)
+
+
 def _print_warnings(result: dict):
     for w in result.get("warnings", []):
         print(f"warning: {w}", file=sys.stderr)
@@ -112,7 +141,10 @@ def cmd_fit(args):
         law = laws.frontier(not args.no_offset)
         result = curves.fit_frontier(pts, args.levels, offset=not args.no_offset, **kw)
         result["data"] = pts.source
-        if args.bootstrap:
+        if args.bootstrap and np.unique(pts.group.astype(str)).size >= 3:
+            result["bootstrap"] = intervals.frontier_bootstrap(
+                pts, result, K=args.bootstrap, seed=args.seed, n_levels=args.levels)
+        elif args.bootstrap:  # fewer than 3 runs: resample the frontier points instead
             fp = result["frontier_points"]
             result["bootstrap"] = fitmod.bootstrap(law, result, fp["loss"], C=fp["C"],
                                                    K=args.bootstrap, seed=args.seed,
@@ -133,7 +165,8 @@ def cmd_fit(args):
                 bootstrap=args.bootstrap, fix_gamma=args.fix_gamma,
                 **{k: v for k, v in kw.items() if k != "progress"})
     _write_json(args.output, result)
-    print(json.dumps(_summary(result), indent=1))
+    print(_dumps(_summary(result)))
+    print(format_fit(result), file=sys.stderr)
     if "holdout" in result:
         print(checks.format_holdout(result["holdout"]), file=sys.stderr)
     _print_warnings(result)
@@ -169,7 +202,7 @@ def cmd_allocate(args):
         return 1
     if args.compute:
         out.update(intervals.allocate_budgets(params, args.compute, args.law))
-    print(json.dumps(out, indent=1))
+    print(_dumps(out))
     _print_warnings(out)
     return 0
 
@@ -208,16 +241,24 @@ def cmd_transfer(args):
 def cmd_check(args):
     scratch = _paths_points(args.scratch, args.valid_name)
     cpt = _paths_points(args.cpt, args.valid_name)
+    fronts = {name: _read_json(path, f"--{name}-frontier") for name, path in
+              (("scratch", args.scratch_frontier), ("cpt", args.cpt_frontier)) if path}
+    for name, f in fronts.items():
+        if not all(k in f for k in ("A", "g")):
+            raise SystemExit(f"--{name}-frontier: expected a frontier fit with A, g (and E); "
+                             f"got keys {sorted(f)}")
     out = checks.consistency_check(scratch, cpt, _read_json(args.scratch_fit, "--scratch-fit"),
-                                   _read_json(args.cpt_fit, "--cpt-fit"), n_levels=args.levels)
+                                   _read_json(args.cpt_fit, "--cpt-fit"), n_levels=args.levels,
+                                   frontiers=fronts or None)
     _write_json(args.output, out)
     t = out["transfer"]
     print(f"FLOPs saved at equal loss: runs {t['median_empirical']:.1%} (median), laws "
           f"{t['median_law']:.1%}" if t["median_law"] is not None else
           "FLOPs saved at equal loss: the laws reach none of the runs' loss levels")
     for name, f in out["frontier"].items():
-        print(f"{name} frontier: runs {checks._fmt_front(f['empirical_fit'])}, law "
-              f"{checks._fmt_front(f['law_fit'])}")
+        given = f", given {checks.format_frontier(f['given']['params'])}" if f.get("given") else ""
+        print(f"{name} frontier: runs {checks.format_frontier(f['empirical_fit'])}, law "
+              f"{checks.format_frontier(f['law_fit'])}{given}")
     print("consistent" if not out["mismatch"] else "MISMATCH:\n  " + "\n  ".join(out["messages"]))
     if args.plot:
         from . import plots
@@ -336,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpt-fit", required=True, metavar="FIT.json")
     p.add_argument("--valid-name", default=None)
     p.add_argument("--levels", type=int, default=20, help="loss levels per pair")
+    p.add_argument("--scratch-frontier", metavar="FRONTIER.json",
+                   help="a frontier {E, A, g} (fitted or published) to check against the runs")
+    p.add_argument("--cpt-frontier", metavar="FRONTIER.json", help="as --scratch-frontier")
     p.add_argument("--output", required=True, metavar="CHECK.json")
     p.add_argument("--plot", metavar="PNG", help="runs vs laws figure (+ PDF and SVG beside)")
     p.set_defaults(func=cmd_check)

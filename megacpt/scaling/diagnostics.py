@@ -161,8 +161,11 @@ def fit_warnings(fit: dict, points: Points, base_points: Points | None = None) -
         f2, w2 = design_problems(base_points, "scratch base")
         fatal, warn = fatal + f2, warn + w2
     base = fit.get("base") or {}
-    for k in base.get("warnings", []):
-        warn.append(f"scratch base: {k}")
+    if base.get("identifiable") is False:
+        fatal.append("the scratch base it inherits E, A, alpha from is not identifiable")
+    elif base_points is None:  # with base_points its design is checked above
+        warn += [f"scratch base: {k}" for k in base.get("warnings", [])
+                 if not k.startswith("no intervals")]
     if not fatal:
         cond = conditioning(fit, points)
         if cond > 1e8:

@@ -20,6 +20,9 @@ Derived quantities (`derived`, vectorised over resamples; params may hold arrays
   compute the scratch law needs to reach the CPT law's L_opt(C), both compute-optimally
   allocated (the paper's Eq. 3 sense; negative when the laws say CPT is worse).
 
+`frontier_bootstrap` does the same for a loss-compute frontier fit: resample runs, rebuild
+the frontier points from the drawn runs, refit.
+
 `fit_points` does fit + bootstrap + diagnostics and returns the FIT.json dict; fields it adds
 to those of `fit.fit_law`:
     "budgets": [C, ...]; "derived": {name: value}
@@ -298,7 +301,8 @@ def fit_points(law_name: str, points: Points, *, base: dict | None = None,
     scratch = None
     if law.name == "cpt":
         fit["base"] = {k: base[k] for k in ("law", "E", "A", "B", "alpha", "beta", "huber",
-                                            "n_points", "data", "data_range") if k in base}
+                                            "n_points", "data", "data_range", "warnings",
+                                            "identifiable") if k in base}
         if "B" in base and "beta" in base:
             scratch = law_params(base)
     fit["derived"] = {k: float(v) for k, v in derived(law_params(fit), budgets, scratch).items()}
@@ -357,3 +361,42 @@ def allocate_budgets(fit: dict, budgets, law: str | None = None) -> dict:
                        ["no data_range in the parameters: cannot tell whether these budgets "
                         "extrapolate"])
     return out
+
+
+def frontier_bootstrap(points: Points, fit: dict, *, K: int = 100, seed: int = 0,
+                       n_levels: int = 30, n_starts: int = 4) -> dict:
+    """Cluster bootstrap of a loss-compute frontier fit (`curves.fit_frontier`): each resample
+    draws runs with replacement, rebuilds the frontier points from the drawn runs and refits
+    E' + A'/C^g from the full fit's best minima.  Returns the "bootstrap" dict of a frontier
+    FIT.json ({"K", "seed", "method", "n_clusters", "samples", "se", "median"}) and sets
+    fit["intervals"] (expanded percentile over the runs)."""
+    from .curves import frontier_points
+    from .laws import frontier
+
+    law = frontier(offset=len(fit["theta"]) == 3)
+    labels = np.unique(points.group.astype(str))
+    rng = np.random.default_rng(seed)
+    starts = _starts(fit, n_starts)
+    rows = []
+    with single_blas_thread():
+        for _ in range(K):
+            drawn = np.unique(rng.choice(labels, size=labels.size, replace=True))
+            sub = points.select(np.isin(points.group.astype(str), drawn))
+            C, loss = frontier_points(sub, n_levels)
+            if C.size <= law.n_params:
+                rows.append(np.full(law.n_params, np.nan))
+                continue
+            des = law.design(C=C)
+            W = np.ones((len(starts), C.size))
+            th, f = newton_batch(starts, des, np.log(loss), W)
+            rows.append(th[np.nanargmin(np.where(np.isfinite(f), f, np.inf))])
+    theta = np.array(rows)  # [K, P]
+    t = {name: theta[:, i] for i, name in enumerate(law.free)}
+    samples = {"A": np.exp(t["a"]), "g": t["g"],
+               "E": np.exp(t["e"]) if "e" in t else np.zeros(K)}
+    fit["intervals"] = percentile_intervals(samples, n_clusters=labels.size)
+    return {"K": int(K), "seed": seed, "method": "cluster (runs), expanded percentile",
+            "n_clusters": int(labels.size),
+            "samples": {k: _finite_list(v) for k, v in samples.items()},
+            "se": {k: float(np.nanstd(v, ddof=1)) for k, v in samples.items()},
+            "median": {k: float(np.nanmedian(v)) for k, v in samples.items()}}

@@ -382,6 +382,10 @@ def plot_consistency(check: dict, path: str, formats=FORMATS) -> str:
             ax2.fill_between(C, f["law_lo"], f["law_hi"], color=color, alpha=0.2, lw=0)
         ax2.scatter(C, f["empirical"], color=color, s=10, edgecolor="k", lw=0.3,
                     label=f"{name} runs")
+        if f.get("given"):
+            g = f["given"]["params"]
+            ax2.plot(C, f["given"]["values"], color=color, ls="--", lw=1.2,
+                     label=f"{name} given: {g['E']:.3g} + {g['A']:.4g} C^-{g['g']:.4f}")
     ax2.set_xscale("log")
     ax2.set_yscale("log")
     _plain_loss_axis(ax2)

@@ -91,3 +91,32 @@ def test_fit_cli_holdout(tmp_path, capsys):
     fit = json.loads(out.read_text())
     assert fit["holdout"]["k"] == 2 and fit["holdout"]["rmse_log"] < 0.02
     assert "predicting the 2 largest" in capsys.readouterr().err
+
+
+def test_published_frontier_does_not_describe_curves_of_table_2a(tmp_path):
+    """The paper's notes: curves drawn from Table 2a (sizes 49M-5.5B, up to 20 tokens per
+    parameter) have a frontier near 86 C^-0.079, not Eq. 3's 31.96 C^-0.0575."""
+    sizes = np.array([49, 105, 194, 301, 512, 766, 1085, 1542, 2112, 2808, 4016, 5534]) * 1e6
+    rng = np.random.default_rng(6)
+    s = synth_points(rng, SCRATCH, sizes, run_sd=0, point_sd=0.0005, n_ckpt=20,
+                     tpp=(0.05, 20), label="scratch")
+    c = synth_points(rng, CPT, sizes, run_sd=0, point_sd=0.0005, n_ckpt=20, tpp=(0.05, 20),
+                     label="cpt")
+    published = {"scratch": {"E": 0.0, "A": 33.69907, "g": 0.0579},
+                 "cpt": {"E": 0.0, "A": 31.9594, "g": 0.0575}}
+    out = consistency_check(s, c, {**SCRATCH, "law": "chinchilla"}, {**CPT, "law": "cpt"},
+                            frontiers=published)
+    # the laws describe their own curves: transfer and law frontier agree with the runs
+    assert out["transfer"]["fraction_outside"] < 0.1
+    assert out["frontier"]["cpt"]["fraction_outside"] < 0.1
+    # ... and CPT loses to scratch at the end of training, as Table 2a says
+    assert min(p["empirical"][-1] for p in out["transfer"]["pairs"]) < 0
+    # but the published frontier misses the runs' frontier points
+    given = out["frontier"]["cpt"]["given"]
+    assert given["fraction_outside"] > 0.5 and given["max_abs_rel_err"] > 0.05
+    assert out["mismatch"] and any("the given frontier" in m for m in out["messages"])
+    from megacpt.scaling import plots
+
+    pytest.importorskip("matplotlib")
+    plots.plot_consistency(out, str(tmp_path / "t2a.png"), formats=("svg",))
+    assert "cpt given" in (tmp_path / "t2a.svg").read_text()

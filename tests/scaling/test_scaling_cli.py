@@ -86,8 +86,11 @@ def test_fit_cpt_compare_and_plots(study_dir, tmp_path, capsys):
 
     front = tmp_path / "front.json"
     assert main(["fit", "--law", "frontier", "--runs", scratch, "--output", str(front),
-                 "--levels", "12"]) == 0
-    assert 0 < json.loads(front.read_text())["g"] < 1
+                 "--levels", "12", "--bootstrap", "20"]) == 0
+    fr = json.loads(front.read_text())
+    assert 0 < fr["g"] < 1 and fr["bootstrap"]["n_clusters"] == 5
+    assert fr["intervals"]["g"][0] <= fr["g"] <= fr["intervals"]["g"][1]
+    assert len(fr["bootstrap"]["samples"]["A"]) == 20 and "warnings" in fr
 
     figs = {"isoloss": ["--scratch-fit", str(scratch_fit), "--cpt-fit", str(cpt_fit),
                         "--scratch", scratch, "--cpt", cpt],

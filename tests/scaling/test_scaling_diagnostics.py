@@ -82,3 +82,17 @@ def test_plausibility_and_extrapolation_messages():
     assert extrapolation(rng_, [1e18], [1e8], [1e9]) == []
     msg = extrapolation(rng_, [2.5e20], [2e10], [1e9])
     assert len(msg) == 1 and "25x beyond" in msg[0] and "20x above the data's N range" in msg[0]
+
+
+def test_cpt_on_a_base_that_is_not_identifiable(tmp_path):
+    rng = np.random.default_rng(2)
+    final = synth_points(rng, SCRATCH, np.geomspace(1e7, 3e9, 8), n_ckpt=1, tpp=(20, 20))
+    cpt = synth_points(rng, CPT, np.geomspace(1e7, 3e9, 8))
+    s_csv, c_csv = _write_csv(tmp_path / "s.csv", final), _write_csv(tmp_path / "c.csv", cpt)
+    base, out = tmp_path / "base.json", tmp_path / "cpt.json"
+    assert main(["fit", "--law", "chinchilla", "--input", s_csv, "--output", str(base)]) == 0
+    assert main(["fit", "--law", "cpt", "--input", c_csv, "--base", str(base),
+                 "--output", str(out)]) == 0
+    fit = json.loads(out.read_text())
+    assert fit["identifiable"] is False and fit["allocation"] is None
+    assert any("scratch base" in w and "not identifiable" in w for w in fit["warnings"])
