@@ -2,23 +2,34 @@
 
     fit --law chinchilla|cpt|frontier (--input FILE.csv... | --runs DIR...) [--base FIT.json]
         --output FIT.json [--bootstrap K] [--init grid|optuna] [--plot PNG]
-    allocate --law chinchilla|cpt --params PARAMS.json
+        [--base-input FILE.csv... | --base-runs DIR...] [--compute C...] [--holdout-largest K]
+    allocate --law chinchilla|cpt --params PARAMS.json [--compute C...]
+    check --scratch PATH... --cpt PATH... --scratch-fit FIT.json --cpt-fit FIT.json
+        --output CHECK.json [--plot PNG]
     compare --base FIT.json (--input FILE.csv... | --runs DIR...) [--output TABLE.json]
     transfer --scratch PATH... --cpt PATH... --output TRANSFER.json [--plot PNG]
     plot --kind fit|isoloss|compute|transfer --output PNG [kind-specific inputs]
 
+Every figure is written as PNG with a PDF and an SVG beside it (same name).  Progress bars
+appear only when stderr is a terminal.
+
 PATH in --scratch/--cpt is a CSV file (*.csv) or a run directory (see megacpt.scaling.runs).
 FIT.json: {"E","A","B","alpha","beta"[,"gamma"],"huber","n_points","allocation":{"a","b",
-"G","N_coef","D_coef"}, ...}; for the CPT law B and beta are the paper's B' and beta'.
+"G","N_coef","D_coef"}, "intervals", "warnings", "identifiable", "data_range", "derived",
+...} (see megacpt.scaling and .intervals); for the CPT law B and beta are the paper's B' and
+beta'.  `fit` prints its summary as JSON on stdout and each warning as a "warning:" line on
+stderr; a fit whose design does not identify the law prints "not identifiable" for its
+parameters and allocation.  CHECK.json: see megacpt.scaling.checks.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import re
 import sys
 
-from . import curves, fit as fitmod, laws
+from . import checks, curves, diagnostics, fit as fitmod, intervals, laws
 from .runs import Points, load_points
 
 log = logging.getLogger("megacpt.scaling")
@@ -70,30 +81,90 @@ def _base(path):
     return base
 
 
+def _summary(result: dict) -> dict:
+    """What `fit` prints: parameters (or "not identifiable"), allocation, intervals, warnings."""
+    keys = ("E", "A", "B", "alpha", "beta", "gamma", "g", "huber", "n_points", "allocation",
+            "allocation_error", "derived", "intervals", "identifiable", "warnings")
+    out = {k: result[k] for k in keys if k in result}
+    if result.get("identifiable") is False:
+        for k in ("E", "A", "B", "alpha", "beta", "gamma"):
+            if k in out and k not in result.get("inherited", []):
+                out[k] = "not identifiable"
+    return out
+
+
+def _dumps(obj) -> str:
+    """JSON with one key per line but short lists (intervals) kept on one line."""
+    text = json.dumps(obj, indent=1)
+    return re.sub(r"\[\s*([^\[\]{}]*?)\s*\]",
+                  lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]"
+                  if m.group(1) else "[]", text)
+
+
+def format_fit(result: dict) -> str:
+    """A table for people: each parameter and derived quantity with its 95% interval."""
+    if result.get("identifiable") is False:
+        return f"{result['law']} fit: {result.get('allocation_error', 'not identifiable')}"
+    iv = result.get("intervals") or {}
+    rows = [(k, result[k]) for k in ("E", "A", "B", "alpha", "beta", "gamma", "g")
+            if k in result]
+    rows += [(k, v) for k, v in (result.get("derived") or {}).items()]
+    lines = [f"{result['law']} fit ({result.get('n_points')} points): estimate and "
+             f"95% interval" + ("" if iv else " (none: --bootstrap K)")]
+    for k, v in rows:
+        ci = iv.get(k)
+        ci_s = f"[{ci[0]:.4g}, {ci[1]:.4g}]" if ci else ""
+        inh = " (inherited, fixed)" if k in result.get("inherited", []) and k not in iv else ""
+        lines.append(f"  {k:<20}{'-' if v is None else format(v, '.4g'):>12}  {ci_s}{inh}")
+    return "\n".join(lines)
+
+
+def _print_warnings(result: dict):
+    for w in result.get("warnings", []):
+        print(f"warning: {w}", file=sys.stderr)
+
+
 def cmd_fit(args):
     pts = load_points(args.input, args.runs, args.valid_name)
     kw = {"init": args.init, "optuna_trials": args.optuna_trials, "seed": args.seed,
           "progress": True}
+    base_pts = None
+    if args.base_input or args.base_runs:
+        if args.law != "cpt":
+            raise SystemExit("--base-input/--base-runs are for --law cpt")
+        if args.base:
+            raise SystemExit("give --base FIT.json or --base-input/--base-runs, not both")
+        base_pts = load_points(args.base_input, args.base_runs, args.valid_name)
     if args.law == "frontier":
         law = laws.frontier(not args.no_offset)
         result = curves.fit_frontier(pts, args.levels, offset=not args.no_offset, **kw)
-        N = D = None
-        C, loss = (result["frontier_points"][k] for k in ("C", "loss"))
+        result["data"] = pts.source
+        if args.bootstrap:
+            fp = result["frontier_points"]
+            result["bootstrap"] = fitmod.bootstrap(law, result, fp["loss"], C=fp["C"],
+                                                   K=args.bootstrap, seed=args.seed,
+                                                   progress=True)
+            result["intervals"] = result["bootstrap"]["ci95"]
+        result["warnings"] = diagnostics.frontier_warnings(result)
     else:
-        if args.law == "cpt" and not args.base:
-            raise SystemExit("fit --law cpt needs --base FIT.json (a from-scratch fit)")
-        law = laws.cpt(_base(args.base), args.fix_gamma) if args.law == "cpt" \
-            else laws.chinchilla()
-        result = fitmod.fit_law(law, pts.loss, N=pts.N, D=pts.D, source=pts.source, **kw)
-        N, D, C, loss = pts.N, pts.D, None, pts.loss
-    result["data"] = pts.source
-    if args.bootstrap:
-        result["bootstrap"] = fitmod.bootstrap(law, result, loss, N=N, D=D, C=C,
-                                               K=args.bootstrap, seed=args.seed, progress=True)
+        if args.law == "cpt" and not (args.base or base_pts is not None):
+            raise SystemExit("fit --law cpt needs --base FIT.json (a from-scratch fit, held "
+                             "fixed) or --base-input/--base-runs (scratch data, refitted)")
+        base = _base(args.base) if args.law == "cpt" and args.base else None
+        result = intervals.fit_points(args.law, pts, base=base, base_points=base_pts,
+                                      bootstrap=args.bootstrap, budgets=args.compute,
+                                      fix_gamma=args.fix_gamma, **kw)
+        if args.holdout_largest:
+            result["holdout"] = checks.holdout_largest(
+                args.law, pts, args.holdout_largest, base=base, base_points=base_pts,
+                bootstrap=args.bootstrap, fix_gamma=args.fix_gamma,
+                **{k: v for k, v in kw.items() if k != "progress"})
     _write_json(args.output, result)
-    print(json.dumps({k: result[k] for k in result if k in
-                      ("E", "A", "B", "alpha", "beta", "gamma", "g", "huber", "n_points",
-                       "allocation")}, indent=1))
+    print(_dumps(_summary(result)))
+    print(format_fit(result), file=sys.stderr)
+    if "holdout" in result:
+        print(checks.format_holdout(result["holdout"]), file=sys.stderr)
+    _print_warnings(result)
     if args.plot:
         from . import plots
 
@@ -101,16 +172,34 @@ def cmd_fit(args):
             plots.plot_loss_compute({"data": (pts, result)}, args.plot)
         else:
             plots.plot_fit(pts, result, args.plot)
-        log.info("wrote %s", args.plot)
+        log.info("wrote %s (+ .pdf, .svg)", args.plot)
 
 
 def cmd_allocate(args):
     params = _read_json(args.params, "--params")
+    need = ["A", "B", "alpha", "beta"] + (["gamma"] if args.law == "cpt" else [])
+    missing = [k for k in need if k not in params]
+    if missing:
+        raise SystemExit(f"{args.params}: allocation for the {args.law} law needs {need}; "
+                         f"missing {missing}")
+    if params.get("identifiable") is False:
+        print(f"megacpt-fit allocate: {args.params}: no allocation: "
+              f"{params.get('allocation_error', 'the fit is not identifiable')}",
+              file=sys.stderr)
+        return 1
     try:
         out = laws.allocation(params, args.law)
-    except ValueError as exc:
-        raise SystemExit(f"{args.params}: {exc}") from None
-    print(json.dumps(out, indent=1))
+    except ValueError:
+        gamma = params.get("gamma", 0.0) if args.law == "cpt" else 0.0
+        print(f"megacpt-fit allocate: {args.params}: no finite compute-optimal allocation "
+              f"(needs A, B, alpha > 0 and beta - gamma > 0; alpha = {params['alpha']:.4g}, "
+              f"beta - gamma = {params['beta'] - gamma:.4g})", file=sys.stderr)
+        return 1
+    if args.compute:
+        out.update(intervals.allocate_budgets(params, args.compute, args.law))
+    print(_dumps(out))
+    _print_warnings(out)
+    return 0
 
 
 def cmd_compare(args):
@@ -142,6 +231,30 @@ def cmd_transfer(args):
         from . import plots
 
         plots.plot_transfer(out, args.plot)
+
+
+def cmd_check(args):
+    scratch = _paths_points(args.scratch, args.valid_name)
+    cpt = _paths_points(args.cpt, args.valid_name)
+    out = checks.consistency_check(scratch, cpt, _read_json(args.scratch_fit, "--scratch-fit"),
+                                   _read_json(args.cpt_fit, "--cpt-fit"), n_levels=args.levels)
+    _write_json(args.output, out)
+    t = out["transfer"]
+    print(f"FLOPs saved at equal loss: runs {t['median_empirical']:.1%} (median), laws "
+          f"{t['median_law']:.1%}" if t["median_law"] is not None else
+          "FLOPs saved at equal loss: the laws reach none of the runs' loss levels")
+    for name, f in out["frontier"].items():
+        print(f"{name} frontier: runs {checks._fmt_front(f['empirical_fit'])}, law "
+              f"{checks._fmt_front(f['law_fit'])}")
+    print("consistent" if not out["mismatch"] else "MISMATCH:\n  " + "\n  ".join(out["messages"]))
+    if args.plot:
+        from . import plots
+
+        plots.plot_consistency(out, args.plot)
+        log.info("wrote %s (+ .pdf, .svg)", args.plot)
+    if not out["intervals"]:
+        print("warning: no bootstrap samples in the fits: compared with a fixed tolerance "
+              "(fit with --bootstrap K for intervals)", file=sys.stderr)
 
 
 def cmd_plot(args):
@@ -196,11 +309,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fit", help="fit a law (Huber on log-loss, grid/optuna + L-BFGS)")
     p.add_argument("--law", choices=laws.LAWS, required=True)
     _data_args(p)
-    p.add_argument("--base", help="from-scratch FIT.json (cpt law: E, A, alpha inherited)")
+    p.add_argument("--base", help="from-scratch FIT.json (cpt law: E, A, alpha inherited and "
+                   "held fixed, also in the bootstrap)")
+    p.add_argument("--base-input", nargs="+", metavar="FILE.csv",
+                   help="cpt law: scratch points; the base is fitted on them and refitted in "
+                        "every bootstrap resample")
+    p.add_argument("--base-runs", nargs="+", metavar="DIR", help="cpt law: scratch run dirs "
+                   "(as --base-input)")
     p.add_argument("--fix-gamma", type=float, default=None, help="cpt: hold gamma fixed")
     p.add_argument("--output", required=True, metavar="FIT.json")
     p.add_argument("--bootstrap", type=int, default=0, metavar="K",
-                   help="K bootstrap resamples for 95%% intervals")
+                   help="K cluster-bootstrap resamples (runs drawn with replacement) for 95%% "
+                        "intervals (e.g. 200)")
+    p.add_argument("--compute", nargs="+", type=float, metavar="C",
+                   help="budgets (FLOPs) for N_opt, D_opt, L_opt, FLOPs saved and their "
+                        "intervals (default: the largest compute in the data)")
+    p.add_argument("--holdout-largest", type=int, default=0, metavar="K",
+                   help="also fit without the K largest sizes and report how well it predicts "
+                        "their curves")
     p.add_argument("--levels", type=int, default=30, help="frontier: compute levels")
     p.add_argument("--no-offset", action="store_true", help="frontier: fit A'/C^g only")
     p.add_argument("--plot", metavar="PNG")
@@ -210,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("allocate", help="compute-optimal allocation from law parameters")
     p.add_argument("--law", choices=("chinchilla", "cpt"), required=True)
     p.add_argument("--params", required=True, metavar="PARAMS.json")
+    p.add_argument("--compute", nargs="+", type=float, metavar="C",
+                   help="budgets (FLOPs): N_opt, D_opt (with intervals when PARAMS.json has "
+                        "bootstrap samples) and extrapolation beyond its data_range")
     p.set_defaults(func=cmd_allocate)
 
     p = sub.add_parser("compare", help="fit errors of Chinchilla vs CPT law on the same data")
@@ -227,6 +356,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, metavar="TRANSFER.json")
     p.add_argument("--plot", metavar="PNG")
     p.set_defaults(func=cmd_transfer)
+
+    p = sub.add_parser("check", help="law-implied vs empirical transfer and frontiers")
+    p.add_argument("--scratch", nargs="+", required=True, metavar="PATH")
+    p.add_argument("--cpt", nargs="+", required=True, metavar="PATH")
+    p.add_argument("--scratch-fit", required=True, metavar="FIT.json")
+    p.add_argument("--cpt-fit", required=True, metavar="FIT.json")
+    p.add_argument("--valid-name", default=None)
+    p.add_argument("--levels", type=int, default=20, help="loss levels per pair")
+    p.add_argument("--output", required=True, metavar="CHECK.json")
+    p.add_argument("--plot", metavar="PNG", help="runs vs laws figure (+ PDF and SVG beside)")
+    p.set_defaults(func=cmd_check)
 
     _add_plot_parser(sub)
     return ap
@@ -253,11 +393,11 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        rc = args.func(args)
     except (ValueError, FileNotFoundError) as exc:
         print(f"megacpt-fit {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    return 0
+    return rc or 0
 
 
 if __name__ == "__main__":

@@ -87,20 +87,21 @@ def evaluate(theta, design: Design, logl, weights, delta=HUBER_DELTA, order=2):
     """Objective (order 0), + gradient (1), + Gauss-Newton/IRLS curvature (2) for a batch.
 
     theta [S, P] (float32 or float64: the arithmetic follows its dtype); logl [n];
-    weights [n] or [S, n].  Returns f [S], grad [S, P], H [S, P, P] with
-    H = sum_i w_i c_i g_i g_i^T, g_i = d LSE_i / d theta and c_i = Huber'(r_i) / r_i
-    (1 inside delta, delta/|r_i| outside): the curvature of the quadratic that majorises each
-    Huber term at r_i (iteratively reweighted least squares).  It is positive semi-definite.
+    weights [n] or [S, n]; design.const [K, n] or [S, K, n].  Returns f [S], grad [S, P],
+    H [S, P, P] with H = sum_i w_i c_i g_i g_i^T, g_i = d LSE_i / d theta and
+    c_i = Huber'(r_i) / r_i (1 inside delta, delta/|r_i| outside): the curvature of the
+    quadratic that majorises each Huber term at r_i (iteratively reweighted least squares).
+    It is positive semi-definite.
     """
     dt = theta.dtype
     const, J = design.const.astype(dt, copy=False), design.J.astype(dt, copy=False)
     logl, weights = logl.astype(dt, copy=False), weights.astype(dt, copy=False)
     S, P = theta.shape
-    K, n = const.shape
+    K, n = const.shape[-2:]
     T = np.empty((S, K, n), dtype=dt)  # [S, K, n] the LSE terms
     cols = [np.flatnonzero(np.any(J[k] != 0, axis=0)) for k in range(K)]  # used params
     for k in range(K):  # broadcasts, not BLAS: tiny matmuls only add threading overhead
-        T[:, k] = const[k]
+        T[:, k] = const[:, k] if const.ndim == 3 else const[k]
         for p in cols[k]:
             T[:, k] += theta[:, p, None] * J[k][None, :, p]
     m = T.max(axis=1, keepdims=True)
@@ -160,7 +161,7 @@ def newton_batch(theta0, design, logl, weights, delta=HUBER_DELTA, max_iter=150,
         mu = lam[idx] * np.maximum(np.trace(Hi, axis1=1, axis2=2) / P, 1e-300)
         step = np.linalg.solve(Hi + mu[:, None, None] * eye, g[idx][..., None])[..., 0]
         trial = (theta[idx] - step).astype(dtype)
-        ft = evaluate(trial, design, logl, w_idx, delta, order=0)
+        ft = evaluate(trial, design.take(idx), logl, w_idx, delta, order=0)
         ok = np.isfinite(ft) & (ft < f[idx])
         acc, rej = idx[ok], idx[~ok]
         small = (f[acc] - ft[ok]) <= rtol * np.abs(f[acc])
@@ -171,7 +172,7 @@ def newton_batch(theta0, design, logl, weights, delta=HUBER_DELTA, max_iter=150,
         active[rej[lam[rej] > 1e10]] = False
         upd = acc[~small]
         if upd.size:
-            _, g[upd], H[upd] = evaluate(theta[upd], design, logl,
+            _, g[upd], H[upd] = evaluate(theta[upd], design.take(upd), logl,
                                          weights[upd] if per_start_w else weights, delta)
         bar.update(1)
         bar.set_postfix(active=int(active.sum()))
@@ -360,12 +361,15 @@ def fit_result(law, theta, f, design, logl, delta, **extra) -> dict:
 
 
 def bootstrap(law: LawSpec, fit: dict, loss, N=None, D=None, C=None, *, K=100, seed=0,
-              n_starts=4, delta=HUBER_DELTA, chunk=2048, progress=False) -> dict:
+              n_starts=4, delta=HUBER_DELTA, chunk=2048, progress=False, groups=None) -> dict:
     """Percentile bootstrap: refit on K resamples (with replacement) of the points.
 
     Each resample is a weight vector (multiplicities); it is refitted from the best
     `n_starts` distinct minima of the full fit, all resamples batched together.
-    Returns {"K", "seed", "ci95": {param: [lo, hi]}, "se": {param: std}, "median": {...}}.
+    Returns {"K", "seed", "samples": {param: [K values]}, "ci95": {param: [lo, hi]},
+    "se": {param: std}, "median": {...}}.  Resampling points treats checkpoints of one run
+    as independent: for runs, `intervals.cluster_bootstrap` (`groups` here draws whole
+    groups instead, with the same refit).
     """
     if K < 2:
         raise ValueError(f"bootstrap needs K >= 2 resamples, got {K}")
@@ -376,7 +380,12 @@ def bootstrap(law: LawSpec, fit: dict, loss, N=None, D=None, C=None, *, K=100, s
     starts = np.array(fit.get("minima_theta") or [fit["theta"]])[:n_starts]  # [M, P]
     M = len(starts)
     rng = np.random.default_rng(seed)
-    counts = rng.multinomial(n, np.full(n, 1.0 / n), size=K).astype(np.float64)  # [K, n]
+    if groups is not None:  # whole groups (runs) with replacement
+        _, codes = np.unique(np.asarray(groups).astype(str), return_inverse=True)
+        G = int(codes.max()) + 1
+        counts = rng.multinomial(G, np.full(G, 1.0 / G), size=K).astype(np.float64)[:, codes]
+    else:
+        counts = rng.multinomial(n, np.full(n, 1.0 / n), size=K).astype(np.float64)  # [K, n]
     theta_all = np.repeat(starts[None], K, 0).reshape(K * M, -1)
     w_all = np.repeat(counts, M, 0)  # [K*M, n]
     theta_fit, f_fit = np.empty_like(theta_all), np.empty(K * M)
@@ -402,6 +411,8 @@ def bootstrap(law: LawSpec, fit: dict, loss, N=None, D=None, C=None, *, K=100, s
     keys = [k for k in rows[0] if not (law.base and k in law.base)]
     table = {k: np.array([r[k] for r in rows], dtype=np.float64) for k in keys}
     return {"K": K, "seed": seed,
+            "samples": {k: [float(x) if np.isfinite(x) else None for x in v]
+                        for k, v in table.items()},
             "ci95": {k: [float(np.nanpercentile(v, 2.5)), float(np.nanpercentile(v, 97.5))]
                      for k, v in table.items()},
             "se": {k: float(np.nanstd(v, ddof=1)) for k, v in table.items()},
@@ -409,6 +420,10 @@ def bootstrap(law: LawSpec, fit: dict, loss, N=None, D=None, C=None, *, K=100, s
 
 
 def _progress_bar(total, desc, enabled):
+    """A tqdm bar on stderr, shown only when enabled and stderr is a terminal (no bars in logs)."""
+    import sys
+
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, mininterval=0.5)
+    show = bool(enabled) and hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, disable=not show, leave=False, mininterval=0.5)

@@ -34,12 +34,16 @@ LAWS = ("chinchilla", "cpt", "frontier")
 class Design:
     """Linear LSE terms of one law on one data set: term[k, i] = const[k, i] + J[k, i] @ theta."""
 
-    const: np.ndarray  # [K, n]
+    const: np.ndarray  # [K, n], or [S, K, n]: one set of constants per start (batched bases)
     J: np.ndarray  # [K, n, P]
 
     @property
     def n_points(self) -> int:
-        return self.const.shape[1]
+        return self.const.shape[-1]
+
+    def take(self, idx) -> "Design":
+        """The design of starts `idx` (itself unless const is per start)."""
+        return self if self.const.ndim == 2 else Design(self.const[idx], self.J)
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 Losses follow known laws (the paper's Table 2a) with multiplicative log-normal noise, so a fit
 can be checked against the parameters that generated the data.
 """
+import itertools
 import json
 import os
 
@@ -13,6 +14,11 @@ SCRATCH = {"E": 1.55, "A": 420.0, "B": 719.5, "alpha": 0.40, "beta": 0.30}
 CPT = {"E": 1.55, "A": 420.0, "B": 433.3, "alpha": 0.40, "beta": 0.20, "gamma": 0.08}
 SIZES = (1e7, 4e7, 1.6e8, 6.4e8, 2.56e9)
 TOKENS_PER_ITER = 1.0e6
+# coarse start grids (243 and 36 starts, none at the truth) for tests that fit many studies
+GRID_S = np.array(list(itertools.product([0, 10, 20], [0, 10, 20], [-1, 0, 1], [0, 0.5, 1],
+                                         [0, 0.5, 1])), dtype=float)
+GRID_C = np.array(list(itertools.product([0, 5, 10, 20], [0, 0.5, 1], [-0.25, 0, 0.25])),
+                  dtype=float)
 
 
 def write_run(run_dir, N, kind, params, noise=0.002, seed=0, target="zh", replay=0.3,
@@ -61,3 +67,18 @@ def write_run(run_dir, N, kind, params, noise=0.002, seed=0, target="zh", replay
     with open(path, "w") as fh:
         fh.writelines(json.dumps(r) + "\n" for r in rows)
     return path
+
+
+def synth_points(rng, params, sizes, run_sd=0.005, point_sd=0.002, n_ckpt=12, tpp=(0.5, 20),
+                 label="run"):
+    """A synthetic study in memory: one run per size, n_ckpt checkpoints log-spaced over
+    tokens-per-parameter tpp, loss = law * exp(run offset + checkpoint noise)."""
+    from megacpt.scaling.runs import Points
+
+    N = np.repeat(np.asarray(sizes, dtype=np.float64), n_ckpt)
+    D = N * np.tile(np.geomspace(*tpp, n_ckpt), len(sizes))
+    offset = np.repeat(rng.normal(0, run_sd, len(sizes)), n_ckpt)
+    loss = predict(params, N=N, D=D) * np.exp(offset + rng.normal(0, point_sd, N.size))
+    group = np.repeat(np.array([f"{label}-{i}" for i in range(len(sizes))], dtype=object),
+                      n_ckpt)
+    return Points(N, D, loss, 6 * N * D, group, label)

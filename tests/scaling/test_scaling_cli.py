@@ -63,8 +63,20 @@ def test_fit_cpt_compare_and_plots(study_dir, tmp_path, capsys):
                  "--output", str(cpt_fit), "--bootstrap", "8"]) == 0
     c = json.loads(cpt_fit.read_text())
     assert c["A"] == s["A"] and c["gamma"] == pytest.approx(0.08, abs=0.01)
-    assert set(c["bootstrap"]["ci95"]) >= {"B", "beta", "gamma", "alloc_a"}
+    assert set(c["intervals"]) >= {"B", "beta", "gamma", "a", "N_coef", "N_opt@7.86e+20"}
+    assert c["bootstrap"]["method"].startswith("cluster") and not c["bootstrap"]["base_refit"]
+    assert any("hold the base's E, A, alpha fixed" in w for w in c["warnings"])
+    # the base refitted per resample from the scratch runs: E, A, alpha get intervals too
+    refit = tmp_path / "cpt_refit.json"
     capsys.readouterr()
+    assert main(["fit", "--law", "cpt", "--runs", cpt, "--base-runs", scratch,
+                 "--output", str(refit), "--bootstrap", "8", "--compute", "1e20", "1e21"]) == 0
+    r = json.loads(refit.read_text())
+    assert r["bootstrap"]["base_refit"] and r["base"]["alpha"] == pytest.approx(s["alpha"])
+    assert {"alpha", "E", "base_beta", "flops_saved@1e+21", "D_opt@1e+20"} <= set(r["intervals"])
+    assert not any("hold the base" in w for w in r["warnings"])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["intervals"]["gamma"] == r["intervals"]["gamma"]
 
     assert main(["compare", "--runs", cpt, "--base", str(scratch_fit),
                  "--output", str(tmp_path / "table.json")]) == 0
@@ -87,6 +99,8 @@ def test_fit_cpt_compare_and_plots(study_dir, tmp_path, capsys):
     for name in ("fit", "isoloss", "compute", "transfer"):
         data = (tmp_path / f"{name}.png").read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20000
+        assert (tmp_path / f"{name}.pdf").read_bytes()[:5] == b"%PDF-"
+        assert b"<svg" in (tmp_path / f"{name}.svg").read_bytes()[:2000]
 
 
 def test_cli_errors(tmp_path, study_dir, capsys):

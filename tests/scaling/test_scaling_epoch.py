@@ -63,9 +63,10 @@ def test_fit_lands_on_epochs_grid_result(epoch_csv, tmp_path, capsys):
     # a = beta / (alpha + beta) = 0.513 (SE 0.020) in Epoch's bootstrap
     assert fit["allocation"]["a"] == pytest.approx(0.513, abs=2e-3)
     bs = fit["bootstrap"]
-    assert 0.01 < bs["se"]["alloc_a"] < 0.04
+    assert 0.01 < bs["se"]["a"] < 0.04
+    assert fit["identifiable"] and fit["warnings"] == []
     for k in ("E", "alpha", "beta"):
-        lo, hi = bs["ci95"][k]
+        lo, hi = fit["intervals"][k]
         assert lo < fit[k] < hi
         assert lo < EPOCH_CI[k][1] and hi > EPOCH_CI[k][0]  # intervals overlap Epoch's
     printed = json.loads(capsys.readouterr().out)
