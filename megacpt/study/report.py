@@ -47,6 +47,10 @@ def make_plots(results: dict, out_dir: str) -> dict[str, list[str]]:
                 fits, os.path.join(plot_dir, f"{lang}_isoloss.png"),
                 (allC.min() / 10, allC.max() * 100), (allN.min() / 3, allN.max() * 10),
                 {k: pts[k] for k in fits if k in pts}))
+        for s, check in (res.get("consistency") or {}).items():
+            if "error" not in check:
+                files.append(plots.plot_consistency(
+                    check, os.path.join(plot_dir, f"{lang}_consistency_{s}.png")))
         if res["forgetting"]:
             files.append(plot_forgetting(res["forgetting"], results["source_lang"], lang,
                                          os.path.join(plot_dir, f"{lang}_forgetting.png")))
@@ -144,25 +148,32 @@ def _checks(res: dict) -> list[str]:
     warned = [(s, w) for s, f in res["fits"].items() for w in f.get("warnings", [])]
     lines += [f"- {s}: {w}" for s, w in warned] or ["- none from the fits"]
     lines += ["", "### Checks of the predictions", ""]
-    h = res.get("holdout") or {}
-    if "error" in h:
-        lines.append(f"- holdout: not computed: {h['error']}")
-    elif h:
-        lines.append(f"- holdout: fitted without the {len(h['sizes_held_out'])} largest "
-                     f"sizes, the scratch law predicts their {h['n_points']} points with mean "
-                     f"|error| {100 * h['mean_abs_rel_error']:.2f}% (max "
-                     f"{100 * h['max_abs_rel_error']:.2f}%)")
-    else:
-        lines.append("- holdout: off (fit.holdout_largest: K to fit without the K largest "
-                     "sizes and score their predicted losses)")
+    hs = res.get("holdout") or {}
+    if not hs:
+        lines.append("- holdout: off (fit.holdout_largest: K fits each law without the K "
+                     "largest sizes and scores its predictions of them)")
+    for s, h in hs.items():
+        if "error" in h:
+            lines.append(f"- holdout {s}: not computed: {h['error']}")
+            continue
+        band = h.get("inside_band")
+        lines.append(f"- holdout {s}: fitted on {len(h['train_sizes'])} sizes, the law predicts "
+                     f"the {h['k']} largest with rms log error {h['rmse_log']:.4f} (max "
+                     f"|error| {100 * h['max_abs_rel_err']:.2f}%)"
+                     + (f"; {100 * band:.0f}% of their points inside the 95% band"
+                        if band is not None else ""))
     for s, c in (res.get("consistency") or {}).items():
-        iv = c.get("law_interval")
+        if "error" in c:
+            lines.append(f"- consistency {s}: not computed: {c['error']}")
+            continue
+        t = c["transfer"]
+        law = t.get("median_law")
         lines.append(f"- consistency {s}: FLOPs saved at equal loss, runs "
-                     f"{100 * c['empirical_median']:.1f}% vs the laws "
-                     f"{100 * c['law_median']:.1f}%"
-                     + (f" (law interval [{100 * iv[0]:.1f}%, {100 * iv[1]:.1f}%])" if iv else "")
-                     + (": **MISMATCH** - the fitted laws do not describe the transfer the runs "
-                        "show" if c["mismatch"] else ": consistent"))
+                     f"{100 * t['median_empirical']:.1f}% vs the laws "
+                     + ("-" if law is None else f"{100 * law:.1f}%")
+                     + (": **MISMATCH**" if c["mismatch"] else ": consistent"
+                        + (" within the 95% bands" if c.get("intervals") else "")))
+        lines += [f"  - {m}" for m in c["messages"]]
     return lines + [""]
 
 
@@ -291,10 +302,21 @@ def write_fits(results: dict, out_dir: str) -> None:
                     json.dump(obj, f, indent=1)
 
 
+def strip_samples(obj):
+    """A copy without bootstrap resamples ("samples": K values per quantity): the JSON files
+    keep the intervals, standard errors and medians."""
+    if isinstance(obj, dict):
+        return {k: strip_samples(v) for k, v in obj.items() if k != "samples"}
+    if isinstance(obj, list):
+        return [strip_samples(v) for v in obj]
+    return obj
+
+
 def write_all(cfg: StudyConfig, results: dict) -> str:
-    """fits/, plots/, results.json and report.md; the report's path."""
+    """plots/, fits/, results.json and report.md; the report's path."""
+    plot_files = make_plots(results, cfg.out_dir)  # bands from the bootstrap samples
+    results = strip_samples(results)
     write_fits(results, cfg.out_dir)
-    plot_files = make_plots(results, cfg.out_dir)
     with open(os.path.join(cfg.out_dir, "results.json"), "w", encoding="utf-8") as f:
         json.dump(results, f, indent=1)
     return write_report(cfg, results, plot_files)

@@ -16,7 +16,7 @@ import yaml
 from megacpt import sizes, study
 from megacpt.training.metrics import read_metrics
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXAMPLE = os.path.join(REPO, "examples", "study_tiny.yaml")
 
 
