@@ -12,8 +12,10 @@ Every fit also carries this module's `quality_notes`.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import warnings
 
 import numpy as np
@@ -22,6 +24,8 @@ from megacpt.study.config import StudyConfig
 from megacpt.study.plan import Run, run_finished
 
 log = logging.getLogger("megacpt.study")
+EVAL_FILE = "eval.json"
+"""Downstream evaluation of a run's final checkpoint, {task: {metric: value}}, in its run_dir."""
 
 
 def _points(runs: list[Run], valid_name: str, cfg: StudyConfig):
@@ -269,7 +273,12 @@ def run_summary(runs: list[Run]) -> list[dict]:
                 if row["iteration"] == r.train_iters:
                     final[row["name"]] = row["loss"]
         c, _ = r.resolved()
-        rows.append({"name": r.name, "lang": r.lang, "size": r.size, "kind": r.kind,
+        ev_path = os.path.join(r.run_dir, EVAL_FILE)  # written by the evaluation hook (run.py)
+        ev = None
+        if os.path.isfile(ev_path):
+            with open(ev_path, encoding="utf-8") as f:
+                ev = json.load(f)
+        rows.append({"name": r.name, "eval": ev, "lang": r.lang, "size": r.size, "kind": r.kind,
                      "role": r.role, "budget": r.budget, "replay": r.replay,
                      "num_parameters": r.num_parameters, "train_iters": r.train_iters,
                      "global_batch_size": c.training.global_batch_size,

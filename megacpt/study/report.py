@@ -238,6 +238,20 @@ def language_section(lang: str, res: dict, src: str, plot_files: list[str],
     return lines + [""]
 
 
+def eval_section(results: dict) -> list[str]:
+    """Downstream evaluation of final checkpoints (runs with an eval.json)."""
+    rows = [r for r in results["runs"] if r.get("eval")]
+    if not rows:
+        return []
+    cols = sorted({f"{t}/{m}" for r in rows for t, ms in r["eval"].items() for m in ms})
+    lines = ["## Downstream evaluation", "", "| run | " + " | ".join(cols) + " |",
+             "|---|" + "---|" * len(cols)]
+    for r in rows:
+        vals = [r["eval"].get(c.split("/")[0], {}).get(c.split("/", 1)[1]) for c in cols]
+        lines.append(f"| {r['name']} | " + " | ".join(_num(v, ".4f") for v in vals) + " |")
+    return lines + [""]
+
+
 def cross_language_section(results: dict) -> list[str]:
     rows = results.get("cross_language") or []
     if len(rows) < 2:
@@ -281,6 +295,7 @@ def write_report(cfg: StudyConfig, results: dict, plot_files: dict) -> str:
                      f"{r['train_iters']} | {r['train_tokens']:,} | "
                      f"{_num(loss.get(r['lang']), '.4f')} | {_num(loss.get(src), '.4f')} |")
     lines.append("")
+    lines += eval_section(results)
     lines += cross_language_section(results)
     for lang, res in results["languages"].items():
         lines += language_section(lang, res, src, plot_files.get(lang, []), cfg.out_dir)

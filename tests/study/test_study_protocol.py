@@ -139,3 +139,14 @@ def test_figure4_cross_language_and_flops_with_source(tmp_path):
     report = open(write_report(cfg, res, {"zh": [png]}), encoding="utf-8").read()
     assert "## Across target languages" in report and "| fr |" in report
     assert "counting the source model's compute" in report
+
+
+def test_report_lists_downstream_evaluation_of_runs_that_have_one():
+    from megacpt.study.report import eval_section
+
+    lines = eval_section({"runs": [
+        {"name": "zh_49M_cpt", "eval": {"xnli_zh": {"acc": 0.41}, "xcopa_zh": {"acc": 0.55}}},
+        {"name": "zh_49M_scratch", "eval": None}]})
+    assert lines[2] == "| run | xcopa_zh/acc | xnli_zh/acc |"
+    assert lines[4] == "| zh_49M_cpt | 0.5500 | 0.4100 |" and len(lines) == 6
+    assert eval_section({"runs": [{"name": "x", "eval": None}]}) == []
