@@ -222,10 +222,11 @@ def language_section(lang: str, res: dict, src: str, plot_files: list[str],
         sm = t["summary"]
         last = [f"{p['N'] / 1e6:.2f}M: {_num(p['transferred_tokens'][-1], ',.0f')}"
                 for p in t["pairs"]]
+        with_src = sm.get("flops_saved_with_source_median")
         lines.append(f"| {s} | {100 * sm['flops_saved_min']:.1f}% / "
                      f"{100 * sm['flops_saved_median']:.1f}% / "
                      f"{100 * sm['flops_saved_max']:.1f}% | "
-                     f"{_num(100 * sm['flops_saved_with_source_median'] if 'flops_saved_with_source_median' in sm else None, '.1f')}% | "
+                     f"{'-' if with_src is None else f'{100 * with_src:.1f}%'} | "
                      f"{'; '.join(last)} |")
     lines += ["", *_checks(res), f"### Forgetting: {src} validation loss", "",
               "| run | replay | source model | after CPT | change |", "|---|---|---|---|---|"]
@@ -280,7 +281,8 @@ def write_report(cfg: StudyConfig, results: dict, plot_files: dict) -> str:
              "batch by size " + ", ".join(f"{t:,} tokens up to {n:.3g} params"
                                           for n, t in cfg.batch_tokens))
     lines = [f"# Scaling study: {cfg.name}", "",
-             f"Config `{cfg.path}`: sizes {', '.join(cfg.sizes)}; kinds {', '.join(cfg.kinds)}; "
+             f"Config `{os.path.basename(cfg.path)}`: sizes {', '.join(cfg.sizes)}; kinds "
+             f"{', '.join(cfg.kinds)}; "
              f"replay ratios {', '.join(f'{r:g}' for r in cfg.replay_ratios)}; source "
              f"{src} -> targets {', '.join(cfg.target_langs)}; budgets "
              f"{', '.join(f'{b:g}' for b in cfg.all_budgets)} tokens per parameter; design "

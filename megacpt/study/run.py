@@ -15,7 +15,7 @@ import shlex
 import time
 
 from megacpt.study.config import StudyConfig
-from megacpt.study.plan import (PREPROCESS_TOOL, TOKENIZER_TOOL, Run, data_commands, data_files,
+from megacpt.study.plan import (TOKENIZER_TOOL, Run, data_commands, data_files,
                                 eval_iters, run_finished)
 
 log = logging.getLogger("megacpt.study")
