@@ -98,10 +98,13 @@ def plot_figure4(rows: list[dict], src: str, lang: str, path: str) -> str:
     axes = fig.subplots(1, 2)
     color, ls = _styles(rows)
     for ax, key, name in ((axes[0], "target", lang), (axes[1], "source", src)):
+        seen = set()
         for r in rows:
             if r[key]["C"]:
+                label = f"{r['size']}, {100 * r['replay']:.0f}% replay"
                 ax.plot(r[key]["C"], r[key]["loss"], color=color(r), ls=ls(r), marker="o", ms=3,
-                        label=f"{r['size']}, {100 * r['replay']:.0f}% replay")
+                        label=None if label in seen else label)
+                seen.add(label)
         ax.set_xscale("log")
         ax.set_xlabel(f"{name} compute during CPT (6 N x {name} tokens, FLOPs)")
         ax.set_ylabel(f"{name} validation loss")

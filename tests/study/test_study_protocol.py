@@ -150,3 +150,18 @@ def test_report_lists_downstream_evaluation_of_runs_that_have_one():
     assert lines[2] == "| run | xcopa_zh/acc | xnli_zh/acc |"
     assert lines[4] == "| zh_49M_cpt | 0.5500 | 0.4100 |" and len(lines) == 6
     assert eval_section({"runs": [{"name": "x", "eval": None}]}) == []
+
+
+def test_demo_config_plans_and_its_committed_output_is_identifiable(tmp_path):
+    cfg = study.load_config(os.path.join(REPO, "examples", "study_demo.yaml"), str(tmp_path))
+    runs = study.plan_runs(cfg, 512)
+    assert len(runs) == 4 + 4 * 2 * (1 + 4) and len(cfg.sizes) == 4
+    assert sum(r.end_of_schedule and r.kind == "scratch" for r in runs) == 16
+    out = os.path.join(REPO, "examples", "study_demo_output")
+    for name, keys in (("fr_fit_scratch.json", ("E", "A", "B", "alpha", "beta")),
+                       ("fr_fit_cpt.json", ("B", "beta", "gamma"))):
+        with open(os.path.join(out, "fits", name), encoding="utf-8") as f:
+            fit = json.load(f)
+        assert fit["identifiable"] and all(fit[k] > 0 for k in keys), name
+        assert fit["intervals"]["beta"][0] > 0 and "warnings" in fit
+    assert "95% intervals" in open(os.path.join(out, "report.md"), encoding="utf-8").read()
