@@ -6,9 +6,9 @@ mid-schedule, which sits above the loss of a run trained to that D, does not bia
 (Hagele et al. 2024). `fit: {checkpoints: all}` also fits intermediate checkpoints (past
 min_tokens_fraction of each run) and the report flags it.
 
-Fits use `megacpt.scaling.intervals.fit_points` when it is there (cluster bootstrap over runs,
-`intervals` and `warnings` in the fit JSON); otherwise the point fit with a point bootstrap.
-Every fit also carries this module's `quality_notes`.
+Fits use `megacpt.scaling.fit_points` (cluster bootstrap over runs, the CPT law's scratch base
+refitted per resample; `intervals` and `warnings` in the fit JSON) and carry this module's
+`quality_notes`; `holdout_largest` and `consistency_check` of `megacpt.scaling` check them.
 """
 from __future__ import annotations
 
@@ -77,27 +77,16 @@ def fit_quality(fit: dict, points, n_params: int) -> list[str]:
     return notes
 
 
-def _fit(law_name: str, points, cfg: StudyConfig, label: str, base=None,
-         base_points=None) -> dict:
-    from megacpt.scaling import bootstrap, chinchilla, cpt, fit_law
+def _fit(law_name: str, points, cfg: StudyConfig, base_points=None) -> dict:
+    """`megacpt.scaling.fit_points` (the CPT law refits its scratch base in every resample)
+    plus this module's quality notes; {"law", "error"} when it cannot be fitted."""
+    from megacpt.scaling import fit_points
 
     try:
-        try:
-            from megacpt.scaling.intervals import fit_points
-        except ImportError:
-            fit_points = None
         with warnings.catch_warnings():  # resamples of degenerate data give NaN columns
             warnings.simplefilter("ignore", RuntimeWarning)
-            if fit_points is not None:
-                fit = fit_points(law_name, points, base_points=base_points,
-                                 bootstrap=int(cfg.fit["bootstrap"]), seed=cfg.seed)
-            else:
-                law = chinchilla() if law_name == "chinchilla" else cpt(base)
-                fit = fit_law(law, points.loss, N=points.N, D=points.D, source=label)
-                if cfg.fit["bootstrap"] >= 2:
-                    fit["bootstrap"] = bootstrap(law, fit, points.loss, N=points.N, D=points.D,
-                                                 K=int(cfg.fit["bootstrap"]), seed=cfg.seed)
-                    fit["intervals"] = fit["bootstrap"].get("ci95", {})
+            fit = fit_points(law_name, points, base_points=base_points,
+                             bootstrap=int(cfg.fit["bootstrap"]), seed=cfg.seed)
     except (ValueError, RuntimeError) as e:
         return {"law": law_name, "error": str(e)}
     fit.setdefault("warnings", [])
@@ -161,15 +150,14 @@ def analyze_language(cfg: StudyConfig, runs: list[Run], lang: str) -> dict:
            "points_fitted": cfg.fit["checkpoints"]}
     points = {s: p for s, p in points.items() if p is not None}
     if "scratch" in points:
-        out["fits"]["scratch"] = _fit("chinchilla", points["scratch"], cfg, f"{lang} scratch")
+        out["fits"]["scratch"] = _fit("chinchilla", points["scratch"], cfg)
     base = out["fits"].get("scratch", {})
     for s in (s for s in groups if s != "scratch" and s in points):
         if "error" in base or not base:
             why = base.get("error", "no scratch runs (kinds lacks scratch)")
             out["fits"][s] = {"law": "cpt", "error": f"needs the from-scratch fit as base: {why}"}
         else:
-            out["fits"][s] = _fit("cpt", points[s], cfg, f"{lang} {s}", base=base,
-                                  base_points=points["scratch"])
+            out["fits"][s] = _fit("cpt", points[s], cfg, base_points=points["scratch"])
     for s, p in points.items():
         try:
             out["frontiers"][s] = fit_frontier(p, n_levels=min(30, max(4, len(p))))
