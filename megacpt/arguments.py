@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -517,7 +518,22 @@ _SPECIAL = {"train_iters", "train_tokens", "tokens_per_param", "lr_warmup_fracti
 """Flags `config_to_argv` writes by rule (the length of training, the warm-up, the shape)."""
 
 
-def flag_fields() -> dict[str, tuple[str, str, bool]]:
+@functools.lru_cache(maxsize=None)
+def _parser(suppress: bool = False) -> argparse.ArgumentParser:
+    """The CLI's parser, built once for the mapping (suppress: given flags only)."""
+    p = build_parser()
+    if suppress:
+        for action in p._actions:
+            action.default = argparse.SUPPRESS
+    return p
+
+
+@functools.lru_cache(maxsize=None)
+def _flag_fields() -> dict[str, tuple[str, str, bool]]:
+    return flag_fields(build_parser())
+
+
+def flag_fields(parser: argparse.ArgumentParser | None = None) -> dict[str, tuple[str, str, bool]]:
     """{argparse dest: (section, field, negated)} of every flag (section "run": RunOptions)."""
     sections = {f.name: f.type for f in dataclasses.fields(Config)}
     owners: dict[str, list[str]] = {}
@@ -529,7 +545,7 @@ def flag_fields() -> dict[str, tuple[str, str, bool]]:
         for f in dataclasses.fields(cls):
             owners.setdefault(f.name, []).append(sec)
     out = {}
-    for action in build_parser()._actions:
+    for action in (parser or build_parser())._actions:
         dest = action.dest
         if dest in _NOT_FIELDS:
             continue
@@ -558,7 +574,7 @@ def config_to_argv(cfg: Config, opts: RunOptions | None = None) -> list[str]:
     vocabulary size, `--min-lr`, and every other field that differs from the flag's default.
     """
     opts = opts or RunOptions()
-    parser, fields = build_parser(), flag_fields()
+    parser, fields = _parser(), _flag_fields()
     m, t, o = cfg.model, cfg.training, cfg.optim
     if m.name:
         shape = ModelConfig.from_size(m.name, vocab_size=m.vocab_size)
@@ -624,9 +640,7 @@ def apply_flags(cfg: Config, argv: list[str], where: str = "flags") -> Config:
     Only flags that map to one field are allowed here (not the shape, length of training,
     warm-up or validation sets, which studies set themselves); the result is validated again.
     """
-    parser, fields = build_parser(), flag_fields()
-    for action in parser._actions:
-        action.default = argparse.SUPPRESS
+    parser, fields = _parser(suppress=True), _flag_fields()
     try:
         given = vars(parser.parse_args(argv))
     except SystemExit:

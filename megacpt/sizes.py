@@ -92,6 +92,8 @@ PAPER_SIZES: dict[str, ModelShape] = _parse_paper_table()
 
 DEBUG_SIZES: dict[str, ModelShape] = {
     # hidden, ffn, heads, layers, query groups
+    "debug-3xs": ModelShape(16, 48, 2, 1, 2),  # the CPU demo study (examples/study_demo.yaml)
+    "debug-2xs": ModelShape(32, 96, 2, 2, 2),  # the CPU demo study
     "tiny": ModelShape(64, 176, 4, 2, 2),
     "debug-xs": ModelShape(64, 176, 4, 4, 2),
     "debug-s": ModelShape(128, 352, 4, 4, 2),

@@ -6,14 +6,16 @@ mid-schedule, which sits above the loss of a run trained to that D, does not bia
 (Hagele et al. 2024). `fit: {checkpoints: all}` also fits intermediate checkpoints (past
 min_tokens_fraction of each run) and the report flags it.
 
-Fits use `megacpt.scaling.intervals.fit_points` when it is there (cluster bootstrap over runs,
-`intervals` and `warnings` in the fit JSON); otherwise the point fit with a point bootstrap.
-Every fit also carries this module's `quality_notes`.
+Fits use `megacpt.scaling.fit_points` (cluster bootstrap over runs, the CPT law's scratch base
+refitted per resample; `intervals` and `warnings` in the fit JSON) and carry this module's
+`quality_notes`; `holdout_largest` and `consistency_check` of `megacpt.scaling` check them.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import warnings
 
 import numpy as np
@@ -22,6 +24,8 @@ from megacpt.study.config import StudyConfig
 from megacpt.study.plan import Run, run_finished
 
 log = logging.getLogger("megacpt.study")
+EVAL_FILE = "eval.json"
+"""Downstream evaluation of a run's final checkpoint, {task: {metric: value}}, in its run_dir."""
 
 
 def _points(runs: list[Run], valid_name: str, cfg: StudyConfig):
@@ -65,7 +69,7 @@ def fit_quality(fit: dict, points, n_params: int) -> list[str]:
             if not (math.isfinite(lo) and math.isfinite(hi)) or \
                     hi - lo > max(0.5 * abs(fit[k]), 0.05):
                 notes.append(f"{k} = {fit[k]:.3g} has a wide 95% interval [{lo:.3g}, {hi:.3g}]")
-    if fit.get("allocation") is None:
+    if fit.get("allocation") is None and fit.get("identifiable", True):
         gamma = fit.get("gamma", 0.0)
         notes.append(f"no finite compute-optimal allocation (needs alpha > 0 and beta - gamma "
                      f"> 0; alpha = {fit['alpha']:.3g}, beta - gamma = "
@@ -73,60 +77,62 @@ def fit_quality(fit: dict, points, n_params: int) -> list[str]:
     return notes
 
 
-def _fit(law_name: str, points, cfg: StudyConfig, label: str, base=None,
-         base_points=None) -> dict:
-    from megacpt.scaling import bootstrap, chinchilla, cpt, fit_law
+def _fit(law_name: str, points, cfg: StudyConfig, base_points=None) -> dict:
+    """`megacpt.scaling.fit_points` (the CPT law refits its scratch base in every resample)
+    plus this module's quality notes; {"law", "error"} when it cannot be fitted."""
+    from megacpt.scaling import fit_points
 
     try:
-        try:
-            from megacpt.scaling.intervals import fit_points
-        except ImportError:
-            fit_points = None
         with warnings.catch_warnings():  # resamples of degenerate data give NaN columns
             warnings.simplefilter("ignore", RuntimeWarning)
-            if fit_points is not None:
-                fit = fit_points(law_name, points, base_points=base_points,
-                                 bootstrap=int(cfg.fit["bootstrap"]), seed=cfg.seed)
-            else:
-                law = chinchilla() if law_name == "chinchilla" else cpt(base)
-                fit = fit_law(law, points.loss, N=points.N, D=points.D, source=label)
-                if cfg.fit["bootstrap"] >= 2:
-                    fit["bootstrap"] = bootstrap(law, fit, points.loss, N=points.N, D=points.D,
-                                                 K=int(cfg.fit["bootstrap"]), seed=cfg.seed)
-                    fit["intervals"] = fit["bootstrap"].get("ci95", {})
+            fit = fit_points(law_name, points, base_points=base_points,
+                             bootstrap=int(cfg.fit["bootstrap"]), seed=cfg.seed)
     except (ValueError, RuntimeError) as e:
         return {"law": law_name, "error": str(e)}
     fit.setdefault("warnings", [])
-    if fit_points is not None:  # keep the intervals, not every resample
-        fit.get("bootstrap", {}).pop("samples", None)
     n_params = {"chinchilla": 5, "cpt": 3}[law_name]
     fit["quality_notes"] = fit_quality(fit, points, n_params)
     fit["points_fitted"] = cfg.fit["checkpoints"]
     return fit
 
 
-def holdout(cfg: StudyConfig, points: dict, fits: dict) -> dict:
-    """fit.holdout_largest K: refit scratch on the smaller sizes, predict the K largest."""
-    k = int(cfg.fit["holdout_largest"])
-    p = points.get("scratch")
-    if not k or p is None:
-        return {}
-    from megacpt.scaling import chinchilla, fit_law, predict
+def holdout(cfg: StudyConfig, points: dict) -> dict:
+    """fit.holdout_largest K: each law fitted without the K largest sizes, scored on them
+    (`megacpt.scaling.holdout_largest`); {strategy: result or {"error"}}."""
+    from megacpt.scaling import holdout_largest
 
-    sizes = np.unique(p.N)
-    if len(sizes) - k < 3:
-        return {"error": f"holdout_largest {k} leaves {len(sizes) - k} sizes to fit (need 3)"}
-    train, test = p.select(p.N < sizes[-k]), p.select(p.N >= sizes[-k])
-    try:
-        fit = fit_law(chinchilla(), train.loss, N=train.N, D=train.D, source="holdout")
-    except (ValueError, RuntimeError) as e:
-        return {"error": str(e)}
-    pred = predict(fit, N=test.N, D=test.D)
-    rel = (pred - test.loss) / test.loss
-    return {"sizes_held_out": sizes[-k:].tolist(), "n_points": int(len(test)),
-            "mean_abs_rel_error": float(np.mean(np.abs(rel))),
-            "max_abs_rel_error": float(np.max(np.abs(rel))),
-            "in_sample_rmse_log": float(fit.get("rmse_log", float("nan")))}
+    k, out = int(cfg.fit["holdout_largest"]), {}
+    if not k or "scratch" not in points:
+        return out
+    for s, p in points.items():
+        law, base = ("chinchilla", None) if s == "scratch" else ("cpt", points["scratch"])
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                out[s] = holdout_largest(law, p, k, base_points=base,
+                                         bootstrap=int(cfg.fit["bootstrap"]), seed=cfg.seed)
+        except (ValueError, RuntimeError) as e:
+            out[s] = {"error": str(e)}
+    return out
+
+
+def consistency(points: dict, fits: dict) -> dict:
+    """Law-implied vs empirical transfer and frontiers per CPT strategy
+    (`megacpt.scaling.consistency_check`)."""
+    from megacpt.scaling import consistency_check
+
+    out, base = {}, fits.get("scratch", {})
+    for s, p in points.items():
+        fit = fits.get(s, {})
+        if s == "scratch" or "scratch" not in points or "error" in fit or "error" in base:
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                out[s] = consistency_check(points["scratch"], p, base, fit)
+        except (ValueError, RuntimeError) as e:
+            out[s] = {"error": str(e)}
+    return out
 
 
 def analyze_language(cfg: StudyConfig, runs: list[Run], lang: str) -> dict:
@@ -144,15 +150,14 @@ def analyze_language(cfg: StudyConfig, runs: list[Run], lang: str) -> dict:
            "points_fitted": cfg.fit["checkpoints"]}
     points = {s: p for s, p in points.items() if p is not None}
     if "scratch" in points:
-        out["fits"]["scratch"] = _fit("chinchilla", points["scratch"], cfg, f"{lang} scratch")
+        out["fits"]["scratch"] = _fit("chinchilla", points["scratch"], cfg)
     base = out["fits"].get("scratch", {})
     for s in (s for s in groups if s != "scratch" and s in points):
         if "error" in base or not base:
             why = base.get("error", "no scratch runs (kinds lacks scratch)")
             out["fits"][s] = {"law": "cpt", "error": f"needs the from-scratch fit as base: {why}"}
         else:
-            out["fits"][s] = _fit("cpt", points[s], cfg, f"{lang} {s}", base=base,
-                                  base_points=points["scratch"])
+            out["fits"][s] = _fit("cpt", points[s], cfg, base_points=points["scratch"])
     for s, p in points.items():
         try:
             out["frontiers"][s] = fit_frontier(p, n_levels=min(30, max(4, len(p))))
@@ -164,8 +169,8 @@ def analyze_language(cfg: StudyConfig, runs: list[Run], lang: str) -> dict:
                     transfer_metrics(points["scratch"], p), runs)
             except ValueError as e:
                 out["transfer"][s] = {"error": str(e)}
-    out["holdout"] = holdout(cfg, points, out["fits"])
-    out["consistency"] = consistency(out)
+    out["holdout"] = holdout(cfg, points)
+    out["consistency"] = consistency(points, out["fits"])
     out["forgetting"] = forgetting(cfg, runs, lang)
     out["figure4"] = figure4(cfg, runs, lang)
     out["points"] = {s: {"N": p.N.tolist(), "D": p.D.tolist(), "loss": p.loss.tolist(),
@@ -198,51 +203,6 @@ def source_compute(run: Run) -> float:
     cfg, _ = run.resolved()
     tokens = run.train_iters * cfg.training.global_batch_size * cfg.model.seq_length
     return 6.0 * run.num_parameters * tokens
-
-
-def consistency(res: dict) -> dict:
-    """Does the CPT law's implied transfer agree with the runs' own? (FLOPs saved)"""
-    out = {}
-    for s, t in res["transfer"].items():
-        fit = res["fits"].get(s, {})
-        if "error" in t or "error" in fit or not t.get("pairs"):
-            continue
-        implied = _law_flops_saved(res["fits"].get("scratch", {}), fit, t)
-        if implied is None:
-            continue
-        emp = t["summary"]["flops_saved_median"]
-        ci = (fit.get("intervals") or {})
-        row = {"empirical_median": emp, "law_median": implied,
-               "difference": implied - emp}
-        key = next((k for k in ci if k.startswith("flops_saved@")), None)
-        if key and ci[key] is not None:
-            lo, hi = ci[key]
-            row["law_interval"] = [lo, hi]
-            row["mismatch"] = not lo <= emp <= hi
-        else:
-            row["mismatch"] = abs(implied - emp) > 0.1
-        out[s] = row
-    return out
-
-
-def _law_flops_saved(scratch: dict, cpt: dict, transfer: dict) -> float | None:
-    """Median over the empirical loss levels of 1 - C_cpt / C_scratch under the two laws, at
-    each pair's N (compute to reach the loss at fixed N, as the runs measure it)."""
-    need = ("E", "A", "B", "alpha", "beta")
-    if "error" in scratch or not all(k in scratch for k in need):
-        return None
-    vals = []
-    for p in transfer["pairs"]:
-        N, L = p["N"], np.asarray(p["loss"])
-        rest_s = L - scratch["E"] - scratch["A"] / N ** scratch["alpha"]
-        rest_c = L - cpt["E"] - cpt["A"] / N ** cpt["alpha"]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            d_s = (scratch["B"] / rest_s) ** (1 / scratch["beta"])
-            d_c = (cpt["B"] / (rest_c * N ** cpt.get("gamma", 0.0))) ** (1 / cpt["beta"])
-            vals.append(1 - d_c / d_s)
-    v = np.concatenate(vals)
-    v = v[np.isfinite(v)]
-    return float(np.median(v)) if v.size else None
 
 
 def _valid_curve(run: Run, name: str, lang: str):
@@ -301,7 +261,12 @@ def run_summary(runs: list[Run]) -> list[dict]:
                 if row["iteration"] == r.train_iters:
                     final[row["name"]] = row["loss"]
         c, _ = r.resolved()
-        rows.append({"name": r.name, "lang": r.lang, "size": r.size, "kind": r.kind,
+        ev_path = os.path.join(r.run_dir, EVAL_FILE)  # written by the evaluation hook (run.py)
+        ev = None
+        if os.path.isfile(ev_path):
+            with open(ev_path, encoding="utf-8") as f:
+                ev = json.load(f)
+        rows.append({"name": r.name, "eval": ev, "lang": r.lang, "size": r.size, "kind": r.kind,
                      "role": r.role, "budget": r.budget, "replay": r.replay,
                      "num_parameters": r.num_parameters, "train_iters": r.train_iters,
                      "global_batch_size": c.training.global_batch_size,

@@ -123,12 +123,17 @@ def vocab_size(cfg: StudyConfig) -> int:
     return tokenizer_vocab_size(cfg.data["tokenizer_model"])
 
 
-def global_batch(cfg: StudyConfig, num_parameters: int) -> int:
-    """Sequences per step: global_batch_size, or batch_tokens' row for this N (rounded to
-    whole micro-batches)."""
+def global_batch(cfg: StudyConfig, size: str, num_parameters: int) -> int:
+    """Sequences per step: global_batch_size, or batch_tokens' row for this size (rounded to
+    whole micro-batches). The rows compare the paper's own parameter count for the paper's
+    sizes (its 992M model is a "1B" one; ours counts the untied embeddings too), else ours."""
     if cfg.batch_tokens is None:
         return cfg.global_batch_size
-    tokens = next(t for top, t in cfg.batch_tokens if num_parameters <= top)
+    from megacpt import sizes
+
+    paper = sizes.get_size(size).paper_params_m
+    n = paper * 1e6 if paper else num_parameters
+    tokens = next(t for top, t in cfg.batch_tokens if n <= top)
     seqs = max(1, round(tokens / cfg.seq_length))
     return -(-seqs // cfg.micro_batch_size) * cfg.micro_batch_size
 
@@ -149,7 +154,7 @@ class _Planner:
 
     def iters(self, size: str, budget: float) -> int:
         m = self.models[size]
-        gbs = global_batch(self.cfg, m.num_parameters())
+        gbs = global_batch(self.cfg, size, m.num_parameters())
         return max(1, math.ceil(budget * m.num_parameters() / (gbs * self.cfg.seq_length)))
 
     def config(self, name, lang, size, blend, iters, optim, init_from=None, load=True,
@@ -173,7 +178,8 @@ class _Planner:
             optim=optim,
             training=TrainingConfig(
                 micro_batch_size=cfg.micro_batch_size,
-                global_batch_size=global_batch(cfg, m.num_parameters()), train_iters=iters,
+                global_batch_size=global_batch(cfg, size, m.num_parameters()),
+                train_iters=iters,
                 seed=cfg.seed, bf16=cfg.bf16, device=cfg.device,
                 eval_interval=max(1, -(-span // cfg.evals_per_run)), eval_iters=eval_iters(cfg)),
             checkpoint=CheckpointConfig(save=ckpt, load=ckpt if load else None,

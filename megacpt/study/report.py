@@ -47,6 +47,10 @@ def make_plots(results: dict, out_dir: str) -> dict[str, list[str]]:
                 fits, os.path.join(plot_dir, f"{lang}_isoloss.png"),
                 (allC.min() / 10, allC.max() * 100), (allN.min() / 3, allN.max() * 10),
                 {k: pts[k] for k in fits if k in pts}))
+        for s, check in (res.get("consistency") or {}).items():
+            if "error" not in check:
+                files.append(plots.plot_consistency(
+                    check, os.path.join(plot_dir, f"{lang}_consistency_{s}.png")))
         if res["forgetting"]:
             files.append(plot_forgetting(res["forgetting"], results["source_lang"], lang,
                                          os.path.join(plot_dir, f"{lang}_forgetting.png")))
@@ -94,10 +98,13 @@ def plot_figure4(rows: list[dict], src: str, lang: str, path: str) -> str:
     axes = fig.subplots(1, 2)
     color, ls = _styles(rows)
     for ax, key, name in ((axes[0], "target", lang), (axes[1], "source", src)):
+        seen = set()
         for r in rows:
             if r[key]["C"]:
+                label = f"{r['size']}, {100 * r['replay']:.0f}% replay"
                 ax.plot(r[key]["C"], r[key]["loss"], color=color(r), ls=ls(r), marker="o", ms=3,
-                        label=f"{r['size']}, {100 * r['replay']:.0f}% replay")
+                        label=None if label in seen else label)
+                seen.add(label)
         ax.set_xscale("log")
         ax.set_xlabel(f"{name} compute during CPT (6 N x {name} tokens, FLOPs)")
         ax.set_ylabel(f"{name} validation loss")
@@ -144,25 +151,32 @@ def _checks(res: dict) -> list[str]:
     warned = [(s, w) for s, f in res["fits"].items() for w in f.get("warnings", [])]
     lines += [f"- {s}: {w}" for s, w in warned] or ["- none from the fits"]
     lines += ["", "### Checks of the predictions", ""]
-    h = res.get("holdout") or {}
-    if "error" in h:
-        lines.append(f"- holdout: not computed: {h['error']}")
-    elif h:
-        lines.append(f"- holdout: fitted without the {len(h['sizes_held_out'])} largest "
-                     f"sizes, the scratch law predicts their {h['n_points']} points with mean "
-                     f"|error| {100 * h['mean_abs_rel_error']:.2f}% (max "
-                     f"{100 * h['max_abs_rel_error']:.2f}%)")
-    else:
-        lines.append("- holdout: off (fit.holdout_largest: K to fit without the K largest "
-                     "sizes and score their predicted losses)")
+    hs = res.get("holdout") or {}
+    if not hs:
+        lines.append("- holdout: off (fit.holdout_largest: K fits each law without the K "
+                     "largest sizes and scores its predictions of them)")
+    for s, h in hs.items():
+        if "error" in h:
+            lines.append(f"- holdout {s}: not computed: {h['error']}")
+            continue
+        band = h.get("inside_band")
+        lines.append(f"- holdout {s}: fitted on {len(h['train_sizes'])} sizes, the law predicts "
+                     f"the {h['k']} largest with rms log error {h['rmse_log']:.4f} (max "
+                     f"|error| {100 * h['max_abs_rel_err']:.2f}%)"
+                     + (f"; {100 * band:.0f}% of their points inside the 95% band"
+                        if band is not None else ""))
     for s, c in (res.get("consistency") or {}).items():
-        iv = c.get("law_interval")
+        if "error" in c:
+            lines.append(f"- consistency {s}: not computed: {c['error']}")
+            continue
+        t = c["transfer"]
+        law = t.get("median_law")
         lines.append(f"- consistency {s}: FLOPs saved at equal loss, runs "
-                     f"{100 * c['empirical_median']:.1f}% vs the laws "
-                     f"{100 * c['law_median']:.1f}%"
-                     + (f" (law interval [{100 * iv[0]:.1f}%, {100 * iv[1]:.1f}%])" if iv else "")
-                     + (": **MISMATCH** - the fitted laws do not describe the transfer the runs "
-                        "show" if c["mismatch"] else ": consistent"))
+                     f"{100 * t['median_empirical']:.1f}% vs the laws "
+                     + ("-" if law is None else f"{100 * law:.1f}%")
+                     + (": **MISMATCH**" if c["mismatch"] else ": consistent"
+                        + (" within the 95% bands" if c.get("intervals") else "")))
+        lines += [f"  - {m}" for m in c["messages"]]
     return lines + [""]
 
 
@@ -211,10 +225,11 @@ def language_section(lang: str, res: dict, src: str, plot_files: list[str],
         sm = t["summary"]
         last = [f"{p['N'] / 1e6:.2f}M: {_num(p['transferred_tokens'][-1], ',.0f')}"
                 for p in t["pairs"]]
+        with_src = sm.get("flops_saved_with_source_median")
         lines.append(f"| {s} | {100 * sm['flops_saved_min']:.1f}% / "
                      f"{100 * sm['flops_saved_median']:.1f}% / "
                      f"{100 * sm['flops_saved_max']:.1f}% | "
-                     f"{_num(100 * sm['flops_saved_with_source_median'] if 'flops_saved_with_source_median' in sm else None, '.1f')}% | "
+                     f"{'-' if with_src is None else f'{100 * with_src:.1f}%'} | "
                      f"{'; '.join(last)} |")
     lines += ["", *_checks(res), f"### Forgetting: {src} validation loss", "",
               "| run | replay | source model | after CPT | change |", "|---|---|---|---|---|"]
@@ -224,6 +239,20 @@ def language_section(lang: str, res: dict, src: str, plot_files: list[str],
                      f"{r['final_source_loss'] - r['source_model_loss']:+.4f} |")
     lines += ["", "### Plots", ""]
     lines += [f"![{os.path.basename(p)}]({os.path.relpath(p, out_dir)})" for p in plot_files]
+    return lines + [""]
+
+
+def eval_section(results: dict) -> list[str]:
+    """Downstream evaluation of final checkpoints (runs with an eval.json)."""
+    rows = [r for r in results["runs"] if r.get("eval")]
+    if not rows:
+        return []
+    cols = sorted({f"{t}/{m}" for r in rows for t, ms in r["eval"].items() for m in ms})
+    lines = ["## Downstream evaluation", "", "| run | " + " | ".join(cols) + " |",
+             "|---|" + "---|" * len(cols)]
+    for r in rows:
+        vals = [r["eval"].get(c.split("/")[0], {}).get(c.split("/", 1)[1]) for c in cols]
+        lines.append(f"| {r['name']} | " + " | ".join(_num(v, ".4f") for v in vals) + " |")
     return lines + [""]
 
 
@@ -255,7 +284,8 @@ def write_report(cfg: StudyConfig, results: dict, plot_files: dict) -> str:
              "batch by size " + ", ".join(f"{t:,} tokens up to {n:.3g} params"
                                           for n, t in cfg.batch_tokens))
     lines = [f"# Scaling study: {cfg.name}", "",
-             f"Config `{cfg.path}`: sizes {', '.join(cfg.sizes)}; kinds {', '.join(cfg.kinds)}; "
+             f"Config `{os.path.basename(cfg.path)}`: sizes {', '.join(cfg.sizes)}; kinds "
+             f"{', '.join(cfg.kinds)}; "
              f"replay ratios {', '.join(f'{r:g}' for r in cfg.replay_ratios)}; source "
              f"{src} -> targets {', '.join(cfg.target_langs)}; budgets "
              f"{', '.join(f'{b:g}' for b in cfg.all_budgets)} tokens per parameter; design "
@@ -270,6 +300,7 @@ def write_report(cfg: StudyConfig, results: dict, plot_files: dict) -> str:
                      f"{r['train_iters']} | {r['train_tokens']:,} | "
                      f"{_num(loss.get(r['lang']), '.4f')} | {_num(loss.get(src), '.4f')} |")
     lines.append("")
+    lines += eval_section(results)
     lines += cross_language_section(results)
     for lang, res in results["languages"].items():
         lines += language_section(lang, res, src, plot_files.get(lang, []), cfg.out_dir)
@@ -291,10 +322,21 @@ def write_fits(results: dict, out_dir: str) -> None:
                     json.dump(obj, f, indent=1)
 
 
+def strip_samples(obj):
+    """A copy without bootstrap resamples ("samples": K values per quantity): the JSON files
+    keep the intervals, standard errors and medians."""
+    if isinstance(obj, dict):
+        return {k: strip_samples(v) for k, v in obj.items() if k != "samples"}
+    if isinstance(obj, list):
+        return [strip_samples(v) for v in obj]
+    return obj
+
+
 def write_all(cfg: StudyConfig, results: dict) -> str:
-    """fits/, plots/, results.json and report.md; the report's path."""
+    """plots/, fits/, results.json and report.md; the report's path."""
+    plot_files = make_plots(results, cfg.out_dir)  # bands from the bootstrap samples
+    results = strip_samples(results)
     write_fits(results, cfg.out_dir)
-    plot_files = make_plots(results, cfg.out_dir)
     with open(os.path.join(cfg.out_dir, "results.json"), "w", encoding="utf-8") as f:
         json.dump(results, f, indent=1)
     return write_report(cfg, results, plot_files)

@@ -15,7 +15,7 @@ import shlex
 import time
 
 from megacpt.study.config import StudyConfig
-from megacpt.study.plan import (PREPROCESS_TOOL, TOKENIZER_TOOL, Run, data_commands, data_files,
+from megacpt.study.plan import (TOKENIZER_TOOL, Run, data_commands, data_files,
                                 eval_iters, run_finished)
 
 log = logging.getLogger("megacpt.study")
@@ -112,8 +112,10 @@ def run_one(run: Run) -> int:
     log.info("python -m megacpt.train %s", " ".join(shlex.quote(a) for a in run.argv))
     cfg, opts = run.resolved()
     code = train.run(cfg, opts)
-    # (evaluation hook: downstream evaluation of the final checkpoint goes here, e.g.
-    #  `evaluate_checkpoint(run)` writing run.run_dir/eval.json, which the report lists)
+    # Evaluation hook: downstream evaluation of the final checkpoint goes here (when code == 0
+    # and the run is an end-of-schedule one), writing {task: {metric: value}} to
+    # run.run_dir/eval.json (analysis.EVAL_FILE); the report's "Downstream evaluation"
+    # table lists every run that has one.
     return code
 
 
