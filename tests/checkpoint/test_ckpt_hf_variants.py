@@ -147,7 +147,7 @@ def test_variant_training_in_tp2pp2_equals_one_process():
         # (the norm sums fp32 squares in layout-dependent order: rel 1e-4 as test_layouts)
         assert res["grad_norms"] == pytest.approx(ref["grad_norms"], rel=1e-4), res["layout"]
         assert res["eval_loss"] == pytest.approx(ref["eval_loss"], rel=1e-5)
-    assert ref["losses"][-1] < ref["losses"][0]
+    assert max(ref["grad_norms"]) > tiny_optim_config().clip_grad  # the clip binds
 
 
 def test_vocab_extension_with_tied_embeddings(tmp_path):
