@@ -100,7 +100,9 @@ SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_h
                 "num_query_groups", "head_dim", "vocab_size", "padded_vocab_size")
 
 
-NUMERIC_FIELDS = {"rotary_base": "--rotary-base", "norm_eps": "--norm-epsilon"}
+NUMERIC_FIELDS = {"rotary_base": "--rotary-base", "norm_eps": "--norm-epsilon",
+                  "tie_word_embeddings": "--tie-word-embeddings",
+                  "add_qkv_bias": "--add-qkv-bias", "rope_scaling": "--use-rope-scaling"}
 
 
 def check_same_model(have: ModelConfig, want: ModelConfig, source: str) -> None:

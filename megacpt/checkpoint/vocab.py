@@ -163,11 +163,15 @@ def read_spec(model: bytes) -> dict:
 # ----- vocabulary extension -----
 
 def read_corpus(path: str, keys: list[str]) -> list[str]:
-    from megacpt.data.jsonl import BadLine, iter_texts
+    """Texts of a corpus file, glob or directory (JSON lines, text or Parquet, compressed or
+    not: `megacpt.data.corpus`)."""
+    from megacpt.data.corpus import CorpusError, expand_inputs, iter_documents
+    from megacpt.data.jsonl import BadLine
 
     try:
-        texts = [t for _, ts in iter_texts(path, keys) for t in ts if t]
-    except (OSError, BadLine) as e:
+        texts = [t for cf in expand_inputs([path]) for ts in iter_documents(cf, keys)
+                 for t in ts if t]
+    except (OSError, BadLine, CorpusError) as e:
         raise CheckpointError(f"--corpus: {e}") from None
     if not texts:
         raise CheckpointError(f"--corpus {path}: no text under keys {keys}")

@@ -110,10 +110,17 @@ def _edit_config(d, **changes):
 
 
 @pytest.mark.parametrize("change,match", [
-    ({"model_type": "mistral"}, "'model_type' is 'mistral', expected 'llama'"),
-    ({"tie_word_embeddings": True}, "'tie_word_embeddings' is True, expected False"),
-    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "'rope_scaling'"),
-    ({"rope_parameters": {"rope_type": "yarn", "factor": 2.0}}, "rope_type' is 'yarn'"),
+    ({"model_type": "gemma"}, "'model_type' is 'gemma', expected 'llama' or 'qwen2' or "
+                              "'mistral'"),
+    ({"model_type": "mistral"}, r"'architectures' is \['LlamaForCausalLM'\], expected "
+                                r"\['MistralForCausalLM'\]"),
+    ({"attention_bias": True}, "'attention_bias' is True, expected false"),
+    ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_type 'dynamic' is not "
+                                                            "supported"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 2.0}}, "rope_type 'yarn' is not "
+                                                                "supported"),
+    ({"model_type": "mistral", "architectures": ["MistralForCausalLM"], "sliding_window": 8},
+     "'sliding_window' is 8, shorter than the sequence length 64"),
     ({"intermediate_size": 100}, r"mlp.gate_proj.weight' has shape \(96, 64\) but config.json "
                                  r"implies \(100, 64\)"),
     ({"num_attention_heads": 0}, "'num_attention_heads' is 0, expected a positive integer"),
