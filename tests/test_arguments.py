@@ -28,7 +28,8 @@ ARGVS = [
 def test_every_flag_is_one_config_field():
     fields = flag_fields()
     dests = {a.dest for a in build_parser()._actions} - {"help"}
-    assert dests - set(fields) == {"group_query_attention", "fp16", "lr_wsd_decay_samples"}
+    assert dests - set(fields) == {"group_query_attention", "fp16", "lr_wsd_decay_samples",
+                                   "use_rope_scaling", "rope_scaling_factor"}
 
 
 @pytest.mark.parametrize("argv", ARGVS)

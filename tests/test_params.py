@@ -65,7 +65,7 @@ def test_check_layout_is_the_one_check_with_one_error_type():
         params.check_layout(cfg, 1, 6)
     assert issubclass(params.LayoutError, ConfigError)
     with pytest.raises(params.LayoutError, match="not a parameter"):
-        params.lookup("layers.0.attention.qkv.bias")
+        params.lookup("layers.0.attention.qkv.scale")
 
 
 def test_a_variant_is_one_row(monkeypatch):

@@ -415,13 +415,15 @@ def merge_main(argv=None) -> None:
 
 def main(argv=None) -> None:
     args = get_args(argv)
-    if not os.path.isfile(args.tokenizer_model):
+    if not os.path.exists(args.tokenizer_model):
         print(f"error: --tokenizer-model {args.tokenizer_model}: file not found (train one "
               f"with tools/train_tokenizer.py)", file=sys.stderr)
         raise SystemExit(2)
     try:
         r = run(args)
-    except (BadLine, CorpusError, FileNotFoundError, ValueError) as e:  # unreadable tokenizer model, bad shards
+    except (BadLine, CorpusError) as e:
+        raise SystemExit(f"error: {e}") from None
+    except (FileNotFoundError, ValueError) as e:  # unreadable tokenizer model, bad shards
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     outs = output_prefixes(args.output_prefix if args.partition_index is None

@@ -36,8 +36,12 @@ def sidecar_path(prefix: str) -> str:
 
 
 def fingerprint(tokenizer_model: str) -> str:
+    """sha256 of the tokenizer file (a HuggingFace tokenizer directory: of its tokenizer.json)."""
+    path = tokenizer_model
+    if os.path.isdir(path):
+        path = os.path.join(path, "tokenizer.json")
     h = hashlib.sha256()
-    with open(tokenizer_model, "rb") as f:
+    with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()

@@ -43,7 +43,7 @@ class EvalModel:
         """Load `path` (any format/layout) into `ctx`'s layout; a clear error when the
         checkpoint or tokenizer is missing."""
         from megacpt.checkpoint import CheckpointError, load_weights
-        from megacpt.checkpoint.reader import open_source
+        from megacpt.checkpoint.registry import open_source
         from megacpt.data.tokenizer import SentencePieceTokenizer
         from megacpt.model.llama import LlamaModel
 

@@ -94,12 +94,12 @@ BAD_INPUTS = {
                           "no such file"),
     "init-from vocabulary larger than the embedding": (
         lambda c, t, s: mock_args("--init-from", s, "--vocab-size", "250"),
-        r"vocabulary \(300 tokens.*larger than this model's \(250"),
+        r"--vocab-size 250 contradicts the --init-from checkpoint .*vocab_size = 300"),
     "init-from different shape": (lambda c, t, s: mock_args("--init-from", s, "--model-size",
-                                  "debug-xs"), "shape differs.*num_layers 2 vs 4"),
+                                  "debug-xs"), "debug-xs has num_layers = 4 but the --init-from checkpoint .* has num_layers = 2"),
     "init-from weights that don't parse": (
         lambda c, t, s: mock_args("--init-from", _corrupt_copy(s, f"{t}/bad")),
-        "cannot read the weights"),
+        r"bad/iter_0000001/mp_rank_00_000/model.safetensors: header length .* the file is truncated"),
     "tokenizer larger than --vocab-size": (
         lambda c, t, s: mock_args("--tokenizer-model", _tokenizer(t, 320)),
         "has 320 tokens, more than --vocab-size 300"),
