@@ -143,6 +143,10 @@ def resume_untracked(load: str) -> str:
             log.warning("--load %s has no %s: resuming from its newest complete checkpoint "
                         "%s%s", load, TRACKER, cand, f" (skipping {', '.join(rejected)}: it "
                         f"does not verify)" if rejected else "")
+            if int(os.environ.get("RANK", "0")) == 0:  # repair: name it in a new tracker
+                from megacpt.checkpoint.format import write_tracker
+
+                write_tracker(load, int(name.split("_")[1]))
             return cand
         rejected.append(f"{name} ({bad[0]})")
     if rejected:

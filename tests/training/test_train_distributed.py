@@ -30,7 +30,7 @@ def _resume_worker(root: str) -> dict:
     run = mock_args(*layout, "--save", ck, "--log-dir", logs, iters=4)
     first = train(*config(run + ["--exit-interval", "2"]))
     second = train(*config(run + ["--load", ck]))
-    try:  # the same checkpoint in another layout (tp2 pp1 dp2) must be refused
+    try:  # the same checkpoint in another layout (tp2 pp1 dp2) is resharded on load
         train(*config(mock_args("--tensor-model-parallel-size", "2", "--data-path", "0.7",
                                  "zh", "0.3", "en", "--load", ck, iters=4)))
         mismatch = None
@@ -50,9 +50,7 @@ def test_exact_resume_tp2pp2(tmp_path):
     rows = read_metrics(f"{tmp_path}/log", "train")
     assert [row["iteration"] for row in rows] == [1, 2, 3, 4]
     assert read_metrics(f"{tmp_path}/log", "header")[0]["layout"] == "tp2pp2dp1"
-    msg = r["mismatch"]
-    assert msg and "tp2pp2" in msg and "tp2pp1" in msg and "tools/convert_checkpoint.py" in msg
-    assert "--target-tensor-parallel-size 2 --target-pipeline-parallel-size 1" in msg
+    assert r["mismatch"] is None  # another layout resumes (tests/checkpoint/test_ckpt_reshard.py)
 
 
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGSTOP"])

@@ -50,6 +50,8 @@ def test_load_dir_without_tracker_resumes_from_newest_verified_checkpoint(tmp_pa
     assert resumed.last_checkpoint == f"{ck}/iter_0000002"  # not .../iter_0000002/iter_0000002
     assert f"no latest_checkpointed_iteration.txt: resuming from its newest complete " \
            f"checkpoint {ck}/iter_0000002 (skipping iter_0000003" in caplog.text
+    assert open(f"{ck}/latest_checkpointed_iteration.txt").read().strip() == "2"  # repaired
+    os.remove(f"{ck}/latest_checkpointed_iteration.txt")
     shutil.rmtree(f"{ck}/iter_0000002")
     shutil.rmtree(f"{ck}/iter_0000001")
     with pytest.raises(ConfigError, match="none of its checkpoints verifies: iter_0000003"):
