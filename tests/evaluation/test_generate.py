@@ -60,8 +60,8 @@ def test_greedy_equals_transformers_generate(which, eval_assets, random_hf):
     for (prompt_ids, w), g, p in zip(want, got, PROMPTS):
         assert enc.encode(p) == prompt_ids
         assert g == w, p
-    if which == "random":
-        assert len(set(got[0])) > 5  # not a degenerate repetition
+    if which == "random":  # not a degenerate repetition, over all prompts (one may stop at EOS)
+        assert len({t for g in got for t in g}) > 5
 
 
 def test_kv_cache_matches_full_forward(random_hf):
