@@ -5,6 +5,7 @@ import glob
 import json
 import struct
 import sys
+import time
 
 import pytest
 
@@ -63,6 +64,10 @@ def test_offline_run_matches_metrics_and_resumes_same_run(tmp_path, monkeypatch)
     flags = ["--log-dir", log, "--wandb-project", "megacpt-test", "--wandb-exp-name", "tiny",
              "--wandb-save-dir", wdir, "--save", str(tmp_path / "ck"), "--save-interval", "2"]
     assert main(mock_args(*flags, "--exit-interval", "2", iters=4)) == 0
+    # W&B names an offline run's directory by the second it started and the run id: a resume
+    # within the same second would reuse (and overwrite) the first directory, which no real
+    # restart does (start-up alone takes longer), so let the clock move on.
+    time.sleep(1.1)
     assert main(mock_args(*flags, "--load", str(tmp_path / "ck"), iters=4)) == 0
     steps, runs = history(wdir)
     assert len(runs) == 2 and {r.run_id for r in runs} == {open(f"{wdir}/wandb_run_id").read()}
