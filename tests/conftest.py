@@ -14,6 +14,12 @@ _AT_ROOT = [p for p in sys.path if os.path.abspath(p or os.curdir) == _ROOT]
 if _AT_ROOT:
     sys.path[:] = [p for p in sys.path if p not in _AT_ROOT] + [_ROOT]
 
+# shared test helpers (`_harness`: the multi-process launcher, tiny models) live beside this
+# file; spawned ranks inherit sys.path, so they import them by the same name
+_TESTS = os.path.dirname(os.path.abspath(__file__))
+if _TESTS not in sys.path:
+    sys.path.insert(0, _TESTS)
+
 try:
     import torch
 

@@ -12,7 +12,7 @@ from megacpt.checkpoint.megatron_common import layer_keys, top_keys
 from megacpt.config import ConfigError
 from megacpt.model.llama import LlamaModel
 from megacpt.parallel import sharding
-from megacpt.testing import tiny_model_config
+from _harness import tiny_model_config
 
 
 def test_table_matches_the_model_it_describes():

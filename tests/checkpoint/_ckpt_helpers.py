@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from megacpt.config import Config
-from megacpt.testing import tiny_model_config, tiny_optim_config
+from _harness import tiny_model_config, tiny_optim_config
 
 MBS = 2
 

@@ -10,7 +10,7 @@ from megacpt.checkpoint import CheckpointError
 from megacpt.checkpoint.convert import convert_checkpoint, main
 from megacpt.checkpoint.reader import MegacptSource
 from megacpt.params import LayoutError
-from megacpt.testing import random_global_batches, run_distributed
+from _harness import random_global_batches, run_distributed
 
 STEPS, K = 4, 2
 

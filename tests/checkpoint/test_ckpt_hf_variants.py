@@ -15,7 +15,7 @@ from _ckpt_helpers import make_corpora  # noqa: E402
 from megacpt.checkpoint import load_model  # noqa: E402
 from megacpt.checkpoint.convert import main as convert_main  # noqa: E402
 from megacpt.checkpoint.registry import open_source  # noqa: E402
-from megacpt.testing import (random_global_batches, run_distributed, tiny_model_config,  # noqa: E402
+from _harness import (random_global_batches, run_distributed, tiny_model_config,  # noqa: E402
                              tiny_optim_config, train_losses)
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,

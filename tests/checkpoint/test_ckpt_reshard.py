@@ -10,7 +10,7 @@ from _ckpt_helpers import RESHARD_CASES, build, fake_state, reshard_worker, tiny
 from megacpt.checkpoint import convert_checkpoint, load_checkpoint, save_checkpoint
 from megacpt.checkpoint.reader import MegacptSource
 from megacpt.parallel import sharding
-from megacpt.testing import run_distributed
+from _harness import run_distributed
 
 STEPS, K = 3, 1
 

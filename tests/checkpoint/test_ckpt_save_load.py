@@ -17,7 +17,7 @@ from megacpt.checkpoint.format import TRACKER, read_tracker
 from megacpt.checkpoint.safetensors_io import (SafetensorsError, SafetensorsReader,
                                                SafetensorsWriter, load_tensors, save_tensors)
 from megacpt.parallel.context import ParallelContext
-from megacpt.testing import random_global_batches, run_distributed
+from _harness import random_global_batches, run_distributed
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import torch
 from megacpt.evaluation.runner import EvalModel
 from megacpt.evaluation.tasks import PairEncoder
 from megacpt.generate import KVCache, forward_cached, generate_ids, main, sample_next
-from megacpt.testing import run_distributed
+from _harness import run_distributed
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("google.protobuf")

@@ -11,7 +11,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
-from megacpt.testing import run_distributed, torch_threads  # noqa: E402
+from _harness import run_distributed, torch_threads  # noqa: E402
 from _eval_helpers import layouts_worker, lm_eval_hf, write_lm_eval_tasks  # noqa: E402
 
 pytest.importorskip("lm_eval")

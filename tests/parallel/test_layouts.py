@@ -15,7 +15,7 @@ import torch
 
 from megacpt.checkpoint import CheckpointError, convert_checkpoint, load_checkpoint
 from megacpt.config import Config
-from megacpt import testing as T
+import _harness as T
 from megacpt.model import LlamaModel
 from megacpt.parallel.context import ParallelContext
 from megacpt.parallel.optimizer import build_optimizer

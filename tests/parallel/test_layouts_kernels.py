@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from megacpt import testing as T
+import _harness as T
 from megacpt.kernels import kernels_available
 
 CFG = T.tiny_model_config(use_kernels=True)

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megacpt import testing as T
+import _harness as T
 from megacpt.arguments import parse_args
 from megacpt.config import ConfigError, ModelConfig
 from megacpt.kernels import kernels_available

@@ -10,7 +10,7 @@ from megacpt.parallel.context import ParallelContext
 from megacpt.parallel.grads import GradBuffer
 from megacpt.parallel.optimizer import build_optimizer, clip_coefficient
 from megacpt.parallel.schedule import forward_backward, split_global_batch
-from megacpt.testing import (random_global_batches, tiny_model_config, tiny_optim_config,
+from _harness import (random_global_batches, tiny_model_config, tiny_optim_config,
                              train_losses)
 
 CFG = tiny_model_config(num_layers=2)

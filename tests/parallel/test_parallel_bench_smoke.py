@@ -27,7 +27,7 @@ def test_plain_copy_has_no_parallel_layers(monkeypatch):
     bench = importlib.import_module("benchmarks.bench_parallel_overhead")
     from megacpt.model import LlamaModel
     from megacpt.parallel import layers
-    from megacpt.testing import tiny_model_config
+    from _harness import tiny_model_config
 
     model = LlamaModel(tiny_model_config(num_layers=1), seed=3)
     plain = bench.plain_copy(model)

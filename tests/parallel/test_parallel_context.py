@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from megacpt.config import ConfigError
 from megacpt.parallel.context import ParallelContext, stage_layer_range
-from megacpt.testing import free_port, run_distributed, tiny_model_config
+from _harness import free_port, run_distributed, tiny_model_config
 
 
 def test_rank_order_is_tp_then_dp_then_pp():

@@ -7,7 +7,7 @@ CPU single-process run; bf16 must train close to fp32.
 import pytest
 import torch
 
-from megacpt import testing as T
+import _harness as T
 
 pytestmark = pytest.mark.gpu
 

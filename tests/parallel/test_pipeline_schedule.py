@@ -20,7 +20,7 @@ from megacpt.parallel.schedule import (StageRunner, microbatch_loss, run_1f1b, r
 from megacpt.parallel.grads import GradBuffer
 from megacpt.parallel.interleaved import interleaved_warmup, run_interleaved
 from megacpt.parallel.simulate import schedule_order
-from megacpt.testing import tiny_model_config
+from _harness import tiny_model_config
 
 TIMEOUT = 30.0
 

@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import torch
 
-from megacpt import testing as T
+import _harness as T
 from megacpt.arguments import parse_args
 from megacpt.model import LlamaModel
 from megacpt.parallel.context import ParallelContext

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from megacpt.testing import free_port
+from _harness import free_port
 from megacpt.training.metrics import read_metrics
 from _train_helpers import mock_args, output, start_cli, train_rows, wait_until
 

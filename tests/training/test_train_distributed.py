@@ -12,7 +12,7 @@ import time
 import pytest
 
 from megacpt.config import ConfigError
-from megacpt.testing import free_port, run_distributed
+from _harness import free_port, run_distributed
 from megacpt.training.loop import train
 from megacpt.training.metrics import read_metrics
 from _train_helpers import config, mock_args
