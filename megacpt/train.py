@@ -50,7 +50,8 @@ def cpu_threads() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
-    with PreemptionHandler() as preempt:  # first: a signal during start-up is not lost
+    # first: a signal during start-up is not lost
+    with PreemptionHandler(abort_after_first_sigint=True) as preempt:
         log = logging.getLogger("megacpt.train")
         log.info("megacpt.train starting (pid %d)", os.getpid())
         try:

@@ -34,8 +34,11 @@ PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 class PreemptionHandler:
     """Context manager turning preemption signals into a flag the loop checks each step."""
 
-    def __init__(self, signals=PREEMPTION_SIGNALS):
+    def __init__(self, signals=PREEMPTION_SIGNALS, abort_after_first_sigint: bool = False):
         self.signals = tuple(signals)
+        self.abort_after_first_sigint = abort_after_first_sigint
+        """CLI only: after a first SIGINT, leaving the scope installs `abort_now` for SIGINT
+        (a second Ctrl-C during shutdown exits 130 with one line, not a traceback)."""
         self.received: int | None = None
         self._old: dict = {}
 
@@ -60,6 +63,9 @@ class PreemptionHandler:
 
     def __exit__(self, *exc) -> None:
         for s, old in self._old.items():
+            if s == signal.SIGINT and self.abort_after_first_sigint and \
+                    self.received == signal.SIGINT:
+                old = abort_now  # Ctrl-C pressed once and the CLI is winding down
             signal.signal(s, old)
         self._old.clear()
 
@@ -82,3 +88,11 @@ class PreemptionHandler:
     @property
     def signal_name(self) -> str | None:
         return None if self.received is None else signal.Signals(self.received).name
+
+
+def abort_now(signum, frame):  # noqa: ARG001 - signal handler signature
+    """A second SIGINT after the CLI left the handler's scope (shutdown): one line, exit 130."""
+    import os
+
+    os.write(2, b"aborted by a second SIGINT during shutdown: exiting now (exit code 130)\n")
+    os._exit(130)

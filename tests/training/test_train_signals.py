@@ -82,6 +82,23 @@ def test_handler_second_sigint_raises_keyboard_interrupt():
                 pass
 
 
+
+def test_second_sigint_during_shutdown_still_ends_in_one_line_and_130():
+    """Once the handler's scope is left after a first SIGINT, a second one (while the
+    interpreter shuts down) exits 130 with our line instead of an uncaught KeyboardInterrupt."""
+    code = ("import os, signal\nfrom megacpt.training.signals import PreemptionHandler\n"
+            "with PreemptionHandler(abort_after_first_sigint=True):\n    os.kill(os.getpid(), signal.SIGINT)\n"
+            "os.kill(os.getpid(), signal.SIGINT)\nfor _ in range(10**6):\n    pass\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 130, (r.returncode, r.stderr)
+    assert "aborted by a second SIGINT" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    with PreemptionHandler(abort_after_first_sigint=True):  # no SIGINT: the old one is back
+        pass
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with PreemptionHandler() as h:  # library use (Trainer.run) never installs the abort
+        h._handle(signal.SIGINT, None)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
 def test_sigterm_to_torchrun_saves_on_every_rank(tmp_path):
     """SIGTERM to the launcher: torchrun forwards it to each rank's process group; both ranks
     save the same step and exit 0, with no traceback from any rank."""
