@@ -85,7 +85,8 @@ def forward_cached(model, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         x = x + att.proj(out.transpose(0, 1).reshape(n, tokens.shape[0], -1))
         x = x + layer.mlp(layer.post_attention_norm(x))
     cache.length += n
-    logits = comm.gather_from_tp(model.output(model.final_norm(x)), model.ctx.tp_group)
+    logits = comm.gather_from_tp(model.output(model.final_norm(x), model.output_weight),
+                                 model.ctx.tp_group)  # (tied: the embedding's weight)
     return logits.transpose(0, 1)[..., : model.cfg.vocab_size].float()  # [b, n, V]
 
 

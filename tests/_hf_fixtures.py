@@ -77,9 +77,11 @@ def build_tokenizer_json(folder: str, family: str = "llama3", vocab_size: int = 
     return folder
 
 
-def build_hf_model(folder: str, family: str = "llama3", vocab_size: int = 512, seed: int = 0):
+def build_hf_model(folder: str, family: str = "llama3", vocab_size: int | None = None,
+                   seed: int = 0):
     """A tiny random model of `family` (tied embeddings, GQA) saved with the tokenizer of
-    `build_tokenizer_json`; returns the transformers model."""
+    `build_tokenizer_json`; returns the transformers model. The vocabulary defaults to the
+    tokenizer's size for Llama 3 and to more rows than ids (512) for Qwen2, as they ship."""
     import torch
     import transformers
 
@@ -88,6 +90,7 @@ def build_hf_model(folder: str, family: str = "llama3", vocab_size: int = 512, s
     model_cls, config_cls = FAMILIES[family][5]
     build_tokenizer_json(folder, family)
     tok = load_tokenizer(folder)
+    vocab_size = vocab_size or (tok.vocab_size if family == "llama3" else 512)
     torch.manual_seed(seed)
     extra = dict(rope_theta=500000.0) if family == "llama3" else dict(rope_theta=1000000.0)
     cfg = getattr(transformers, config_cls)(

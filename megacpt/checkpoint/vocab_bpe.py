@@ -14,7 +14,8 @@ new token applies, and a new token's embedding initialisation from its source sp
 2. Walk its merges in order; the merged string `t` of each is a candidate. Segment `t` with
    the current (source + already added) merges; when that gives exactly two tokens x, y,
    append the merge (x, y) and the token t with the next id (ids after every source id,
-   added/special tokens included, so no existing id moves). Candidates that need several
+   added/special tokens included, so no existing id moves; the added tokens are also put in
+   the BPE vocabulary at their ids, see `_contiguous_vocab`). Candidates that need several
    steps from current tokens are skipped (their intermediates usually come earlier in the
    target's order). Stop after K.
 3. Each new token's `source_ids` are what the source model splits it into (the rows whose
@@ -25,6 +26,7 @@ from __future__ import annotations
 import json
 
 from megacpt.checkpoint.format import CheckpointError
+from megacpt.data.tokenizer import byte_decoder
 
 
 def _pair(m) -> tuple[str, str]:
@@ -48,6 +50,31 @@ def _segment(word: str, vocab: dict, ranks: dict, ignore_merges: bool) -> list[s
     return syms
 
 
+def _contiguous_vocab(spec: dict, where: str) -> dict:
+    """The BPE vocabulary with the added tokens in it at their ids (as GPT-2's <|endoftext|>
+    is): `tokenizers` numbers added tokens absent from the model after the model's last id
+    when it loads a file, so new model tokens after them would shift their ids. Added tokens
+    are matched before the model sees the text, so this changes no tokenization."""
+    vocab = dict(spec["model"]["vocab"])
+    for a in spec.get("added_tokens", []):
+        if a["content"] not in vocab and a["id"] not in vocab.values():
+            vocab[a["content"]] = a["id"]
+    ids = sorted(set(vocab.values()))
+    if ids != list(range(len(ids))):
+        gap = next(i for i, j in enumerate(ids) if i != j)
+        raise CheckpointError(f"{where}: token ids are not contiguous (no token has id {gap}); "
+                              f"new tokens cannot be appended without moving ids")
+    return vocab
+
+
+def _text(source, token: str) -> str:
+    """A token's text for the report: its UTF-8 bytes decoded, partial characters as \\xNN."""
+    if not source.is_byte_level():
+        return token
+    dec = byte_decoder()
+    return bytes(dec[c] for c in token).decode("utf-8", "backslashreplace")
+
+
 def train_target(source, texts: list[str], vocab_size: int) -> list[tuple[str, str]]:
     """Merges of a BPE model trained on `texts` with the source's normalizer and
     pre-tokenizer, in the trainer's order."""
@@ -68,8 +95,6 @@ def train_target(source, texts: list[str], vocab_size: int) -> list[tuple[str, s
 def plan(source, texts: list[str], k: int, target_vocab_size: int | None) -> dict:
     """Steps 1-3 for the HuggingFaceTokenizer `source`: {"pieces", "splits", "files",
     "new_vocab_size", "after" (the extended tokenizer)}."""
-    from tokenizers import Tokenizer
-
     spec = source.spec
     model = spec.get("model") or {}
     where = source.json_path
@@ -80,7 +105,7 @@ def plan(source, texts: list[str], k: int, target_vocab_size: int | None) -> dic
         if model.get(field):
             raise CheckpointError(f"{where}: field 'model.{field}' is {model[field]!r}, "
                                   f"expected null (not supported by the extension)")
-    vocab = dict(model["vocab"])
+    vocab = _contiguous_vocab(spec, where)
     string_merges = bool(model["merges"]) and isinstance(model["merges"][0], str)
     ranks = {_pair(m): i for i, m in enumerate(model["merges"])}
     ignore = bool(model.get("ignore_merges", False))
@@ -102,10 +127,15 @@ def plan(source, texts: list[str], k: int, target_vocab_size: int | None) -> dic
     model["merges"] = list(model["merges"]) + [f"{x} {y}" if string_merges else [x, y]
                                                for _, x, y in added]
     data = json.dumps(spec, ensure_ascii=False, indent=2).encode("utf-8")
-    after = Tokenizer.from_str(data.decode("utf-8"))
+    after = type(source._tok).from_str(data.decode("utf-8"))
+    for t, want in [(a["content"], a["id"]) for a in spec.get("added_tokens", [])] + \
+            [(t, vocab[t]) for t, _, _ in added]:
+        if after.token_to_id(t) != want:
+            raise CheckpointError(f"{where}: the extended tokenizer gives {t!r} id "
+                                  f"{after.token_to_id(t)}, expected {want} (internal error)")
     src_model = source._tok.model
     splits = [[tok.id for tok in src_model.tokenize(t)] for t, _, _ in added]
-    return {"pieces": [after.decode([vocab[t]]) for t, _, _ in added],
+    return {"pieces": [_text(source, t) for t, _, _ in added],
             "tokens": [t for t, _, _ in added], "splits": splits,
             "files": {"tokenizer.json": data}, "new_vocab_size": next_id + len(added),
             "encode_after": lambda texts: [e.ids for e in after.encode_batch(

@@ -124,7 +124,7 @@ class SentencePieceTokenizer(_PathPickle):
 
 
 @functools.lru_cache(maxsize=1)
-def _byte_decoder() -> dict[str, int]:
+def byte_decoder() -> dict[str, int]:
     """GPT-2's byte-level alphabet: printable char -> the byte it stands for."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
         list(range(ord("®"), ord("ÿ") + 1))
@@ -232,7 +232,7 @@ class HuggingFaceTokenizer(_PathPickle):
         unused ids 0."""
         out = [0] * self.vocab_size
         special = {t.content for t in self._tok.get_added_tokens_decoder().values()}
-        dec = _byte_decoder() if self.is_byte_level() else None
+        dec = byte_decoder() if self.is_byte_level() else None
         for piece, i in self._tok.get_vocab(with_added_tokens=False).items():
             if piece in special:
                 continue
