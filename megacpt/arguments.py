@@ -317,7 +317,7 @@ def tokenizer_vocab_size(path: str, tokenizer_type: str | None = None) -> int:
     try:
         return load_tokenizer(path, tokenizer_type).vocab_size
     except (OSError, ValueError, ImportError) as e:
-        raise ConfigError(f"--tokenizer-model {path}: {e}") from None
+        raise ConfigError(f"--tokenizer-model: {e}") from None
 
 
 def _vocab_size(a: argparse.Namespace) -> int | None:

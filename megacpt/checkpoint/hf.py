@@ -168,12 +168,15 @@ def config_from_hf(hf: dict, where: str, make_vocab_size_divisible_by: int = 128
 def check_tokenizer(path: str, vocab_size: int | None = None):
     """Load a tokenizer (SentencePiece or tokenizer.json, `load_tokenizer`); a clear error
     when unreadable or larger than the model's vocabulary."""
-    from megacpt.data.tokenizer import load_tokenizer
+    from megacpt.data.tokenizer import load_tokenizer, resolve_tokenizer
 
+    kind = "tokenizer"
     try:
+        kind = {"sentencepiece": "SentencePiece tokenizer", "huggingface": "HuggingFace "
+                "tokenizer"}[resolve_tokenizer(path)[0]]
         tok = load_tokenizer(path)
     except (OSError, ValueError, ImportError) as e:
-        raise CheckpointError(f"{path}: unreadable tokenizer ({e})") from None
+        raise CheckpointError(f"{path}: unreadable {kind} ({e})") from None
     if vocab_size is not None and tok.vocab_size > vocab_size:
         raise CheckpointError(f"{path}: the tokenizer has {tok.vocab_size} tokens but the "
                               f"model's vocab_size is {vocab_size} (config.json / meta.json); "

@@ -292,7 +292,7 @@ def resolve_tokenizer(model_path: str, tokenizer_type: str | None = None) -> tup
         raise ValueError(f"--tokenizer-type {tokenizer_type!r} is not supported "
                          f"(expected one of {', '.join(TOKENIZER_TYPES)})")
     if not os.path.exists(model_path):
-        raise FileNotFoundError(f"{model_path}: tokenizer not found (expected a SentencePiece "
+        raise FileNotFoundError(f"{model_path}: file not found (expected a SentencePiece "
                                 f".model, a tokenizer.json or an HF model directory)")
     if os.path.isdir(model_path):
         found = (os.path.join(model_path, HF_FILE) if tokenizer_type == "HuggingFaceTokenizer"
@@ -320,16 +320,18 @@ def build_tokenizer(tokenizer_type: str, model_path: str):
 
 
 def find_tokenizer(folder: str) -> str | None:
-    """The tokenizer a checkpoint or HF directory carries: tokenizer.model when it is a
-    SentencePiece model, else tokenizer.json; None when it has neither."""
-    sp = os.path.join(folder, SP_FILE)
+    """The tokenizer a checkpoint or HF directory carries: tokenizer.model, unless it is no
+    SentencePiece model and a tokenizer.json is beside it (Llama 3 repositories may hold a
+    tiktoken file of that name), else tokenizer.json; None when it has neither."""
+    sp, hf = os.path.join(folder, SP_FILE), os.path.join(folder, HF_FILE)
     if os.path.isfile(sp):
+        if not os.path.isfile(hf):
+            return sp  # (loading it reports what is wrong with it)
         try:
             SentencePieceTokenizer(sp)
             return sp
         except ValueError:
-            pass  # e.g. a tiktoken file named tokenizer.model beside a tokenizer.json
-    hf = os.path.join(folder, HF_FILE)
+            pass
     return hf if os.path.isfile(hf) else None
 
 
