@@ -56,9 +56,11 @@ def _contiguous_vocab(spec: dict, where: str) -> dict:
     when it loads a file, so new model tokens after them would shift their ids. Added tokens
     are matched before the model sees the text, so this changes no tokenization."""
     vocab = dict(spec["model"]["vocab"])
+    taken = set(vocab.values())
     for a in spec.get("added_tokens", []):
-        if a["content"] not in vocab and a["id"] not in vocab.values():
+        if a["content"] not in vocab and a["id"] not in taken:
             vocab[a["content"]] = a["id"]
+            taken.add(a["id"])
     ids = sorted(set(vocab.values()))
     if ids != list(range(len(ids))):
         gap = next(i for i, j in enumerate(ids) if i != j)

@@ -221,8 +221,11 @@ class HuggingFaceTokenizer(_PathPickle):
         return json.loads(self._tok.to_str())
 
     def is_byte_level(self) -> bool:
-        """Pieces are GPT-2 byte-level strings (Llama 3, Qwen2.5), not SentencePiece-style."""
-        dec = self.spec.get("decoder") or {}
+        """Pieces are GPT-2 byte-level strings (Llama 3, Qwen2.5), not SentencePiece-style
+        (Mistral): the decoder is (or contains) ByteLevel."""
+        if self._tok.decoder is None:
+            return False
+        dec = json.loads(self._tok.decoder.__getstate__())
         parts = dec.get("decoders", [dec]) if dec.get("type") == "Sequence" else [dec]
         return any(p.get("type") == "ByteLevel" for p in parts)
 

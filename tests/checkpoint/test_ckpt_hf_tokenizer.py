@@ -160,3 +160,21 @@ def test_mismatches_are_named(pipeline):
         with pytest.raises(EvalInputError, match=r"ext/tokenizer.json: the tokenizer has \d+ "
                                                  r"tokens but the model .*hf has vocab_size"):
             EvalModel.load(pipeline["hf"], tokenizer_model=ext_tok)
+
+
+def test_only_bpe_tokenizer_json_extends(tmp_path, capsys):
+    from tokenizers import Tokenizer, models
+
+    from megacpt.checkpoint.vocab import main as extend_main
+
+    os.makedirs(tmp_path / "wl")
+    tok = Tokenizer(models.WordLevel({"a": 0, "</s>": 1}, unk_token="a"))
+    tok.save(str(tmp_path / "wl" / "tokenizer.json"))
+    (tmp_path / "wl" / "tokenizer_config.json").write_text('{"eos_token": "</s>"}')
+    corpus = _write_corpus(str(tmp_path / "c.jsonl"))
+    with pytest.raises(SystemExit) as e:
+        extend_main(["--tokenizer-model", str(tmp_path / "wl"), "--corpus", corpus,
+                     "--new-pieces", "4", "--from-hf", str(tmp_path / "wl"), "--save-dir",
+                     str(tmp_path / "o")])
+    assert e.value.code == 2
+    assert "wl/tokenizer.json: field 'model.type' is 'WordLevel'" in capsys.readouterr().err
