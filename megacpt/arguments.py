@@ -266,6 +266,10 @@ def _from_source(a: argparse.Namespace, vocab_size: int | None, common: dict) ->
                                           "norm_eps", "tie_word_embeddings", "add_qkv_bias",
                                           "rope_scaling", "model_family", "name")}
     keep["make_vocab_size_divisible_by"] = have.make_vocab_size_divisible_by
+    if common.get("max_position_embeddings") is None and \
+            have.max_position_embeddings >= (a.seq_length or 0):
+        # the source's context (an HF export then keeps e.g. Llama 3.2's 131072, not --seq-length)
+        common["max_position_embeddings"] = have.max_position_embeddings
     common = {k: v for k, v in common.items() if k not in keep}
     return ModelConfig(**keep, **common)
 

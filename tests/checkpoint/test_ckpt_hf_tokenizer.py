@@ -112,6 +112,9 @@ def test_export_tokenizer_and_logits_equal_transformers(pipeline):
         assert theirs(text, add_special_tokens=False)["input_ids"] == ours.tokenize(text)
         assert theirs(text)["input_ids"] == enc.encode(text)  # BOS exactly when HF adds one
     assert (ours.bos is not None) == (pipeline["family"] == "llama3")
+    cfg = json.load(open(os.path.join(export, "config.json")))
+    assert (cfg["bos_token_id"], cfg["eos_token_id"]) == (ours.bos, ours.eod)
+    assert cfg["max_position_embeddings"] == 64  # the source's, not the --seq-length trained at
     cls = getattr(transformers, F.FAMILIES[pipeline["family"]][5][0])
     hf_model = cls.from_pretrained(export, dtype=torch.float32).eval()
     model = load_model(ext)
