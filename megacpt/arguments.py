@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from megacpt import sizes
 from megacpt.config import (CheckpointConfig, Config, ConfigError, DataConfig, LoggingConfig,
                             ModelConfig, OptimizerConfig, ParallelConfig, TrainingConfig)
+from megacpt.data.tokenizer import TOKENIZER_TYPES
 
 CONFIG_FILE = "config.json"
 _SHAPE_FLAGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
@@ -126,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="named held-out sets for per-language validation loss")
     g.add_argument("--tokenizer-model",
                    help="SentencePiece .model, HF tokenizer.json, or a directory holding one")
-    g.add_argument("--tokenizer-type", default=None,
+    g.add_argument("--tokenizer-type", default=None, choices=TOKENIZER_TYPES,
                    help="Megatron's name (SentencePieceTokenizer, HuggingFaceTokenizer, ...); "
                         "default: from --tokenizer-model (a tokenizer.json is HuggingFace)")
     g.add_argument("--data-cache-path")
@@ -325,8 +326,7 @@ def tokenizer_vocab_size(path: str, tokenizer_type: str | None = None) -> int:
 
 
 def _vocab_size(a: argparse.Namespace) -> int | None:
-    tok = (tokenizer_vocab_size(a.tokenizer_model, getattr(a, "tokenizer_type", None))
-           if a.tokenizer_model else None)
+    tok = tokenizer_vocab_size(a.tokenizer_model, a.tokenizer_type) if a.tokenizer_model else None
     if a.vocab_size is not None and tok is not None and tok > a.vocab_size:
         raise ConfigError(f"the tokenizer {a.tokenizer_model} has {tok} tokens, more than "
                           f"--vocab-size {a.vocab_size}; drop --vocab-size or raise it")

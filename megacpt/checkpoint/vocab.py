@@ -364,7 +364,8 @@ def extend_vocab(tokenizer_model: str, corpus: str, new_pieces: int, load: str, 
         method = "sentencepiece-pieces"
     k = len(plan["pieces"])
     if k < new_pieces:
-        log.warning("only %d new pieces found (asked for %d)", k, new_pieces)
+        log.warning("only %d new pieces found (asked for %d): give a larger "
+                    "--target-vocab-size or more target-language text", k, new_pieces)
     v_old, splits = tok.vocab_size, plan["splits"]
     report = {"source_vocab_size": v_old, "new_vocab_size": plan["new_vocab_size"],
               "new_pieces": k, "method": method,

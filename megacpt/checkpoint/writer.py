@@ -45,8 +45,9 @@ def write_checkpoint(source: Source, save_dir: str, tp: int, pp: int, *,
     `model_cfg` replaces the source's model config (e.g. a grown vocabulary, with `transform`
     producing the matching tensors); `dtype` casts the parameters (not the optimizer state);
     `extra_files` {name: bytes} are written into `save_dir` (after the source's tokenizer,
-    so {"tokenizer.model": ...} or {"tokenizer.json": ...} replaces it); `iteration` and `state` replace the source's
-    (a new model, e.g. a grown vocabulary, starts at iteration 0 with an empty state).
+    so {"tokenizer.model": ...} or {"tokenizer.json": ...} replaces it); `iteration` and
+    `state` replace the source's (a new model, e.g. a grown vocabulary, starts at iteration 0
+    with an empty state).
     """
     cfg = Config.from_dict(source.cfg.to_dict())
     if model_cfg is not None:
