@@ -181,3 +181,40 @@ def test_only_bpe_tokenizer_json_extends(tmp_path, capsys):
                      str(tmp_path / "o")])
     assert e.value.code == 2
     assert "wl/tokenizer.json: field 'model.type' is 'WordLevel'" in capsys.readouterr().err
+
+
+def test_evaluator_scores_equal_transformers(pipeline, tmp_path):
+    """megacpt.evaluate on the extended checkpoint (its tokenizer.json): per-choice
+    log-likelihoods equal transformers' on the export with AutoTokenizer's encoding."""
+    from megacpt.evaluate import main as evaluate_main
+    from megacpt.evaluation.runner import EvalModel, loglikelihoods
+    from megacpt.evaluation.tasks import PairEncoder
+
+    items = [{"context": t[:5], "choices": [t[5:9], F.ZH_CORPUS[(i + 1) % 5][5:9]], "gold": 0}
+             for i, t in enumerate(F.ZH_CORPUS[:3])]
+    task = tmp_path / "zh.jsonl"
+    task.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in items))
+    out = tmp_path / "r.json"
+    assert evaluate_main(["--load", pipeline["ext"], "--task-file", f"zh={task}", "--output",
+                          str(out), "--device", "cpu", "--no-progress"]) == 0
+    assert "zh" in out.read_text()
+    em = EvalModel.load(pipeline["ext"])
+    enc = PairEncoder(em.tokenizer)
+    reqs = [enc.pair(x["context"], " " + c) for x in items for c in x["choices"]]
+    ours = [ll for ll, _ in loglikelihoods(em, reqs, batch_size=4, progress=False)]
+    export = pipeline["export"]
+    tok = transformers.AutoTokenizer.from_pretrained(export)
+    cls = getattr(transformers, F.FAMILIES[pipeline["family"]][5][0])
+    model = cls.from_pretrained(export, dtype=torch.float32).eval()
+    theirs = []
+    for x in items:
+        for c in x["choices"]:
+            whole = tok(x["context"] + " " + c)["input_ids"]
+            ctx = tok(x["context"])["input_ids"]
+            if not ctx:  # (lm-eval starts an empty context with the prefix token)
+                ctx = [enc.prefix_token_id]
+                whole = ctx + whole
+            with torch.no_grad():
+                logp = model(torch.tensor([whole])).logits[0].log_softmax(-1)
+            theirs.append(sum(logp[i - 1, whole[i]].item() for i in range(len(ctx), len(whole))))
+    assert ours == pytest.approx(theirs, abs=1e-4)
