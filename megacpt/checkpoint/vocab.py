@@ -398,7 +398,7 @@ def extend_vocab(tokenizer_model: str, corpus: str, new_pieces: int, load: str, 
 
         # the checkpoint carries the extended tokenizer (with the given one's config files),
         # not whatever tokenizer the source directory had
-        files = {name: open(f, "rb").read() for name, f in tok.files().items()}
+        files = tok.files()
         files.update(plan["files"])
         files["vocab_extension.json"] = json.dumps(report, indent=1, ensure_ascii=False).encode()
         src.tokenizer_path = None

@@ -7,7 +7,7 @@ Every tokenizer has: `vocab_size` (highest id + 1), `eod` (end of document, appe
 HF's own tokenizer puts in front of a text, or None), `pad` (a pad piece, else `eod`),
 `tokenize` (no BOS/EOS), `tokenize_batch`, `detokenize`, `id_to_piece`, `piece_to_id`,
 `token_bytes` (UTF-8 bytes per id, for bits per byte), `files()` (the files that make it up,
-by the name they take in a checkpoint or HF export) and `write_hf(out_dir, max_len)` (the
+{name in a checkpoint or HF export: bytes}) and `write_hf(out_dir, max_len)` (the
 tokenizer files of an HF export; returns (bos, eos) for config.json). `load_tokenizer(path)`
 picks the kind from the path; `find_tokenizer(dir)` finds one in a checkpoint or HF directory.
 Tokenizers pickle by path, so worker processes reload instead of shipping the model.
@@ -102,8 +102,10 @@ class SentencePieceTokenizer(_PathPickle):
     def vocab(self) -> dict[str, int]:
         return {self._sp.id_to_piece(i): i for i in range(self.vocab_size)}
 
-    def files(self) -> dict[str, str]:
-        return {SP_FILE: self.model_path}
+    def files(self) -> dict[str, bytes]:
+        """{name in a checkpoint: contents}: the model file."""
+        with open(self.model_path, "rb") as f:
+            return {SP_FILE: f.read()}
 
     def write_hf(self, out_dir: str, model_max_length: int) -> tuple[int | None, int | None]:
         """tokenizer.model + LlamaTokenizer's tokenizer_config.json and special_tokens_map."""
@@ -247,25 +249,35 @@ class HuggingFaceTokenizer(_PathPickle):
                 out[i] = len(piece.replace("\u2581", " ").encode("utf-8"))
         return out
 
-    def files(self) -> dict[str, str]:
-        out = {HF_FILE: self.json_path}
-        for name in (HF_CONFIG, HF_SPECIAL):
-            if os.path.isfile(os.path.join(self.folder, name)):
-                out[name] = os.path.join(self.folder, name)
+    def files(self) -> dict[str, bytes]:
+        """{name in a checkpoint: contents}: tokenizer.json, special_tokens_map.json when
+        present, and tokenizer_config.json naming the eos (and bos) token, also when the
+        source took them from config.json (a checkpoint has no HF config.json beside it)."""
+        out = {}
+        with open(self.json_path, "rb") as f:
+            out[HF_FILE] = f.read()
+        special = os.path.join(self.folder, HF_SPECIAL)
+        if os.path.isfile(special):
+            with open(special, "rb") as f:
+                out[HF_SPECIAL] = f.read()
+        cfg_path = os.path.join(self.folder, HF_CONFIG)
+        cfg = _read_json(cfg_path) if os.path.isfile(cfg_path) else {
+            "tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
+        if not cfg.get("eos_token"):
+            cfg["eos_token"] = self.id_to_piece(self.eod)
+        if self.bos is not None and not cfg.get("bos_token"):
+            cfg["bos_token"] = self.id_to_piece(self.bos)
+        if os.path.isfile(cfg_path) and cfg == _read_json(cfg_path):
+            with open(cfg_path, "rb") as f:
+                out[HF_CONFIG] = f.read()  # byte for byte
+        else:
+            out[HF_CONFIG] = json.dumps(cfg, indent=2, ensure_ascii=False).encode("utf-8")
         return out
 
     def write_hf(self, out_dir: str, model_max_length: int) -> tuple[int | None, int | None]:
-        """Copy tokenizer.json and its config (a minimal PreTrainedTokenizerFast config when
-        there is none), so `AutoTokenizer` on the export encodes exactly like this one."""
-        for name, src in self.files().items():
-            shutil.copyfile(src, os.path.join(out_dir, name))
-        if HF_CONFIG not in self.files():
-            cfg = {"tokenizer_class": "PreTrainedTokenizerFast",
-                   "model_max_length": model_max_length, "clean_up_tokenization_spaces": False,
-                   "eos_token": self.id_to_piece(self.eod)}
-            if self.bos is not None:
-                cfg["bos_token"] = self.id_to_piece(self.bos)
-            _write_json(os.path.join(out_dir, HF_CONFIG), cfg)
+        """tokenizer.json and its config files, so `AutoTokenizer` on the export encodes
+        exactly like this tokenizer."""
+        write_files(self.files(), out_dir)
         return self.bos, self.eod
 
 
@@ -338,8 +350,13 @@ def find_tokenizer(folder: str) -> str | None:
     return hf if os.path.isfile(hf) else None
 
 
+def write_files(files: dict[str, bytes], out_dir: str) -> None:
+    for name, data in files.items():
+        with open(os.path.join(out_dir, name), "wb") as f:
+            f.write(data)
+
+
 def copy_tokenizer(model_path: str, out_dir: str) -> None:
-    """Copy the files of the tokenizer at `model_path` into `out_dir` under their standard
+    """Write the files of the tokenizer at `model_path` into `out_dir` under their standard
     names (`find_tokenizer(out_dir)` then finds it)."""
-    for name, src in load_tokenizer(model_path).files().items():
-        shutil.copyfile(src, os.path.join(out_dir, name))
+    write_files(load_tokenizer(model_path).files(), out_dir)

@@ -33,7 +33,7 @@ def test_kind_follows_the_path(hf_tok, spm_model, tmp_path):
     assert tok.bos == (tok.piece_to_id("<|begin_of_text|>") if family == "llama3" else None)
     again = pickle.loads(pickle.dumps(tok))
     assert again.tokenize(F.TEXTS[2]) == tok.tokenize(F.TEXTS[2])
-    assert set(tok.files()) == {"tokenizer.json", "tokenizer_config.json"}
+    assert set(tok.files()) == {"tokenizer.json", "tokenizer_config.json"}  # names -> bytes
 
 
 def test_encodes_like_transformers_and_counts_bytes(hf_tok):
@@ -91,3 +91,25 @@ def test_preprocess_takes_an_hf_directory(hf_tok, tmp_path):
                                                         for t in F.TEXTS]
     rec = sidecar.read(str(tmp_path / "d_text_document"))
     assert rec["tokenizer_sha256"] == sidecar.fingerprint(os.path.join(folder, "tokenizer.json"))
+
+
+def test_copy_keeps_eos_taken_from_config_json(hf_tok, tmp_path):
+    """A tokenizer whose eos comes from config.json beside it still knows it once copied
+    into a checkpoint (no config.json there): the copied tokenizer_config.json names it."""
+    from megacpt.data.tokenizer import copy_tokenizer
+
+    _, folder = hf_tok
+    src = tmp_path / "src"
+    os.makedirs(src)
+    (src / "tokenizer.json").write_bytes(open(os.path.join(folder, "tokenizer.json"), "rb").read())
+    tok = load_tokenizer(folder)
+    (src / "config.json").write_text(json.dumps({"eos_token_id": tok.eod}))
+    os.makedirs(tmp_path / "ck")
+    copy_tokenizer(str(src), str(tmp_path / "ck"))
+    assert sorted(os.listdir(tmp_path / "ck")) == ["tokenizer.json", "tokenizer_config.json"]
+    copied = load_tokenizer(str(tmp_path / "ck"))
+    assert (copied.eod, copied.bos) == (tok.eod, tok.bos)
+    os.makedirs(tmp_path / "ck2")
+    copy_tokenizer(folder, str(tmp_path / "ck2"))  # an existing config is copied byte for byte
+    assert open(tmp_path / "ck2" / "tokenizer_config.json", "rb").read() == \
+        open(os.path.join(folder, "tokenizer_config.json"), "rb").read()
