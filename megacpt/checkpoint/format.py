@@ -71,7 +71,6 @@ MODEL_FILE = "model.safetensors"
 OPTIM_TENSORS = "optimizer.safetensors"
 OPTIM_REST = "optimizer.pt"
 RNG_DIR = "rng"
-TOKENIZER = "tokenizer.model"
 
 
 class CheckpointError(ValueError):
