@@ -36,7 +36,8 @@ def mcore(tmp_path_factory):
     torch_dist writer starts a multiprocessing Manager, which re-imports __main__)."""
     d = tmp_path_factory.mktemp("mcore")
     root, ref = str(d / "ckpt"), str(d / "ref.pt")
-    code = (f"import sys; sys.path[:0] = [{HERE!r}, {ROOT!r}]\nfrom _ckpt_helpers import "
+    code = (f"import sys; sys.path[:0] = [{HERE!r}, {os.path.dirname(HERE)!r}, {ROOT!r}]\n"
+            f"from _ckpt_helpers import "
             f"make_mcore_dist_checkpoint\nmake_mcore_dist_checkpoint({root!r}, {ref!r})")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                        check=False)
