@@ -82,7 +82,7 @@ def train_target(source, texts: list[str], vocab_size: int) -> list[tuple[str, s
     pre-tokenizer, in the trainer's order."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-    src = source._tok
+    src = source.backend
     tgt = Tokenizer(models.BPE())
     if src.normalizer is not None:
         tgt.normalizer = src.normalizer
@@ -95,8 +95,9 @@ def train_target(source, texts: list[str], vocab_size: int) -> list[tuple[str, s
 
 
 def plan(source, texts: list[str], k: int, target_vocab_size: int | None) -> dict:
-    """Steps 1-3 for the HuggingFaceTokenizer `source`: {"pieces", "splits", "files",
-    "new_vocab_size", "after" (the extended tokenizer)}."""
+    """Steps 1-3 for the HuggingFaceTokenizer `source`: the planner's dict of
+    `megacpt.checkpoint.vocab.extend_vocab` ("pieces", "tokens", "splits", "files",
+    "new_vocab_size", "encode_after")."""
     spec = source.spec
     model = spec.get("model") or {}
     where = source.json_path
@@ -120,8 +121,8 @@ def plan(source, texts: list[str], k: int, target_vocab_size: int | None) -> dic
         if t in vocab:
             continue
         seg = _segment(t, vocab, ranks, ignore)
-        if seg is None or len(seg) != 2:
-            continue
+        if seg is None or len(seg) != 2 or (string_merges and " " in t):
+            continue  # (a "x y" merge string cannot hold a space)
         ranks[tuple(seg)] = len(ranks)
         vocab[t] = next_id + len(added)
         added.append((t, *seg))
@@ -129,13 +130,13 @@ def plan(source, texts: list[str], k: int, target_vocab_size: int | None) -> dic
     model["merges"] = list(model["merges"]) + [f"{x} {y}" if string_merges else [x, y]
                                                for _, x, y in added]
     data = json.dumps(spec, ensure_ascii=False, indent=2).encode("utf-8")
-    after = type(source._tok).from_str(data.decode("utf-8"))
+    after = type(source.backend).from_str(data.decode("utf-8"))
     for t, want in [(a["content"], a["id"]) for a in spec.get("added_tokens", [])] + \
             [(t, vocab[t]) for t, _, _ in added]:
         if after.token_to_id(t) != want:
             raise CheckpointError(f"{where}: the extended tokenizer gives {t!r} id "
                                   f"{after.token_to_id(t)}, expected {want} (internal error)")
-    src_model = source._tok.model
+    src_model = source.backend.model
     splits = [[tok.id for tok in src_model.tokenize(t)] for t, _, _ in added]
     return {"pieces": [_text(source, t) for t, _, _ in added],
             "tokens": [t for t, _, _ in added], "splits": splits,

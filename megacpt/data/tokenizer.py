@@ -218,6 +218,11 @@ class HuggingFaceTokenizer(_PathPickle):
         return self._tok.get_vocab(with_added_tokens=True)
 
     @property
+    def backend(self):
+        """The `tokenizers.Tokenizer` itself."""
+        return self._tok
+
+    @property
     def spec(self) -> dict:
         """The parsed tokenizer.json."""
         return json.loads(self._tok.to_str())
