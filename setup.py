@@ -31,7 +31,7 @@ setup(
         "test": ["pytest>=7", "transformers>=4.40", "protobuf", "megatron-core>=0.8",
                  "xxhash>=3.0", "optuna>=3.0", "matplotlib>=3.6", "triton>=3.0", "mpi4py>=3.1",
                  "mpich", "lm-eval>=0.4.2", "accelerate", "wandb>=0.15",
-                 "tensorboard>=2.10", "pyarrow>=12", "zstandard>=0.21"],
+                 "tensorboard>=2.10", "pyarrow>=12", "zstandard>=0.21", "tokenizers>=0.19"],
         "hf": ["transformers>=4.40", "protobuf", "tokenizers>=0.19"],
         "tensorboard": ["tensorboard>=2.10"],
         "xxhash": ["xxhash>=3.0"],
