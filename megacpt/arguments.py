@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from megacpt import sizes
 from megacpt.config import (CheckpointConfig, Config, ConfigError, DataConfig, LoggingConfig,
                             ModelConfig, OptimizerConfig, ParallelConfig, TrainingConfig)
+from megacpt.data.tokenizer import TOKENIZER_TYPES
 
 CONFIG_FILE = "config.json"
 _SHAPE_FLAGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
@@ -124,7 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--split", default=_d(DataConfig, "split"))
     g.add_argument("--valid-data-path", nargs="+", default=[], metavar="NAME=PREFIX",
                    help="named held-out sets for per-language validation loss")
-    g.add_argument("--tokenizer-model")
+    g.add_argument("--tokenizer-model",
+                   help="SentencePiece .model, HF tokenizer.json, or a directory holding one")
+    g.add_argument("--tokenizer-type", default=None, choices=TOKENIZER_TYPES,
+                   help="Megatron's name (SentencePieceTokenizer, HuggingFaceTokenizer, ...); "
+                        "default: from --tokenizer-model (a tokenizer.json is HuggingFace)")
     g.add_argument("--data-cache-path")
     g.add_argument("--num-workers", type=int, default=_d(DataConfig, "num_workers"))
     g.add_argument("--target", help="target-language dataset name (default: first in blend)")
@@ -262,6 +267,10 @@ def _from_source(a: argparse.Namespace, vocab_size: int | None, common: dict) ->
                                           "norm_eps", "tie_word_embeddings", "add_qkv_bias",
                                           "rope_scaling", "model_family", "name")}
     keep["make_vocab_size_divisible_by"] = have.make_vocab_size_divisible_by
+    if common.get("max_position_embeddings") is None and \
+            have.max_position_embeddings >= (a.seq_length or 0):
+        # the source's context (an HF export then keeps e.g. Llama 3.2's 131072, not --seq-length)
+        common["max_position_embeddings"] = have.max_position_embeddings
     common = {k: v for k, v in common.items() if k not in keep}
     return ModelConfig(**keep, **common)
 
@@ -305,20 +314,19 @@ def _model_config_flags(a: argparse.Namespace, vocab_size: int, common: dict) ->
     return ModelConfig(**given, **common)
 
 
-def tokenizer_vocab_size(path: str) -> int:
-    """Vocabulary size of a SentencePiece model file (clear error if missing or unreadable)."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"--tokenizer-model {path}: file not found")
-    from megacpt.data.tokenizer import SentencePieceTokenizer
+def tokenizer_vocab_size(path: str, tokenizer_type: str | None = None) -> int:
+    """Vocabulary size of a tokenizer (SentencePiece .model or HF tokenizer.json; clear
+    error if missing or unreadable)."""
+    from megacpt.data.tokenizer import load_tokenizer
 
     try:
-        return SentencePieceTokenizer(path).vocab_size
-    except (RuntimeError, OSError, ValueError) as e:
-        raise ConfigError(f"--tokenizer-model {path}: not a SentencePiece model ({e})") from None
+        return load_tokenizer(path, tokenizer_type).vocab_size
+    except (OSError, ValueError, ImportError) as e:
+        raise ConfigError(f"--tokenizer-model: {e}") from None
 
 
 def _vocab_size(a: argparse.Namespace) -> int | None:
-    tok = tokenizer_vocab_size(a.tokenizer_model) if a.tokenizer_model else None
+    tok = tokenizer_vocab_size(a.tokenizer_model, a.tokenizer_type) if a.tokenizer_model else None
     if a.vocab_size is not None and tok is not None and tok > a.vocab_size:
         raise ConfigError(f"the tokenizer {a.tokenizer_model} has {tok} tokens, more than "
                           f"--vocab-size {a.vocab_size}; drop --vocab-size or raise it")
@@ -389,7 +397,8 @@ def config_from_args(a: argparse.Namespace) -> tuple[Config, RunOptions]:
             distributed_timeout_minutes=a.distributed_timeout_minutes),
         data=DataConfig(data_path=list(a.data_path), split=a.split,
                         valid_data_path=_valid_paths(a.valid_data_path),
-                        tokenizer_model=a.tokenizer_model, data_cache_path=a.data_cache_path,
+                        tokenizer_model=a.tokenizer_model, tokenizer_type=a.tokenizer_type,
+                        data_cache_path=a.data_cache_path,
                         num_workers=a.num_workers, target=a.target),
         optim=OptimizerConfig(
             lr=a.lr, min_lr=_min_lr(a), lr_warmup_fraction=(

@@ -244,7 +244,10 @@ class DataConfig:
     valid_data_path: dict[str, str] = field(default_factory=dict)
     """Named held-out sets (`--valid-data-path zh=PREFIX en=PREFIX`) for per-language loss."""
     tokenizer_model: str | None = None
-    """SentencePiece model (`--tokenizer-model`); sets the vocabulary size."""
+    """`--tokenizer-model`: SentencePiece .model, HF tokenizer.json or a directory holding
+    one (`megacpt.data.tokenizer.load_tokenizer`); sets the vocabulary size."""
+    tokenizer_type: str | None = None
+    """Megatron's `--tokenizer-type` (e.g. HuggingFaceTokenizer); None: from the path."""
     data_cache_path: str | None = None
     """Where sample/shuffle indices are cached; default: beside the data."""
     num_workers: int = 1
@@ -253,6 +256,11 @@ class DataConfig:
     """Name of the target-language dataset (for metrics headers); default: first in the blend."""
 
     def __post_init__(self):
+        from megacpt.data.tokenizer import TOKENIZER_TYPES
+
+        if self.tokenizer_type is not None and self.tokenizer_type not in TOKENIZER_TYPES:
+            raise ConfigError(f"data.tokenizer_type is {self.tokenizer_type!r}, expected one of "
+                              f"{', '.join(TOKENIZER_TYPES)}")
         parts = self.split.replace("/", ",").split(",")
         try:
             vals = [float(p) for p in parts]

@@ -44,7 +44,8 @@ def get_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--output", help="write RESULTS.json here")
     ap.add_argument("--target-delimiter", default=" ",
                     help="put between the context and each choice (lm-eval's default)")
-    ap.add_argument("--tokenizer-model", help="SentencePiece model (default: the checkpoint's)")
+    ap.add_argument("--tokenizer-model", help="SentencePiece .model, tokenizer.json or HF directory "
+                    "(default: the checkpoint's)")
     ap.add_argument("--micro-batch-size", "--batch-size", dest="batch_size", type=int,
                     default=16, help="requests per forward pass")
     ap.add_argument("--tensor-model-parallel-size", type=int, default=1)

@@ -85,7 +85,8 @@ def forward_cached(model, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         x = x + att.proj(out.transpose(0, 1).reshape(n, tokens.shape[0], -1))
         x = x + layer.mlp(layer.post_attention_norm(x))
     cache.length += n
-    logits = comm.gather_from_tp(model.output(model.final_norm(x)), model.ctx.tp_group)
+    logits = comm.gather_from_tp(model.output(model.final_norm(x), model.output_weight),
+                                 model.ctx.tp_group)  # (tied: the embedding's weight)
     return logits.transpose(0, 1)[..., : model.cfg.vocab_size].float()  # [b, n, V]
 
 
@@ -182,7 +183,8 @@ def get_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--load", required=True, help="checkpoint: ours (any layout), HF or Megatron")
     ap.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     ap.add_argument("--prompt-file", help="one prompt per line, or JSON lines with 'prompt'")
-    ap.add_argument("--tokenizer-model", help="SentencePiece model (default: the checkpoint's)")
+    ap.add_argument("--tokenizer-model", help="SentencePiece .model, tokenizer.json or HF directory "
+                    "(default: the checkpoint's)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     ap.add_argument("--top-k", type=int, default=0, help="0 = no top-k filter")

@@ -219,6 +219,19 @@ def test_llama32_cpt_recipe_commands_parse(tmp_path):
     assert len(train) == 1
     a = build_parser().parse_args(train[0][train[0].index("megacpt.train") + 1:])
     assert a.init_from == "/models/Llama-3.2-1B" and a.model_size is None
+    assert a.tokenizer_model == a.init_from and a.tokenizer_type == "HuggingFaceTokenizer"
     assert a.num_layers is None and a.hidden_size is None  # the architecture from config.json
     assert a.data_path[0::2] == ["0.75", "0.25"] and a.global_batch_size * a.seq_length == 2**21
     assert any("--to-hf" in w for w in lines)
+    env.update(NEW_TOKENS="8192", STEPS="extend preprocess cpt")  # vocabulary extension first
+    out = subprocess.run(["bash", os.path.join(REPO, "examples", "cpt_llama3.2_1b.sh")],
+                         env=env, capture_output=True, text=True, check=True).stdout
+    lines = [shlex.split(line[2:]) for line in out.splitlines() if line.startswith("+ ")]
+    ext = [w for w in lines if "extend_vocab.py" in w[1]]
+    assert len(ext) == 1 and ext[0][ext[0].index("--new-pieces") + 1] == "8192"
+    saved = ext[0][ext[0].index("--save-dir") + 1]
+    pre = [w for w in lines if "preprocess_data.py" in w[1]]
+    assert all(w[w.index("--tokenizer-model") + 1] == saved for w in pre)
+    train = [w for w in lines if w[0] == "torchrun"][0]
+    a = build_parser().parse_args(train[train.index("megacpt.train") + 1:])
+    assert a.init_from == a.tokenizer_model == saved

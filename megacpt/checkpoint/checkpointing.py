@@ -31,6 +31,7 @@ from megacpt.checkpoint.reader import MegacptSource, split_rest
 from megacpt.checkpoint.registry import open_source
 from megacpt.checkpoint.safetensors_io import save_tensors
 from megacpt.config import Config
+from megacpt.data.tokenizer import copy_tokenizer, find_tokenizer
 from megacpt.parallel.context import ParallelContext
 
 log = logging.getLogger(__name__)
@@ -199,9 +200,8 @@ def write_snapshot(snap: Snapshot) -> None:
     if snap.meta is not None:
         fmt.write_meta(snap.tmp, **snap.meta)
         tok = snap.tokenizer
-        if tok and os.path.isfile(tok) and \
-                not os.path.exists(os.path.join(snap.save_dir, fmt.TOKENIZER)):
-            shutil.copyfile(tok, os.path.join(snap.save_dir, fmt.TOKENIZER))
+        if tok and os.path.exists(tok) and find_tokenizer(snap.save_dir) is None:
+            copy_tokenizer(tok, snap.save_dir)
 
 
 def publish_snapshot(snap: Snapshot) -> None:
@@ -390,7 +390,8 @@ def load_model(path: str, device="cpu", dtype: torch.dtype | None = None, **sour
     """A single-device `LlamaModel` (eval mode) from any checkpoint `load_weights` reads.
 
     `model(tokens [b, s])` gives logits `[b, s, vocab]` over the unpadded vocabulary.
-    `model.tokenizer_path` names the checkpoint's SentencePiece model, or is None.
+    `model.tokenizer_path` names the checkpoint's tokenizer (SentencePiece tokenizer.model or
+    HuggingFace tokenizer.json; `megacpt.data.tokenizer.load_tokenizer` reads either), or None.
     """
     from megacpt.model.llama import LlamaModel
 

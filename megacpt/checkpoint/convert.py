@@ -60,7 +60,7 @@ def export_to_hf(load: str, out_dir: str, dtype: torch.dtype | None = None,
     """Export any checkpoint `load_weights` reads to a HuggingFace LLaMA directory."""
     with open_source(load, **source_options) as src:
         return export_hf(src, out_dir, dtype=dtype, max_shard_bytes=max_shard_bytes,
-                         progress=progress)
+                         progress=progress, tokenizer_model=source_options.get("tokenizer_model"))
 
 
 def parse_size(text: str) -> int:
@@ -102,7 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="true vocabulary size of a Megatron-LM checkpoint (else from its args "
                         "or tokenizer)")
     p.add_argument("--tokenizer-model", default=None,
-                   help="SentencePiece model of a Megatron-LM checkpoint")
+                   help="tokenizer (SentencePiece .model, tokenizer.json or HF directory) of a "
+                        "Megatron-LM checkpoint, or to export with --to-hf instead of the "
+                        "checkpoint's own")
     p.add_argument("--max-shard-size", type=parse_size, default=parse_size("2GB"),
                    help="largest safetensors shard for --to-hf (default 2GB)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

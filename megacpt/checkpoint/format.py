@@ -3,7 +3,9 @@
     SAVE_DIR/
       latest_checkpointed_iteration.txt    the newest complete iteration, e.g. "100"; written
                                            last, atomically (temp file + os.replace)
-      tokenizer.model                      the SentencePiece model the run uses (when known)
+      tokenizer.model                      the SentencePiece model the run uses (when known), or
+      tokenizer.json [tokenizer_config.json, special_tokens_map.json]   its HuggingFace
+                                           tokenizer (`megacpt.data.tokenizer.copy_tokenizer`)
       iter_0000100/                        one complete checkpoint (written as
                                            iter_0000100.tmp/ and renamed when complete)
         meta.json                          see below
@@ -69,7 +71,6 @@ MODEL_FILE = "model.safetensors"
 OPTIM_TENSORS = "optimizer.safetensors"
 OPTIM_REST = "optimizer.pt"
 RNG_DIR = "rng"
-TOKENIZER = "tokenizer.model"
 
 
 class CheckpointError(ValueError):

@@ -17,8 +17,9 @@ Files of a HuggingFace LLaMA directory (read and written here):
                                   ({"metadata": {"total_size": bytes},
                                     "weight_map": {tensor name: file name}})
     pytorch_model.bin[.index.json]   read only, with torch.load(weights_only=True)
-    generation_config.json, tokenizer.model (SentencePiece), tokenizer_config.json,
-    special_tokens_map.json
+    generation_config.json, tokenizer.model (SentencePiece) or tokenizer.json (HF fast
+    tokenizer: Llama 3, Qwen2.5), tokenizer_config.json, special_tokens_map.json; the tokenizer
+    files are written by the tokenizer itself (`megacpt.data.tokenizer`, `write_hf`)
 
 Tensor mapping: the `hf` and `hf_fuse` columns of the parameter table (`megacpt.params`):
 one HF tensor, q/k/v fused per query group (HF_QKV) or tensors concatenated on dim 0
@@ -37,7 +38,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 
 import torch
 
@@ -48,6 +48,7 @@ from megacpt.checkpoint.safetensors_io import (SafetensorsError, SafetensorsRead
 from megacpt.checkpoint.writer import progress_iter
 from megacpt import params
 from megacpt.config import Config, ModelConfig
+from megacpt.data.tokenizer import find_tokenizer
 from megacpt.parallel.sharding import qkv_from_separate, qkv_to_separate
 
 _IGNORED = re.compile(r"rotary_emb\.inv_freq$")
@@ -165,17 +166,22 @@ def config_from_hf(hf: dict, where: str, make_vocab_size_divisible_by: int = 128
 
 
 def check_tokenizer(path: str, vocab_size: int | None = None):
-    """Load a SentencePiece model; a clear error when unreadable or too large."""
-    import sentencepiece as spm
+    """Load a tokenizer (SentencePiece or tokenizer.json, `load_tokenizer`); a clear error
+    when unreadable or larger than the model's vocabulary."""
+    from megacpt.data.tokenizer import load_tokenizer, resolve_tokenizer
 
+    kind = "tokenizer"
     try:
-        sp = spm.SentencePieceProcessor(model_file=path)
-    except (OSError, RuntimeError) as e:
-        raise CheckpointError(f"{path}: unreadable SentencePiece tokenizer ({e})") from None
-    if vocab_size is not None and sp.get_piece_size() > vocab_size:
-        raise CheckpointError(f"{path}: tokenizer has {sp.get_piece_size()} pieces but the "
-                              f"model's vocab_size is {vocab_size}")
-    return sp
+        kind = {"sentencepiece": "SentencePiece tokenizer", "huggingface": "HuggingFace "
+                "tokenizer"}[resolve_tokenizer(path)[0]]
+        tok = load_tokenizer(path)
+    except (OSError, ValueError, ImportError) as e:
+        raise CheckpointError(f"{path}: unreadable {kind} ({e})") from None
+    if vocab_size is not None and tok.vocab_size > vocab_size:
+        raise CheckpointError(f"{path}: the tokenizer has {tok.vocab_size} tokens but the "
+                              f"model's vocab_size is {vocab_size} (config.json / meta.json); "
+                              f"extend the model's vocabulary (tools/extend_vocab.py)")
+    return tok
 
 
 class HFSource(Source):
@@ -201,11 +207,9 @@ class HFSource(Source):
         self._check_tensors()
         self.dtype = self._dtype("model.embed_tokens.weight")
         self.cfg.training.bf16 = self.dtype == torch.bfloat16
-        tok = os.path.join(path, "tokenizer.model")
-        self.tokenizer_path = None
-        if os.path.isfile(tok):
-            check_tokenizer(tok, mcfg.vocab_size)
-            self.tokenizer_path = tok
+        self.tokenizer_path = find_tokenizer(path)  # tokenizer.model or tokenizer.json
+        if self.tokenizer_path:
+            check_tokenizer(self.tokenizer_path, mcfg.vocab_size)
 
     # ----- files -----
     def _weight_map(self) -> dict[str, str]:
@@ -347,9 +351,13 @@ def _plan_shards(entries, max_shard_bytes: int) -> list[list]:
 
 
 def export_hf(source: Source, out_dir: str, dtype: torch.dtype | None = None,
-              max_shard_bytes: int = 2 * 2**30, progress: bool = True) -> str:
-    """Write `source` as a HuggingFace LLaMA directory (atomically); returns `out_dir`."""
+              max_shard_bytes: int = 2 * 2**30, progress: bool = True,
+              tokenizer_model: str | None = None) -> str:
+    """Write `source` as a HuggingFace directory of its family (atomically), with its
+    tokenizer (`tokenizer_model`, else the source's) in HF's files; returns `out_dir`."""
     cfg = source.cfg.model
+    tokenizer = tokenizer_model or source.tokenizer_path
+    tok = check_tokenizer(tokenizer, cfg.vocab_size) if tokenizer else None
     dtype = dtype or source.dtype
     entries = [(n, dtype, s) for n, s in hf_shapes(cfg)]
     shards = _plan_shards(entries, max_shard_bytes)
@@ -372,31 +380,11 @@ def export_hf(source: Source, out_dir: str, dtype: torch.dtype | None = None,
         with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
         bos, eos = 1, 2
-        if source.tokenizer_path:
-            bos, eos = _write_tokenizer(source.tokenizer_path, tmp, cfg)
+        if tok is not None:  # SentencePiece: tokenizer.model + LlamaTokenizer config;
+            bos, eos = tok.write_hf(tmp, cfg.max_position_embeddings)  # HF: tokenizer.json
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf_config(cfg, dtype, bos, eos), f, indent=2)
         with open(os.path.join(tmp, "generation_config.json"), "w") as f:
             json.dump({"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": None}, f,
                       indent=2)
     return out_dir
-
-
-def _write_tokenizer(path: str, out: str, cfg: ModelConfig) -> tuple[int | None, int | None]:
-    sp = check_tokenizer(path, cfg.vocab_size)
-    shutil.copyfile(path, os.path.join(out, "tokenizer.model"))
-
-    def piece(i):
-        return sp.id_to_piece(i) if i >= 0 else None
-
-    bos, eos, unk = sp.bos_id(), sp.eos_id(), sp.unk_id()
-    special = {k: v for k, v in (("bos_token", piece(bos)), ("eos_token", piece(eos)),
-                                 ("unk_token", piece(unk))) if v is not None}
-    with open(os.path.join(out, "special_tokens_map.json"), "w") as f:
-        json.dump(special, f, indent=2)
-    with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
-        json.dump({"tokenizer_class": "LlamaTokenizer", "add_bos_token": bos >= 0,
-                   "add_eos_token": False, "model_max_length": cfg.max_position_embeddings,
-                   "clean_up_tokenization_spaces": False, "legacy": False, **special}, f,
-                  indent=2)
-    return (bos if bos >= 0 else None), (eos if eos >= 0 else None)

@@ -163,7 +163,7 @@ def config_and_tokenizer(args, where: str, vocab_size: int | None,
     if vocab is None and tokenizer_path:
         from megacpt.checkpoint.hf import check_tokenizer
 
-        vocab = check_tokenizer(tokenizer_path).get_piece_size()
+        vocab = check_tokenizer(tokenizer_path).vocab_size
     if vocab is None:
         vocab = _arg(args, "padded_vocab_size")
         if vocab is None:

@@ -16,6 +16,7 @@ from megacpt.checkpoint import format as fmt
 from megacpt.checkpoint.format import CheckpointError, load_plain
 from megacpt.checkpoint.source import Source
 from megacpt.checkpoint.safetensors_io import SafetensorsError, SafetensorsReader
+from megacpt.data.tokenizer import find_tokenizer
 from megacpt.parallel import sharding
 
 
@@ -51,12 +52,8 @@ class MegacptSource(Source):
         for t in range(self.tp):
             for p in range(self.pp):
                 self._open_shard(t, p)
-        self.tokenizer_path = None
-        for cand in (os.path.join(self.iter_dir, fmt.TOKENIZER),
-                     os.path.join(os.path.dirname(self.iter_dir), fmt.TOKENIZER)):
-            if os.path.isfile(cand):
-                self.tokenizer_path = cand
-                break
+        self.tokenizer_path = (find_tokenizer(self.iter_dir)
+                               or find_tokenizer(os.path.dirname(self.iter_dir)))
 
     def _open_shard(self, t: int, p: int) -> None:
         d = os.path.join(self.iter_dir, fmt.shard_dirname(t, p))

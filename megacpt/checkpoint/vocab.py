@@ -22,6 +22,12 @@
 
 Continual pre-training then starts with `--init-from OUT --tokenizer-model OUT/tokenizer.model`.
 
+A HuggingFace `tokenizer.json` (Llama 3.x, Qwen2.5) is extended by `vocab_bpe.plan` instead
+(new tokens as BPE merges after the source's; see there why not added tokens); steps 4-5 are
+the same, with OUT/tokenizer.json (and the source's tokenizer_config.json) in the checkpoint:
+`--tokenizer-model OUT/tokenizer.json`. Its model may have more rows than tokenizer ids
+(Qwen2.5); new ids then take unused rows first and the model grows only when needed.
+
 The SentencePiece `.model` file (owned here for reading and extending) is a protobuf
 `sentencepiece.ModelProto` (sentencepiece_model.proto), edited without the protobuf package:
 
@@ -299,56 +305,103 @@ def _viterbi(source, piece: str, syms: list[list[int]]) -> list[int]:
     return out
 
 
-def tokens_per_char(sp, texts: list[str]) -> float:
-    ids = sp.encode(texts)
+def tokens_per_char(ids: list[list[int]], texts: list[str]) -> float:
     return sum(len(x) for x in ids) / max(1, sum(len(t) for t in texts))
+
+
+def plan_sentencepiece(tokenizer, texts: list[str], k: int,
+                       target_vocab_size: int | None, seed: int = 1234) -> dict:
+    """Steps 1-3 for a SentencePiece tokenizer (the planner's dict: see `extend_vocab`)."""
+    import sentencepiece as spm
+
+    source_sp, source_bytes = load_sp(tokenizer.model_path)
+    spec = read_spec(source_bytes)
+    target = train_target(texts, spec, target_vocab_size or 2 * k + 256, seed)
+    picked = select_new_pieces(target, source_sp, k)
+    merged_bytes = append_pieces(source_bytes, merged_pieces(source_sp, spec, picked))
+    merged = spm.SentencePieceProcessor(model_proto=merged_bytes)
+    return {"pieces": [p for p, _ in picked], "tokens": [p for p, _ in picked],
+            "splits": [source_split(source_sp, spec, p) for p, _ in picked],
+            "files": {"tokenizer.model": merged_bytes}, "exact_model_vocab": True,
+            "new_vocab_size": merged.get_piece_size(), "encode_after": merged.encode}
+
+
+def _load_source_tokenizer(path: str):
+    from megacpt.data.tokenizer import load_tokenizer, resolve_tokenizer
+
+    try:
+        kind, file = resolve_tokenizer(path)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"--tokenizer-model {path}: {e}") from None
+    if kind == "sentencepiece":
+        load_sp(file)  # (its own message for an unreadable file)
+    try:
+        return load_tokenizer(path)
+    except (OSError, ValueError, ImportError) as e:
+        raise CheckpointError(f"--tokenizer-model {path}: {e}") from None
 
 
 def extend_vocab(tokenizer_model: str, corpus: str, new_pieces: int, load: str, save_dir: str,
                  json_keys: tuple[str, ...] = ("text",), target_vocab_size: int | None = None,
                  tp: int = 1, pp: int = 1, seed: int = 1234, progress: bool = True,
                  **source_options) -> dict:
-    """Run steps 1-5 of the module docstring; returns the vocab_extension.json report."""
+    """Run steps 1-5 of the module docstring; returns the vocab_extension.json report.
+
+    The tokenizer's kind picks the planner (SentencePiece here, HF BPE `vocab_bpe.plan`); a
+    planner returns {"pieces" (text), "tokens" (as stored), "splits" (source ids per new
+    token), "files" (tokenizer files to write), "new_vocab_size", "encode_after"}.
+    """
+    from megacpt.checkpoint import vocab_bpe
+
     if new_pieces < 1:
         raise CheckpointError(f"--new-pieces must be >= 1, got {new_pieces}")
-    source_sp, source_bytes = load_sp(tokenizer_model)
-    spec = read_spec(source_bytes)
+    tok = _load_source_tokenizer(tokenizer_model)
     texts = read_corpus(corpus, list(json_keys))
-    target = train_target(texts, spec, target_vocab_size or 2 * new_pieces + 256, seed)
-    picked = select_new_pieces(target, source_sp, new_pieces)
-    if len(picked) < new_pieces:
-        log.warning("only %d new pieces found (asked for %d)", len(picked), new_pieces)
-    merged_bytes = append_pieces(source_bytes, merged_pieces(source_sp, spec, picked))
-    import sentencepiece as spm
-
-    merged = spm.SentencePieceProcessor(model_proto=merged_bytes)
-    v_old = source_sp.get_piece_size()
-    splits = [source_split(source_sp, spec, p) for p, _ in picked]
-    before, after = tokens_per_char(source_sp, texts), tokens_per_char(merged, texts)
-    report = {"source_vocab_size": v_old, "new_vocab_size": merged.get_piece_size(),
-              "new_pieces": len(picked),
-              "pieces": [{"id": v_old + j, "piece": p, "source_ids": s}
-                         for j, ((p, _), s) in enumerate(zip(picked, splits))],
-              "tokens_per_char": {"before": before, "after": after},
+    if tok.kind == "huggingface":
+        plan, method = vocab_bpe.plan(tok, texts, new_pieces, target_vocab_size), "bpe-merges"
+    else:
+        plan = plan_sentencepiece(tok, texts, new_pieces, target_vocab_size, seed)
+        method = "sentencepiece-pieces"
+    k = len(plan["pieces"])
+    if k < new_pieces:
+        log.warning("only %d new pieces found (asked for %d): give a larger "
+                    "--target-vocab-size or more target-language text", k, new_pieces)
+    v_old, splits = tok.vocab_size, plan["splits"]
+    report = {"source_vocab_size": v_old, "new_vocab_size": plan["new_vocab_size"],
+              "new_pieces": k, "method": method,
+              "pieces": [{"id": v_old + j, "piece": p, "token": t, "source_ids": s}
+                         for j, (p, t, s) in enumerate(zip(plan["pieces"], plan["tokens"],
+                                                           splits))],
+              "tokens_per_char": {"before": tokens_per_char(tok.tokenize_batch(texts), texts),
+                                  "after": tokens_per_char(plan["encode_after"](texts), texts)},
               "target_chars": sum(len(t) for t in texts)}
     with open_source(load, **source_options) as src:
         mcfg = src.cfg.model
-        if mcfg.vocab_size != v_old:
-            raise CheckpointError(f"{load}: the model's vocab_size is {mcfg.vocab_size} but "
-                                  f"--tokenizer-model {tokenizer_model} has {v_old} pieces")
-        new_cfg = dataclasses.replace(mcfg, vocab_size=merged.get_piece_size())
+        if mcfg.vocab_size < v_old or (plan.get("exact_model_vocab") and
+                                       mcfg.vocab_size != v_old):
+            raise CheckpointError(
+                f"{load}: the model's vocab_size is {mcfg.vocab_size} but --tokenizer-model "
+                f"{tokenizer_model} has {v_old} tokens (expected "
+                f"{'equal' if plan.get('exact_model_vocab') else 'at least as many'}); pass "
+                f"the tokenizer the model was trained with")
+        new_cfg = dataclasses.replace(mcfg, vocab_size=max(mcfg.vocab_size,
+                                                           plan["new_vocab_size"]))
 
         def grow(name: str, full: torch.Tensor) -> torch.Tensor:
             if name not in ("embedding.weight", "output.weight"):
                 return full
             out = full.new_zeros(new_cfg.padded_vocab_size, full.shape[1])
-            out[:v_old] = full[:v_old]
+            out[:mcfg.vocab_size] = full[:mcfg.vocab_size]
             for j, ids in enumerate(splits):
                 out[v_old + j] = full[ids].float().mean(0).to(full.dtype)
             return out
 
-        files = {"tokenizer.model": merged_bytes,
-                 "vocab_extension.json": json.dumps(report, indent=1).encode()}
+        # the checkpoint carries the extended tokenizer (with the given one's config files),
+        # not whatever tokenizer the source directory had
+        files = tok.files()
+        files.update(plan["files"])
+        files["vocab_extension.json"] = json.dumps(report, indent=1, ensure_ascii=False).encode()
+        src.tokenizer_path = None
         write_checkpoint(src, save_dir, tp, pp, with_optimizer=False, model_cfg=new_cfg,
                          transform=grow, extra_files=files, iteration=0, state={},
                          progress=progress)
@@ -357,7 +410,9 @@ def extend_vocab(tokenizer_model: str, corpus: str, new_pieces: int, load: str, 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="extend_vocab.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--tokenizer-model", required=True, help="the source SentencePiece model")
+    p.add_argument("--tokenizer-model", required=True,
+                   help="the source tokenizer: SentencePiece .model, or tokenizer.json / an HF "
+                        "directory (byte-level BPE: new tokens become merges)")
     p.add_argument("--corpus", required=True, help="target-language JSON lines")
     p.add_argument("--json-keys", nargs="+", default=["text"])
     p.add_argument("--new-pieces", type=int, required=True, help="pieces to add (K)")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 from contextlib import ExitStack
 from typing import Callable
@@ -26,6 +25,7 @@ from megacpt.checkpoint.reader import split_rest
 from megacpt.checkpoint.source import Source
 from megacpt.checkpoint.safetensors_io import SafetensorsWriter
 from megacpt.config import Config
+from megacpt.data.tokenizer import copy_tokenizer
 from megacpt.parallel import sharding
 
 log = logging.getLogger(__name__)
@@ -45,8 +45,9 @@ def write_checkpoint(source: Source, save_dir: str, tp: int, pp: int, *,
     `model_cfg` replaces the source's model config (e.g. a grown vocabulary, with `transform`
     producing the matching tensors); `dtype` casts the parameters (not the optimizer state);
     `extra_files` {name: bytes} are written into `save_dir` (after the source's tokenizer,
-    so {"tokenizer.model": ...} replaces it); `iteration` and `state` replace the source's
-    (a new model, e.g. a grown vocabulary, starts at iteration 0 with an empty state).
+    so {"tokenizer.model": ...} or {"tokenizer.json": ...} replaces it); `iteration` and
+    `state` replace the source's (a new model, e.g. a grown vocabulary, starts at iteration 0
+    with an empty state).
     """
     cfg = Config.from_dict(source.cfg.to_dict())
     if model_cfg is not None:
@@ -69,7 +70,7 @@ def write_checkpoint(source: Source, save_dir: str, tp: int, pp: int, *,
                        with_optimizer, cfg.to_dict(),
                        dict(source.state if state is None else state))
         if source.tokenizer_path:
-            shutil.copyfile(source.tokenizer_path, os.path.join(tmp, fmt.TOKENIZER))
+            copy_tokenizer(source.tokenizer_path, tmp)
         for fname, data in (extra_files or {}).items():
             with open(os.path.join(tmp, fname), "wb") as f:
                 f.write(data)

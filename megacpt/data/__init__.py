@@ -3,7 +3,7 @@
 Modules (none imports torch except `loader`; none knows about training):
     jsonl            JSON-lines input parsing shared by the tools
     corpus           corpus inputs: files/globs/directories of jsonl, text, parquet, compressed
-    tokenizer        SentencePieceTokenizer (eod = </s>)
+    tokenizer        load_tokenizer: SentencePiece .model or HF tokenizer.json, one interface
     tokenizer_train  `tools/train_tokenizer.py` (SentencePiece BPE, byte fallback)
     indexed          Megatron MMIDIDX .bin/.idx reader and builder (format documented there)
     preprocess       `tools/preprocess_data.py` (parallel, streaming,

@@ -66,7 +66,9 @@ def get_args(argv=None) -> argparse.Namespace:
                          ".bz2, .xz) or .parquet, read in the order given")
     ap.add_argument("--json-keys", nargs="+", default=["text"],
                     help="JSON keys / Parquet columns holding the text (one output each)")
-    ap.add_argument("--tokenizer-type", default="SentencePieceTokenizer", choices=TOKENIZER_TYPES)
+    ap.add_argument("--tokenizer-type", default=None, choices=TOKENIZER_TYPES,
+                    help="default: from --tokenizer-model (tokenizer.json or an HF directory: "
+                         "HuggingFaceTokenizer; else SentencePieceTokenizer)")
     ap.add_argument("--tokenizer-model", required=True)
     ap.add_argument("--output-prefix", required=True)
     ap.add_argument("--workers", type=int, default=1)

@@ -4,7 +4,7 @@
 also writes `PREFIX.tokenizer.json` (merged datasets have none yet):
 
     {"format": "megacpt-dataset-tokenizer", "version": 1,
-     "tokenizer_sha256": HEX,           # of the SentencePiece model file's bytes
+     "tokenizer_sha256": HEX,           # of the SentencePiece model / tokenizer.json bytes
      "tokenizer_vocab_size": int, "tokenizer_model": "path it was read from (informational)",
      "documents": int, "sequences": int, "num_tokens": int}    # of the .idx it describes
 
@@ -36,10 +36,12 @@ def sidecar_path(prefix: str) -> str:
 
 
 def fingerprint(tokenizer_model: str) -> str:
-    """sha256 of the tokenizer file (a HuggingFace tokenizer directory: of its tokenizer.json)."""
+    """sha256 of the tokenizer file (a directory: of the tokenizer `find_tokenizer` picks)."""
+    from megacpt.data.tokenizer import find_tokenizer
+
     path = tokenizer_model
     if os.path.isdir(path):
-        path = os.path.join(path, "tokenizer.json")
+        path = find_tokenizer(path) or os.path.join(path, "tokenizer.json")
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):

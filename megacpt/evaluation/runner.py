@@ -44,7 +44,7 @@ class EvalModel:
         checkpoint or tokenizer is missing."""
         from megacpt.checkpoint import CheckpointError, load_weights
         from megacpt.checkpoint.registry import open_source
-        from megacpt.data.tokenizer import SentencePieceTokenizer
+        from megacpt.data.tokenizer import load_tokenizer
         from megacpt.model.llama import LlamaModel
 
         ctx = ctx or ParallelContext.single()
@@ -55,15 +55,16 @@ class EvalModel:
             raise EvalInputError(f"--load {path}: {e}") from None
         tok_path = tokenizer_model or tok_path
         if not tok_path:
-            raise EvalInputError(f"--load {path}: the checkpoint has no tokenizer.model; pass "
-                                 f"--tokenizer-model FILE.model")
+            raise EvalInputError(f"--load {path}: the checkpoint has no tokenizer (tokenizer.model"
+                                 f" or tokenizer.json); pass --tokenizer-model")
         try:
-            tokenizer = SentencePieceTokenizer(tok_path)
-        except (FileNotFoundError, ValueError) as e:
+            tokenizer = load_tokenizer(tok_path)
+        except (OSError, ValueError, ImportError) as e:
             raise EvalInputError(f"--tokenizer-model: {e}") from None
         if tokenizer.vocab_size > mcfg.vocab_size:
-            raise EvalInputError(f"{tok_path}: the tokenizer has {tokenizer.vocab_size} pieces "
-                                 f"but the model's vocab_size is {mcfg.vocab_size}")
+            raise EvalInputError(f"{tok_path}: the tokenizer has {tokenizer.vocab_size} tokens "
+                                 f"but the model {path} has vocab_size {mcfg.vocab_size}; use "
+                                 f"the tokenizer it was trained with")
         mcfg.recompute_activations, mcfg.compile = False, False
         if attention_backend:
             mcfg.attention_backend = attention_backend

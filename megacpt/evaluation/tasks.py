@@ -98,11 +98,12 @@ def _item(row: dict, path: str, n: int) -> TaskItem:
 # ----- tokenization as lm-eval does it -----
 
 class PairEncoder:
-    """lm-eval's causal context/continuation encoding over a SentencePiece tokenizer."""
+    """lm-eval's causal context/continuation encoding over any `megacpt.data.tokenizer`
+    tokenizer (BOS when the HF tokenizer of the export would add one)."""
 
     def __init__(self, tokenizer):
         self.tok = tokenizer
-        self.bos = tokenizer.bos if tokenizer.bos is not None and tokenizer.bos >= 0 else None
+        self.bos = tokenizer.bos
         self.bos_text = tokenizer.id_to_piece(self.bos) if self.bos is not None else None
 
     @property

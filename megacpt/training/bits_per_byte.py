@@ -3,8 +3,9 @@
     bpb = loss / ln 2 / (bytes / tokens)
 
 where bytes are the text bytes the set's label tokens stand for
-(`SentencePieceTokenizer.token_bytes`: byte-fallback pieces 1, control pieces such as </s> 0,
-"\u2581" one space, so a document's dummy-prefix space counts one byte) summed over the whole
+(the tokenizer's `token_bytes`: SentencePiece byte-fallback pieces 1, control pieces such as
+</s> 0, "\u2581" one space, so a document's dummy-prefix space counts one byte; HF byte-level
+BPE pieces the bytes they stand for, special tokens 0) summed over the whole
 fixed validation set (every data-parallel rank's share). Unlike loss per token it does not
 depend on the vocabulary, so models with different or extended tokenizers compare.
 """

@@ -43,8 +43,9 @@ def check_inputs(cfg: Config, opts) -> None:
 
     d = cfg.data
     check_device(cfg)
-    if d.tokenizer_model and not os.path.isfile(d.tokenizer_model):
-        raise ConfigError(f"--tokenizer-model {d.tokenizer_model}: file not found")
+    if d.tokenizer_model and not os.path.exists(d.tokenizer_model):
+        raise ConfigError(f"--tokenizer-model {d.tokenizer_model}: not found (expected a "
+                          f"SentencePiece .model, a tokenizer.json or an HF model directory)")
     train = [] if opts.mock_data else train_prefixes(cfg)
     check_blend(train)
     prefixes = [("--data-path", n, p) for n, _, p in train]

@@ -361,10 +361,11 @@ class Trainer:
         if name not in cache:
             tok = self.cfg.data.tokenizer_model
             cache[name] = None
-            if tok and os.path.isfile(tok):
-                from megacpt.data.tokenizer import SentencePieceTokenizer
+            if tok and os.path.exists(tok):
+                from megacpt.data.tokenizer import load_tokenizer
 
-                table = torch.tensor(SentencePieceTokenizer(tok).token_bytes(), dtype=torch.float64)
+                table = load_tokenizer(tok, self.cfg.data.tokenizer_type).token_bytes()
+                table = torch.tensor(table, dtype=torch.float64)
                 cache[name] = bytes_per_token(mbs, table, self.ctx)
         return cache[name]
 

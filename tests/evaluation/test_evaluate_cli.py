@@ -65,7 +65,7 @@ def test_missing_checkpoint_tokenizer_and_task(eval_assets, tmp_path, capsys):
     assert "nope does not exist" in capsys.readouterr().out
     assert main(["--load", eval_assets["ckpt"], "--task-file", f"t={task}",
                  "--tokenizer-model", str(tmp_path / "missing.model")]) == 2
-    assert "missing.model: SentencePiece model not found" in capsys.readouterr().out
+    assert "missing.model: file not found" in capsys.readouterr().out
     assert main(["--load", eval_assets["ckpt"], "--task-file", f"t={tmp_path}/x.jsonl"]) == 2
     assert "x.jsonl: task file not found" in capsys.readouterr().out
     assert main(["--load", eval_assets["ckpt"], "--task-file", "no-equals-sign"]) == 2
