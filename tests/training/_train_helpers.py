@@ -126,3 +126,27 @@ def train_rows(logs: str) -> list:
 
     path = os.path.join(logs, "metrics.jsonl")
     return read_metrics(logs, "train") if os.path.exists(path) else []
+
+
+def signal_when(argv: list, ready, sig: str = "SIGTERM", what: str = "the first step",
+                group: bool = False, timeout: float = 120):
+    """Start the trainer CLI with `argv`, wait until `ready(proc)`, send it `sig` (to its
+    whole process group, loader workers included, with `group`), wait for it to end; killed
+    if still running. Returns (proc, its merged output)."""
+    import signal
+
+    proc = start_cli(argv, new_session=group)
+    try:
+        wait_until(lambda: ready(proc), [proc], what=what)
+        if group:
+            os.killpg(proc.pid, getattr(signal, sig))
+        else:
+            proc.send_signal(getattr(signal, sig))
+        proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            if group:
+                os.killpg(proc.pid, signal.SIGKILL)
+            else:
+                proc.kill()
+    return proc, output(proc)
