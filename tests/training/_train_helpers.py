@@ -150,3 +150,18 @@ def signal_when(argv: list, ready, sig: str = "SIGTERM", what: str = "the first 
             else:
                 proc.kill()
     return proc, output(proc)
+
+
+def nan_loss_streak(ck: str, save_interval: int, max_nonfinite: int, match: str) -> None:
+    """Train 8 tiny steps saving to `ck` every `save_interval`, the loss NaN from step 3 on:
+    the run must stop with NonFiniteError matching `match` after `max_nonfinite` in a row."""
+    import pytest
+
+    from megacpt.training.faults import NonFiniteError
+    from megacpt.training.loop import Trainer
+
+    cfg, opts = config(mock_args("--save", ck, "--save-interval", str(save_interval),
+                                 "--max-nonfinite-steps", str(max_nonfinite), iters=8))
+    cbs = {"after_backward": lambda tr, it, loss: float("nan") if it >= 3 else None}
+    with pytest.raises(NonFiniteError, match=match):
+        Trainer(cfg, opts, callbacks=cbs).run()
