@@ -39,6 +39,22 @@ import torch.multiprocessing as mp
 from megacpt.config import ModelConfig, OptimizerConfig
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_script(path: str, name: str | None = None):
+    """Import a script that is not in a package (examples/, tools/, data/...) from `path`
+    (relative to the repository root, or absolute) as a module."""
+    import importlib.util
+
+    full = path if os.path.isabs(path) else os.path.join(REPO, path)
+    name = name or os.path.splitext(os.path.basename(full))[0]
+    spec = importlib.util.spec_from_file_location(name, full)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 @contextlib.contextmanager
 def torch_threads(n: int = 1):
     """Run the block with `n` intra-op threads (tests on shared cores), then restore."""
