@@ -46,7 +46,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "megacpt-train=megacpt.train:main",
+            "megacpt-train=megacpt.train:cli",
             "megacpt-train-tokenizer=megacpt.data.tokenizer_train:main",
             "megacpt-preprocess=megacpt.data.preprocess:main",
             "megacpt-convert=megacpt.checkpoint.convert:main",

@@ -151,5 +151,18 @@ def _os_error(e: OSError) -> str:
     return f"{what}{where}{hint}"
 
 
+def cli() -> None:
+    """The `megacpt-train` / `python -m megacpt.train` entry point: `sys.exit(main())`, except
+    that an abort by a second Ctrl-C leaves at once with 130 (CPython re-raises SIGINT at exit,
+    status -2, when a KeyboardInterrupt ever crossed C code such as an extension's import)."""
+    code = main()
+    if code == EXIT_ABORTED:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

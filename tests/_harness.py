@@ -39,6 +39,22 @@ import torch.multiprocessing as mp
 from megacpt.config import ModelConfig, OptimizerConfig
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_script(path: str, name: str | None = None):
+    """Import a script that is not in a package (examples/, tools/, data/...) from `path`
+    (relative to the repository root, or absolute) as a module."""
+    import importlib.util
+
+    full = path if os.path.isabs(path) else os.path.join(REPO, path)
+    name = name or os.path.splitext(os.path.basename(full))[0]
+    spec = importlib.util.spec_from_file_location(name, full)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 @contextlib.contextmanager
 def torch_threads(n: int = 1):
     """Run the block with `n` intra-op threads (tests on shared cores), then restore."""
@@ -386,22 +402,24 @@ def count_comm(ctx):
 def comm_bytes_of_step(model_cfg: ModelConfig, optim_cfg: OptimizerConfig, batch: tuple,
                        micro_batch_size: int, tp: int = 1, pp: int = 1,
                        sequence_parallel: bool = False,
-                       use_distributed_optimizer: bool = False) -> dict:
-    """Bytes this rank sends on each axis during one training step (see `count_comm`)."""
+                       use_distributed_optimizer: bool = False, vp: int = 1,
+                       schedule: str = "1f1b") -> dict:
+    """Bytes this rank sends on each axis during one training step (see `count_comm`);
+    `vp` virtual stages run interleaved 1F1B, `schedule` as `forward_backward`'s."""
     from megacpt.model import LlamaModel
     from megacpt.parallel.context import ParallelContext
     from megacpt.parallel.optimizer import build_optimizer
     from megacpt.parallel.schedule import forward_backward, split_global_batch
 
     ctx = ParallelContext.build(tp=tp, pp=pp, sequence_parallel=sequence_parallel,
-                                device="cpu")
+                                device="cpu", vp=vp)
     model = LlamaModel(model_cfg, ctx, seed=1)
     opt = build_optimizer(model, optim_cfg, ctx,
                           use_distributed_optimizer=use_distributed_optimizer)
     mbs = split_global_batch(*batch, micro_batch_size, ctx)
     with count_comm(ctx) as counts:
         opt.zero_grad()
-        forward_backward(model, mbs, ctx, grad_sync=opt.grad_sync)
+        forward_backward(model, mbs, ctx, grad_sync=opt.grad_sync, schedule=schedule)
         opt.step(optim_cfg.lr)
     return {"pp_rank": ctx.pp_rank, "dp_size": ctx.dp, "num_microbatches": len(mbs), **counts}
 

@@ -4,25 +4,18 @@ The full default run (which must SHOW that CPT beats scratch and that replay lim
 forgetting) takes minutes and is checked by hand; here the whole pipeline runs with tiny
 flags and the summary it writes is checked for completeness and internal consistency.
 """
-import importlib.util
 import json
 import math
 import os
 
 import pytest
 
+from _harness import load_script
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _load_quickstart():
-    spec = importlib.util.spec_from_file_location(
-        "quickstart", os.path.join(REPO, "examples", "quickstart.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-qs = _load_quickstart()
+qs = load_script("examples/quickstart.py")
 
 SMALL = ["--model-size", "tiny", "--seq-length", "64", "--micro-batch-size", "8",
          "--global-batch-size", "8", "--source-iters", "40", "--target-iters", "24",
@@ -142,22 +135,16 @@ def test_summarize_hand_made_curves():
     assert s["tokens_saved_fraction"] is None and not s["findings"]["cpt_beats_scratch"]
 
 
-def test_bad_arguments_name_the_problem(tmp_path, capsys):
+@pytest.mark.parametrize("argv,message", [
+    (["--data-dir", "{tmp}"], "en_train.jsonl.gz not found"),
+    (["--replay", "1.5"], "--replay must be in (0, 1)"),
+    (["--target-lang", "en"], "must differ"),
+    (["--model-size", "huge"], "--model-size 'huge' is not registered"),
+    (["--target-iters", "0"], "--target-iters must be >= 1, got 0")])
+def test_bad_arguments_name_the_problem(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit):
-        qs.get_args(["--data-dir", str(tmp_path)])
-    assert "en_train.jsonl.gz not found" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        qs.get_args(["--replay", "1.5"])
-    assert "--replay must be in (0, 1)" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        qs.get_args(["--target-lang", "en"])
-    assert "must differ" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        qs.get_args(["--model-size", "huge"])
-    assert "--model-size 'huge' is not registered" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        qs.get_args(["--target-iters", "0"])
-    assert "--target-iters must be >= 1, got 0" in capsys.readouterr().err
+        qs.get_args([a.format(tmp=tmp_path) for a in argv])
+    assert message in capsys.readouterr().err
 
 
 def test_shape_flags_override_the_size():

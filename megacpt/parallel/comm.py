@@ -69,105 +69,42 @@ def reduce_scatter(x: torch.Tensor, group, dim: int = 0) -> torch.Tensor:
     return out
 
 
-class _CopyToTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x
+def _mapping(name: str, forward, backward):
+    """`name(x, group)`: an autograd function running `forward(x, group)` whose backward is
+    `backward(grad, group)`; the identity when the group has one rank. (The callables look
+    the primitives up by name at call time, so tests can wrap them to count bytes.)"""
 
-    @staticmethod
-    def backward(ctx, g):
-        return all_reduce(g.clone(), ctx.group), None
+    class _Fn(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, group):
+            ctx.group = group
+            return forward(x, group)
 
+        @staticmethod
+        def backward(ctx, g):
+            return backward(g, ctx.group), None
 
-class _ReduceFromTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        return all_reduce(x.clone(), group)
+    _Fn.__name__ = _Fn.__qualname__ = f"_{name}"
 
-    @staticmethod
-    def backward(ctx, g):
-        return g, None
+    def apply(x, group):
+        return x if _size(group) == 1 else _Fn.apply(x, group)
 
-
-class _ScatterToTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return split(x, group, -1)
-
-    @staticmethod
-    def backward(ctx, g):
-        return all_gather(g, ctx.group, -1), None
+    apply.__name__ = apply.__qualname__ = name
+    return apply
 
 
-class _GatherFromTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return all_gather(x, group, -1)
-
-    @staticmethod
-    def backward(ctx, g):
-        return split(g, ctx.group, -1), None
-
-
-class _ScatterToSP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return split(x, group, 0)
-
-    @staticmethod
-    def backward(ctx, g):
-        return all_gather(g, ctx.group, 0), None
-
-
-class _GatherFromSP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return all_gather(x, group, 0)
-
-    @staticmethod
-    def backward(ctx, g):
-        return reduce_scatter(g, ctx.group, 0), None
-
-
-class _ReduceScatterToSP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return reduce_scatter(x, group, 0)
-
-    @staticmethod
-    def backward(ctx, g):
-        return all_gather(g, ctx.group, 0), None
-
-
-def copy_to_tp(x, group):
-    return x if _size(group) == 1 else _CopyToTP.apply(x, group)
-
-
-def reduce_from_tp(x, group):
-    return x if _size(group) == 1 else _ReduceFromTP.apply(x, group)
-
-
-def scatter_to_tp(x, group):
-    return x if _size(group) == 1 else _ScatterToTP.apply(x, group)
-
-
-def gather_from_tp(x, group):
-    return x if _size(group) == 1 else _GatherFromTP.apply(x, group)
-
-
-def scatter_to_sp(x, group):
-    return x if _size(group) == 1 else _ScatterToSP.apply(x, group)
-
-
-def gather_from_sp(x, group):
-    return x if _size(group) == 1 else _GatherFromSP.apply(x, group)
-
-
-def reduce_scatter_to_sp(x, group):
-    return x if _size(group) == 1 else _ReduceScatterToSP.apply(x, group)
+# the table in the module docstring, row by row
+copy_to_tp = _mapping("copy_to_tp", lambda x, grp: x,
+                      lambda g, grp: all_reduce(g.clone(), grp))
+reduce_from_tp = _mapping("reduce_from_tp", lambda x, grp: all_reduce(x.clone(), grp),
+                          lambda g, grp: g)
+scatter_to_tp = _mapping("scatter_to_tp", lambda x, grp: split(x, grp, -1),
+                         lambda g, grp: all_gather(g, grp, -1))
+gather_from_tp = _mapping("gather_from_tp", lambda x, grp: all_gather(x, grp, -1),
+                          lambda g, grp: split(g, grp, -1))
+scatter_to_sp = _mapping("scatter_to_sp", lambda x, grp: split(x, grp, 0),
+                         lambda g, grp: all_gather(g, grp, 0))
+gather_from_sp = _mapping("gather_from_sp", lambda x, grp: all_gather(x, grp, 0),
+                          lambda g, grp: reduce_scatter(g, grp, 0))
+reduce_scatter_to_sp = _mapping("reduce_scatter_to_sp", lambda x, grp: reduce_scatter(x, grp, 0),
+                                lambda g, grp: all_gather(g, grp, 0))

@@ -135,42 +135,33 @@ class ParallelContext:
             ctx._make_groups(timeout_minutes)
         return ctx
 
+    def _new_groups(self, rank_lists: list[list[int]], kw: dict):
+        """Create a group of each rank list (collective: every rank, same order); return
+        the one holding this rank."""
+        mine = None
+        for ranks in rank_lists:
+            grp = dist.new_group(ranks, **kw)
+            if self.rank in ranks:
+                mine = grp
+        return mine
+
     def _make_groups(self, timeout_minutes: float | None = None) -> None:
         tp, pp, dp = self.tp, self.pp, self.dp
         g = self.global_rank
         kw = {} if timeout_minutes is None else {
             "timeout": datetime.timedelta(minutes=timeout_minutes)}
         # every rank creates every group, in the same order (new_group is collective)
-        for p in range(pp):
-            for d in range(dp):
-                ranks = [g(t, d, p) for t in range(tp)]
-                grp = dist.new_group(ranks, **kw)
-                if self.rank in ranks:
-                    self.tp_group = grp
-        for p in range(pp):
-            for t in range(tp):
-                ranks = [g(t, d, p) for d in range(dp)]
-                grp = dist.new_group(ranks, **kw)
-                if self.rank in ranks:
-                    self.dp_group = grp
-        for d in range(dp):
-            for t in range(tp):
-                ranks = [g(t, d, p) for p in range(pp)]
-                grp = dist.new_group(ranks, **kw)
-                if self.rank in ranks:
-                    self.pp_group = grp
-        for d in range(dp):
-            ranks = [g(t, d, p) for p in range(pp) for t in range(tp)]
-            grp = dist.new_group(ranks, **kw)
-            if self.rank in ranks:
-                self.mp_group = grp
-        if pp > 1:
-            for d in range(dp):
-                for t in range(tp):
-                    ranks = [g(t, d, 0), g(t, d, pp - 1)]
-                    grp = dist.new_group(ranks, **kw)
-                    if self.rank in ranks:
-                        self.embedding_group = grp
+        self.tp_group = self._new_groups([[g(t, d, p) for t in range(tp)]
+                                          for p in range(pp) for d in range(dp)], kw)
+        self.dp_group = self._new_groups([[g(t, d, p) for d in range(dp)]
+                                          for p in range(pp) for t in range(tp)], kw)
+        self.pp_group = self._new_groups([[g(t, d, p) for p in range(pp)]
+                                          for d in range(dp) for t in range(tp)], kw)
+        self.mp_group = self._new_groups([[g(t, d, p) for p in range(pp) for t in range(tp)]
+                                          for d in range(dp)], kw)
+        if pp > 1:  # first and last stage: the tied embedding's gradient
+            self.embedding_group = self._new_groups(
+                [[g(t, d, 0), g(t, d, pp - 1)] for d in range(dp) for t in range(tp)], kw)
         # size-1 groups behave like None: no communication
         if tp == 1:
             self.tp_group = None

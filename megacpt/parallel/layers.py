@@ -32,6 +32,14 @@ def _tp_rank(group) -> int:
     return 0 if group is None else dist.get_rank(group)
 
 
+def _per_rank(size: int, group, what: str) -> int:
+    """`size` / tp, refused with a message naming `what` when tp does not divide it."""
+    tp = _tp_size(group)
+    if size % tp:
+        raise ValueError(f"{what} {size} is not divisible by the tensor-parallel size {tp}")
+    return size // tp
+
+
 class ColumnParallelLinear(nn.Module):
     """y = x W^T with W split along its output rows over the tensor-parallel group."""
 
@@ -40,18 +48,15 @@ class ColumnParallelLinear(nn.Module):
                  dtype: torch.dtype = torch.float32, device=None, bias: bool = False,
                  skip_weight_param_allocation: bool = False):
         super().__init__()
-        tp = _tp_size(tp_group)
-        if out_features % tp:
-            raise ValueError(f"output size {out_features} is not divisible by the "
-                             f"tensor-parallel size {tp}")
+        out_per_rank = _per_rank(out_features, tp_group, "output size")
         self.tp_group, self.sequence_parallel, self.gather_output = (
             tp_group, sequence_parallel, gather_output)
         # skip_weight_param_allocation (Megatron's name): the weight is passed to forward,
         # e.g. the input embedding's for a tied output layer
         self.weight = None if skip_weight_param_allocation else nn.Parameter(
-            torch.empty(out_features // tp, in_features, dtype=dtype, device=device))
+            torch.empty(out_per_rank, in_features, dtype=dtype, device=device))
         # bias [out/tp]: split over tp like the weight's rows (never sequence-sharded)
-        self.bias = nn.Parameter(torch.zeros(out_features // tp, dtype=dtype, device=device)) \
+        self.bias = nn.Parameter(torch.zeros(out_per_rank, dtype=dtype, device=device)) \
             if bias else None
 
     def gather_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -81,12 +86,9 @@ class RowParallelLinear(nn.Module):
                  sequence_parallel: bool = False, dtype: torch.dtype = torch.float32,
                  device=None):
         super().__init__()
-        tp = _tp_size(tp_group)
-        if in_features % tp:
-            raise ValueError(f"input size {in_features} is not divisible by the "
-                             f"tensor-parallel size {tp}")
+        in_per_rank = _per_rank(in_features, tp_group, "input size")
         self.tp_group, self.sequence_parallel = tp_group, sequence_parallel
-        self.weight = nn.Parameter(torch.empty(out_features, in_features // tp,
+        self.weight = nn.Parameter(torch.empty(out_features, in_per_rank,
                                                dtype=dtype, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [s, b, in/tp]
@@ -103,12 +105,8 @@ class VocabParallelEmbedding(nn.Module):
                  sequence_parallel: bool = False, dtype: torch.dtype = torch.float32,
                  device=None):
         super().__init__()
-        tp = _tp_size(tp_group)
-        if padded_vocab_size % tp:
-            raise ValueError(f"padded vocabulary {padded_vocab_size} is not divisible by the "
-                             f"tensor-parallel size {tp}")
+        self.per_rank = _per_rank(padded_vocab_size, tp_group, "padded vocabulary")
         self.tp_group, self.sequence_parallel = tp_group, sequence_parallel
-        self.per_rank = padded_vocab_size // tp
         self.start = _tp_rank(tp_group) * self.per_rank
         self.weight = nn.Parameter(torch.empty(self.per_rank, hidden_size,
                                                dtype=dtype, device=device))

@@ -14,7 +14,12 @@ Tensor parallelism (t ranks), per micro-batch of T = b s tokens, activations of 
 - per step with SP: the fp32 norm-weight gradient all-reduce.
 Pipeline parallelism: per micro-batch, a stage sends its output activations forward (all but
 the last) and its input gradients backward (all but the first): T h a each, divided by t with
-sequence parallelism (without it every tp rank sends the whole activation).
+sequence parallelism (without it every tp rank sends the whole activation). Interleaved 1F1B
+(vp virtual stages per rank, `megacpt.parallel.interleaved`) sends at every chunk boundary, the
+ring's wrap from rank P - 1 to rank 0 included: per micro-batch every rank sends vp activations
+forward (the last rank vp - 1: its last chunk ends in the loss) and vp gradients backward (the
+first rank vp - 1: its first chunk starts at the embedding), vp times plain 1F1B's for the
+middle ranks. ZB-H1 sends what 1F1B sends (its weight-gradient steps are local).
 Tied embeddings under pp: per step the first and last stage all-reduce the fp32 embedding
 gradient shard (Megatron's embedding group), 4 V h / t bytes each, counted on the pp axis.
 Data parallelism, per step (independent of the batch): all-reduce of this rank's fp32 main
@@ -23,15 +28,16 @@ all-gather of the updated parameters: (d-1)/d x (4 + param_bytes) P_rank (gloo h
 reduce-scatter: it all-reduces instead, `zero1_on_gloo=True`).
 
 `python -m megacpt.parallel.volume --model-size 1393M` prints the table (README.md,
-"Communication volume per step").
+"Communication volume per step"); `--virtual-pipeline-model-parallel-size N` adds the pp
+layouts interleaved.
 """
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from megacpt.config import ModelConfig
-from megacpt.parallel.context import stage_layer_range
+from megacpt.params import virtual_stage_layers
 
 
 @dataclass(frozen=True)
@@ -41,11 +47,23 @@ class Layout:
     dp: int = 1
     sequence_parallel: bool = False
     zero1: bool = False
+    #: virtual pipeline stages (model chunks) per pipeline rank: interleaved 1F1B when > 1
+    vp: int = 1
+
+    def __post_init__(self):
+        if self.vp < 1 or (self.vp > 1 and self.pp == 1):
+            raise ValueError(f"Layout: vp={self.vp} needs vp >= 1 and pp > 1 (got pp={self.pp})")
 
     @property
     def name(self) -> str:
-        return (f"tp{self.tp}pp{self.pp}dp{self.dp}" + ("+sp" if self.sequence_parallel else "")
-                + ("+zero1" if self.zero1 else ""))
+        return (f"tp{self.tp}pp{self.pp}dp{self.dp}" + (f"vp{self.vp}" if self.vp > 1 else "")
+                + ("+sp" if self.sequence_parallel else "") + ("+zero1" if self.zero1 else ""))
+
+
+def rank_layers(cfg: ModelConfig, layout: Layout, pp_rank: int) -> int:
+    """Transformer layers held by pipeline rank `pp_rank` (all its model chunks)."""
+    return sum(len(c) for c in virtual_stage_layers(cfg.num_layers, layout.pp, layout.vp,
+                                                     pp_rank))
 
 
 def _ring_all_reduce(n: int) -> float:
@@ -62,7 +80,7 @@ def stage_params(cfg: ModelConfig, layout: Layout, pp_rank: int) -> int:
     qkv = (cfg.num_attention_heads + 2 * cfg.num_query_groups) * d * (h + cfg.add_qkv_bias) // t
     proj = cfg.num_attention_heads * d * h // t
     mlp = 3 * cfg.ffn_hidden_size * h // t
-    n_layers = len(stage_layer_range(cfg.num_layers, layout.pp, pp_rank))
+    n_layers = rank_layers(cfg, layout, pp_rank)
     total = n_layers * (qkv + proj + mlp + 2 * h)
     if pp_rank == 0:
         total += cfg.padded_vocab_size * h // t
@@ -79,7 +97,7 @@ def step_bytes(cfg: ModelConfig, layout: Layout, pp_rank: int, micro_batch: int,
     t, h = layout.tp, cfg.hidden_size
     tokens = micro_batch * cfg.seq_length  # per micro-batch
     first, last = pp_rank == 0, pp_rank == layout.pp - 1
-    n_layers = len(stage_layer_range(cfg.num_layers, layout.pp, pp_rank))
+    n_layers = rank_layers(cfg, layout, pp_rank)
     out = {"tp": 0.0, "pp": 0.0, "dp": 0.0}
     if t > 1:
         act = tokens * h * act_bytes
@@ -93,7 +111,9 @@ def step_bytes(cfg: ModelConfig, layout: Layout, pp_rank: int, micro_batch: int,
             out["tp"] += norms * _ring_all_reduce(t)
     if layout.pp > 1:
         act = tokens * h * act_bytes / (t if layout.sequence_parallel else 1)
-        out["pp"] = ((0 if last else act) + (0 if first else act)) * num_microbatches
+        vp = layout.vp  # messages per micro-batch: one per chunk boundary this rank sends over
+        sends = (vp - 1 if last else vp) + (vp - 1 if first else vp)
+        out["pp"] = sends * act * num_microbatches
         if cfg.tie_word_embeddings and (first or last):  # embedding-group grad all-reduce
             out["pp"] += _ring_all_reduce(2) * 4 * cfg.padded_vocab_size * h / t
     if layout.dp > 1:
@@ -125,6 +145,8 @@ def markdown_table(cfg: ModelConfig, layouts: list[Layout], micro_batch: int,
     rows = ["| layout | tp bytes/token | pp bytes/token | dp GB/step | tp GB/step | "
             "pp GB/step | total GB/step |", "|---|---|---|---|---|---|---|"]
     for lay in layouts:
+        if lay.vp > 1 and cfg.num_layers % (lay.pp * lay.vp):  # unequal chunks: not a layout
+            continue
         v = busiest_rank(cfg, lay, micro_batch, global_batch)
         total = v["tp"] + v["pp"] + v["dp"]
         rows.append(f"| {lay.name} | {v['tp_per_token']:,.0f} | {v['pp_per_token']:,.0f} | "
@@ -149,12 +171,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seq-length", type=int, default=2048)
     ap.add_argument("--micro-batch-size", type=int, default=2)
     ap.add_argument("--global-batch-size", type=int, default=1024)
+    ap.add_argument("--virtual-pipeline-model-parallel-size", type=int, default=1,
+                    help="also list each pp layout interleaved with this many virtual stages "
+                         "(where the layers split into equal chunks)")
     a = ap.parse_args(argv)
+    vp = a.virtual_pipeline_model_parallel_size
+    if vp < 1:
+        ap.error(f"--virtual-pipeline-model-parallel-size must be >= 1, got {vp}")
     from megacpt import sizes
 
     vocab = a.vocab_size or sizes.get_size(a.model_size).vocab_size or sizes.PAPER_VOCAB_SIZE
     cfg = ModelConfig.from_size(a.model_size, vocab_size=vocab, seq_length=a.seq_length)
-    print(markdown_table(cfg, DEFAULT_LAYOUTS, a.micro_batch_size, a.global_batch_size))
+    layouts = list(DEFAULT_LAYOUTS)
+    if vp > 1:
+        layouts += [replace(lay, vp=vp) for lay in DEFAULT_LAYOUTS if lay.pp > 1]
+    print(markdown_table(cfg, layouts, a.micro_batch_size, a.global_batch_size))
 
 
 if __name__ == "__main__":

@@ -97,6 +97,16 @@ def _plain_loss_axis(ax):
     ax.yaxis.set_minor_formatter(fmt)
 
 
+def _loss_loglog(ax, xlabel: str, title: str, title_size: float | None = None):
+    """Validation loss against `xlabel` on log-log axes (plain loss numbers), with a grid."""
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("validation loss")
+    _plain_loss_axis(ax)
+    ax.set_title(title, **({} if title_size is None else {"fontsize": title_size}))
+
+
 def _save(fig, path, formats=FORMATS):
     """Write path (PNG) and the same figure in `formats` beside it; returns path."""
     fig.savefig(path, dpi=150)
@@ -158,12 +168,7 @@ def plot_fit(points: Points, fit: dict, path: str, formats=FORMATS) -> str:
         band = _curve_band(fit, Ng, grid)
         if band is not None:
             ax.fill_between(grid, *band, color=color, alpha=0.18, lw=0)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("tokens D")
-    ax.set_ylabel("validation loss")
-    _plain_loss_axis(ax)
-    ax.set_title(_fit_title(fit), fontsize=9)
+    _loss_loglog(ax, "tokens D", _fit_title(fit), 9)
     _size_key(ax, fig, colors)
     ax.grid(True, which="both", alpha=0.25)
     return _save(fig, path, formats)
@@ -300,12 +305,7 @@ def plot_loss_compute(sets: dict, path: str, formats=FORMATS) -> str:
             band = _frontier_band(front, grid)
             if band is not None:
                 ax.fill_between(grid, *band, color=color, alpha=0.2, lw=0)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("compute C = 6ND (FLOPs)")
-    ax.set_ylabel("validation loss")
-    _plain_loss_axis(ax)
-    ax.set_title("loss vs compute with loss-compute frontiers")
+    _loss_loglog(ax, "compute C = 6ND (FLOPs)", "loss vs compute with loss-compute frontiers")
     ax.grid(True, which="both", alpha=0.25)
     ax.legend(fontsize=8)
     return _save(fig, path, formats)

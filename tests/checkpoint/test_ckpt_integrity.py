@@ -8,6 +8,7 @@ import pytest
 
 from megacpt.checkpoint import CheckpointError, integrity
 from megacpt.training.loop import Trainer, train
+from _harness import torch_threads
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "training"))
 from _train_helpers import config, mock_args  # noqa: E402
@@ -15,12 +16,8 @@ from _train_helpers import config, mock_args  # noqa: E402
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

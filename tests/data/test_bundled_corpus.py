@@ -1,6 +1,5 @@
 """The bundled sample corpus (examples/data) and its roff stripper."""
 import gzip
-import importlib.util
 import json
 import os
 import re
@@ -8,6 +7,7 @@ import re
 import pytest
 
 from _data_helpers import CORPUS
+from _harness import load_script
 
 SCRIPTS = {"en": r"[A-Za-z]", "zh": r"[\u4e00-\u9fff]", "fr": r"[A-Za-zéèàçù]",
            "ru": r"[\u0400-\u04ff]"}
@@ -44,10 +44,7 @@ def test_total_size_is_small():
 
 
 def test_roff_to_text():
-    spec = importlib.util.spec_from_file_location(
-        "build_corpus", os.path.join(CORPUS, "build_corpus.py"))
-    bc = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bc)
+    bc = load_script(os.path.join(CORPUS, "build_corpus.py"))
     src = "\n".join([
         '.\\" a comment', ".TH LS 1", ".SH NAME", "ls \\- list \\fBdirectory\\fP contents",
         ".SH OPTIONS", ".TP", ".BR \\-a \", \" \\-\\-all", "do not ignore entries starting with",

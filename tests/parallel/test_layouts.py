@@ -13,7 +13,7 @@ reference, and a pp2vp2 checkpoint continues in one process like the uninterrupt
 import pytest
 import torch
 
-from megacpt.checkpoint import CheckpointError, convert_checkpoint, load_checkpoint
+from megacpt.checkpoint import convert_checkpoint, load_checkpoint
 from megacpt.config import Config
 import _harness as T
 from megacpt.model import LlamaModel
@@ -116,13 +116,20 @@ def world2(interleaved_ckpt):
                   + [("vocab_ce_check", {"vocab_size": 100}), save] + _virtual(2) + _zb(2))
 
 
+# interleaved: pp4vp2 and pp2dp2vp2 have M == P (all warm-up), tp2pp2vp2 M = 2P (steady state)
 COUNTED = [dict(tp=2, pp=2), dict(tp=2, pp=2, sequence_parallel=True),
-           dict(pp=2, use_distributed_optimizer=True), dict(tp=2)]
+           dict(pp=2, use_distributed_optimizer=True), dict(tp=2),
+           dict(pp=2, vp=2), dict(pp=4, vp=2), dict(tp=2, pp=2, vp=2),
+           dict(tp=2, pp=2, vp=2, sequence_parallel=True), dict(pp=2, schedule="zb-h1")]
+
+
+def _count_cfg(layout):
+    return CFG8 if layout.get("vp", 1) > 1 else CFG  # CFG8: 8 layers for pp4 x vp2 chunks
 
 
 def _count(**layout):
-    return ("comm_bytes_of_step", dict(model_cfg=CFG, optim_cfg=OPT, batch=BATCHES[0],
-                                       micro_batch_size=MBS, **layout))
+    return ("comm_bytes_of_step", dict(model_cfg=_count_cfg(layout), optim_cfg=OPT,
+                                       batch=BATCHES[0], micro_batch_size=MBS, **layout))
 
 
 @pytest.fixture(scope="module")
@@ -293,14 +300,14 @@ def test_process_groups_follow_the_rank_order(world8):
 @pytest.mark.parametrize("index", range(len(COUNTED)))
 def test_measured_traffic_matches_volume_formulas(world4, index):
     """Bytes actually sent per axis in one step equal megacpt.parallel.volume's formulas
-    (fp32 activations and params; ZeRO-1 as gloo runs it)."""
+    (fp32 activations and params; ZeRO-1 as gloo runs it; interleaved 1F1B and ZB-H1)."""
     lay = COUNTED[index]
     for rank, results in enumerate(world4):
         got = results[2 + index]
         layout = Layout(tp=lay.get("tp", 1), pp=lay.get("pp", 1), dp=got["dp_size"],
                         sequence_parallel=lay.get("sequence_parallel", False),
-                        zero1=lay.get("use_distributed_optimizer", False))
-        exp = step_bytes(CFG, layout, got["pp_rank"], MBS, got["num_microbatches"],
+                        zero1=lay.get("use_distributed_optimizer", False), vp=lay.get("vp", 1))
+        exp = step_bytes(_count_cfg(lay), layout, got["pp_rank"], MBS, got["num_microbatches"],
                          act_bytes=4, param_bytes=4, zero1_on_gloo=True)
         for axis in ("tp", "pp", "dp"):
             assert got[axis] == pytest.approx(exp[axis], rel=1e-9), (layout.name, rank, axis)

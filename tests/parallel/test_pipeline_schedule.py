@@ -75,19 +75,14 @@ def _detach(t):
     return t.detach().clone() if isinstance(t, torch.Tensor) else t
 
 
-def run_threads(stages: list, vp: int = 1, zb: bool = False) -> None:
-    pp = len(stages)
-    chans = {(k, r): queue.Queue() for k in ("fwd", "bwd") for r in range(pp)}
+def run_in_threads(pp: int, run_rank) -> None:
+    """`run_rank(r)` for every stage r in a thread of its own; fails on any stage's error or a
+    stage still stuck after 4 x TIMEOUT."""
     errors = []
 
     def body(r):
         try:
-            if zb:
-                run_zb_h1(stages[r], QueueComm(r, pp, chans), pp, r)
-            elif vp == 1:
-                run_1f1b(stages[r], QueueComm(r, pp, chans), pp, r)
-            else:
-                run_interleaved(stages[r], QueueComm(r, pp, chans), pp, r, vp)
+            run_rank(r)
         except BaseException as e:  # surfaced in the main thread below
             errors.append((r, e))
 
@@ -98,6 +93,21 @@ def run_threads(stages: list, vp: int = 1, zb: bool = False) -> None:
         t.join(timeout=4 * TIMEOUT)
     assert not errors, errors
     assert not any(t.is_alive() for t in threads), "a stage thread is stuck"
+
+
+def run_threads(stages: list, vp: int = 1, zb: bool = False) -> None:
+    pp = len(stages)
+    chans = {(k, r): queue.Queue() for k in ("fwd", "bwd") for r in range(pp)}
+
+    def run_rank(r):
+        if zb:
+            run_zb_h1(stages[r], QueueComm(r, pp, chans), pp, r)
+        elif vp == 1:
+            run_1f1b(stages[r], QueueComm(r, pp, chans), pp, r)
+        else:
+            run_interleaved(stages[r], QueueComm(r, pp, chans), pp, r, vp)
+
+    run_in_threads(pp, run_rank)
 
 
 class RecordingStage(StageRunner):
@@ -208,32 +218,42 @@ def test_microbatch_loss_mask():
     assert microbatch_loss(per_token, {"loss_mask": mask}).item() == pytest.approx(8 / 3)
 
 
-def test_threaded_pipeline_matches_single_model():
-    """pp = 3 over 5 layers (uneven 2/2/1), 4 micro-batches: loss and every gradient."""
+def _reference(num_layers: int, num: int):
+    """The tiny model (seed 7) over `num` random micro-batches of 2 in one process: its
+    config, the micro-batches, the model with its gradients, and the mean loss."""
     torch.manual_seed(0)
-    cfg = tiny_model_config(num_layers=5)
-    pp, num = 3, 4
+    cfg = tiny_model_config(num_layers=num_layers)
     tokens = torch.randint(0, cfg.vocab_size, (num * 2, cfg.seq_length))
     labels = torch.randint(0, cfg.vocab_size, (num * 2, cfg.seq_length))
     mbs = split_global_batch(tokens, labels, 2, ParallelContext())
-
     ref = LlamaModel(cfg, seed=7)
     ref_loss = sum(ref(mb["tokens"], mb["labels"]).mean() for mb in mbs) / num
     ref_loss.backward()
+    return cfg, mbs, ref, ref_loss.item()
 
+
+def _assert_matches_reference(stages, num, ref, ref_loss, got):
+    """The last stage's mean loss and every stage's gradients (`got`: name -> grad) equal the
+    unsplit model's."""
+    assert stages[-1].loss_sum.item() / num == pytest.approx(ref_loss, rel=1e-6)
+    ref_grads = {n: p.grad for n, p in ref.named_parameters()}
+    assert sorted(got) == sorted(ref_grads)
+    for n, g in got.items():
+        torch.testing.assert_close(g, ref_grads[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_threaded_pipeline_matches_single_model():
+    """pp = 3 over 5 layers (uneven 2/2/1), 4 micro-batches: loss and every gradient."""
+    pp, num = 3, 4
+    cfg, mbs, ref, ref_loss = _reference(5, num)
     stages = []
     for r in range(pp):
         ctx = ParallelContext(pp=pp, rank=r, world_size=pp)
         stages.append(StageRunner(LlamaModel(cfg, ctx, seed=7), mbs, ctx))
     assert [list(s.model.layers) for s in stages] == [["0", "1"], ["2", "3"], ["4"]]
     run_threads(stages)
-
-    assert stages[-1].loss_sum.item() / num == pytest.approx(ref_loss.item(), rel=1e-6)
-    ref_grads = {n: p.grad for n, p in ref.named_parameters()}
-    got = {n: p.grad for s in stages for n, p in s.model.named_parameters()}
-    assert sorted(got) == sorted(ref_grads)
-    for n, g in got.items():
-        torch.testing.assert_close(g, ref_grads[n], rtol=1e-5, atol=1e-7, msg=n)
+    _assert_matches_reference(stages, num, ref, ref_loss,
+                              {n: p.grad for s in stages for n, p in s.model.named_parameters()})
 
 
 @pytest.mark.parametrize("pp,vp,num", [(2, 2, 2), (2, 2, 4), (2, 3, 6), (3, 2, 6), (4, 2, 4),
@@ -283,26 +303,15 @@ def test_megatron_layer_assignment_and_uneven_refusal():
 @pytest.mark.parametrize("pp,vp,layers", [(2, 2, 4), (2, 3, 6)])
 def test_threaded_interleaved_matches_single_model(pp, vp, layers):
     """Interleaved LLaMA chunks in threads: loss and every gradient equal the unsplit model."""
-    torch.manual_seed(0)
-    cfg = tiny_model_config(num_layers=layers)
     num = 2 * pp
-    tokens = torch.randint(0, cfg.vocab_size, (num * 2, cfg.seq_length))
-    labels = torch.randint(0, cfg.vocab_size, (num * 2, cfg.seq_length))
-    mbs = split_global_batch(tokens, labels, 2, ParallelContext())
-    ref = LlamaModel(cfg, seed=7)
-    ref_loss = sum(ref(mb["tokens"], mb["labels"]).mean() for mb in mbs) / num
-    ref_loss.backward()
+    cfg, mbs, ref, ref_loss = _reference(layers, num)
     stages = []
     for r in range(pp):
         ctx = ParallelContext(pp=pp, rank=r, world_size=pp, vp=vp)
         stages.append(StageRunner(LlamaModel(cfg, ctx, seed=7), mbs, ctx, chunks=vp))
     run_threads(stages, vp)
-    assert stages[-1].loss_sum.item() / num == pytest.approx(ref_loss.item(), rel=1e-6)
-    ref_grads = {n: p.grad for n, p in ref.named_parameters()}
-    got = {n: p.grad for s in stages for n, p in s.model.named_parameters()}
-    assert sorted(got) == sorted(ref_grads)
-    for n, g in got.items():
-        torch.testing.assert_close(g, ref_grads[n], rtol=1e-5, atol=1e-7, msg=n)
+    _assert_matches_reference(stages, num, ref, ref_loss,
+                              {n: p.grad for s in stages for n, p in s.model.named_parameters()})
 
 
 @pytest.mark.parametrize("pp,num", [(2, 2), (2, 5), (3, 6), (4, 4), (4, 8), (4, 3)])
@@ -318,15 +327,8 @@ def test_zb_h1_order_is_the_simulated_one(pp, num):
 def test_threaded_zb_h1_matches_single_model(fuse_ok):
     """pp 3 over 5 layers (uneven), split backward: every main gradient equals the unsplit
     model's; without gradient-accumulation fusion the split is refused."""
-    torch.manual_seed(0)
-    cfg = tiny_model_config(num_layers=5)
     pp, num = 3, 4
-    tokens = torch.randint(0, cfg.vocab_size, (num * 2, cfg.seq_length))
-    labels = torch.randint(0, cfg.vocab_size, (num * 2, cfg.seq_length))
-    mbs = split_global_batch(tokens, labels, 2, ParallelContext())
-    ref = LlamaModel(cfg, seed=7)
-    ref_loss = sum(ref(mb["tokens"], mb["labels"]).mean() for mb in mbs) / num
-    ref_loss.backward()
+    cfg, mbs, ref, ref_loss = _reference(5, num)
     stages = []
     for r in range(pp):
         ctx = ParallelContext(pp=pp, rank=r, world_size=pp)
@@ -341,15 +343,11 @@ def test_threaded_zb_h1_matches_single_model(fuse_ok):
         return
     run_threads(stages, zb=True)
     assert all(s.wgrads == num and not s.wpending for s in stages)
-    assert stages[-1].loss_sum.item() / num == pytest.approx(ref_loss.item(), rel=1e-6)
-    ref_grads = {n: p.grad for n, p in ref.named_parameters()}
     got = {}
     for s in stages:
         s.grad_sync.finish()
         got.update({n: p.main_grad for n, p in s.model.named_parameters()})
-    assert sorted(got) == sorted(ref_grads)
-    for n, g in got.items():
-        torch.testing.assert_close(g, ref_grads[n], rtol=1e-5, atol=1e-7, msg=n)
+    _assert_matches_reference(stages, num, ref, ref_loss, got)
 
 
 def test_split_backward_defers_linear_weight_grads_to_w():
@@ -406,17 +404,5 @@ class UntaggedComm(QueueComm):
 def test_interleaved_messages_match_without_tags(pp, vp, num):
     stages = [RecordingStage(r, pp, num, vp=vp) for r in range(pp)]
     chans = {(a, b): queue.Queue() for a in range(pp) for b in range(pp)}
-    errors = []
-
-    def body(r):
-        try:
-            run_interleaved(stages[r], UntaggedComm(r, pp, chans), pp, r, vp)
-        except BaseException as e:  # surfaced below
-            errors.append((r, e))
-
-    threads = [threading.Thread(target=body, args=(r,)) for r in range(pp)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=4 * TIMEOUT)
-    assert not errors and not any(t.is_alive() for t in threads), errors
+    run_in_threads(pp, lambda r: run_interleaved(stages[r], UntaggedComm(r, pp, chans), pp, r,
+                                                 vp))

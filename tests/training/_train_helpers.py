@@ -126,3 +126,42 @@ def train_rows(logs: str) -> list:
 
     path = os.path.join(logs, "metrics.jsonl")
     return read_metrics(logs, "train") if os.path.exists(path) else []
+
+
+def signal_when(argv: list, ready, sig: str = "SIGTERM", what: str = "the first step",
+                group: bool = False, timeout: float = 120):
+    """Start the trainer CLI with `argv`, wait until `ready(proc)`, send it `sig` (to its
+    whole process group, loader workers included, with `group`), wait for it to end; killed
+    if still running. Returns (proc, its merged output)."""
+    import signal
+
+    proc = start_cli(argv, new_session=group)
+    try:
+        wait_until(lambda: ready(proc), [proc], what=what)
+        if group:
+            os.killpg(proc.pid, getattr(signal, sig))
+        else:
+            proc.send_signal(getattr(signal, sig))
+        proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            if group:
+                os.killpg(proc.pid, signal.SIGKILL)
+            else:
+                proc.kill()
+    return proc, output(proc)
+
+
+def nan_loss_streak(ck: str, save_interval: int, max_nonfinite: int, match: str) -> None:
+    """Train 8 tiny steps saving to `ck` every `save_interval`, the loss NaN from step 3 on:
+    the run must stop with NonFiniteError matching `match` after `max_nonfinite` in a row."""
+    import pytest
+
+    from megacpt.training.faults import NonFiniteError
+    from megacpt.training.loop import Trainer
+
+    cfg, opts = config(mock_args("--save", ck, "--save-interval", str(save_interval),
+                                 "--max-nonfinite-steps", str(max_nonfinite), iters=8))
+    cbs = {"after_backward": lambda tr, it, loss: float("nan") if it >= 3 else None}
+    with pytest.raises(NonFiniteError, match=match):
+        Trainer(cfg, opts, callbacks=cbs).run()

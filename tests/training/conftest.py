@@ -1,16 +1,14 @@
 """Fixtures of the trainer tests: one torch thread, a tiny on-disk corpus."""
 import pytest
-import torch
+from _harness import torch_threads
 from _train_helpers import build_corpus
 
 
 @pytest.fixture(autouse=True)
 def _one_thread():
     """The machine is small and shared: one intra-op thread keeps tiny steps fast."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -2,15 +2,11 @@
 step's checkpoint published (the in-flight save finished first), nothing half-written, and
 --keep-last-checkpoints applied; losses do not depend on how checkpoints are written."""
 import os
-import signal
-import subprocess
-import sys
-import time
 
 from megacpt.checkpoint.format import read_tracker
 from megacpt.training.loop import train
 from megacpt.training.metrics import read_metrics
-from _train_helpers import config, mock_args
+from _train_helpers import config, mock_args, signal_when, train_rows
 
 
 def test_async_saves_give_the_same_losses_and_checkpoints(tmp_path):
@@ -32,21 +28,7 @@ def test_sigterm_finishes_the_async_save_in_flight(tmp_path):
     ck, logs = str(tmp_path / "ck"), str(tmp_path / "log")
     argv = mock_args("--save", ck, "--log-dir", logs, "--save-interval", "1", "--async-save",
                      "--keep-last-checkpoints", "2", iters=3000)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "megacpt.train", *argv], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 180
-        while not (os.path.exists(f"{logs}/metrics.jsonl") and
-                   len(read_metrics(logs, "train")) >= 3):
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() < deadline, "training did not start within 180 s"
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    proc, out = signal_when(argv, lambda _: len(train_rows(logs)) >= 3, what="the third step")
     assert proc.returncode == 0, out
     saved = read_tracker(ck)
     assert saved == read_metrics(logs, "train")[-1]["iteration"], out

@@ -3,10 +3,6 @@ inputs that must fail with a clear error before any compute starts."""
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
@@ -16,26 +12,13 @@ from megacpt.train import EXIT_BAD_INPUT, main
 from megacpt.training import loop
 from megacpt.training.loop import Trainer, train
 from megacpt.training.metrics import read_metrics
-from _train_helpers import config, mock_args, real_args, write_indexed
+from _train_helpers import config, mock_args, real_args, signal_when, train_rows, write_indexed
 
 
 def test_sigterm_saves_checkpoint_and_exits_zero(tmp_path):
     ck, logs = str(tmp_path / "ck"), str(tmp_path / "log")
     argv = mock_args("--save", ck, "--log-dir", logs, iters=3000)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "megacpt.train", *argv], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 180
-        while not (os.path.exists(f"{logs}/metrics.jsonl") and read_metrics(logs, "train")):
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() < deadline, "training did not start within 180 s"
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    proc, out = signal_when(argv, lambda _: train_rows(logs))
     assert proc.returncode == 0, out
     assert "SIGTERM" in out
     saved = int(open(f"{ck}/latest_checkpointed_iteration.txt").read())

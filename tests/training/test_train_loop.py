@@ -9,7 +9,7 @@ from megacpt.training.faults import NonFiniteError
 from megacpt.training.loop import Trainer, train
 from megacpt.training.metrics import read_metrics
 
-from _train_helpers import config, mock_args, real_args
+from _train_helpers import config, mock_args, nan_loss_streak, real_args
 
 
 class Boom(Exception):
@@ -157,8 +157,4 @@ def test_nonfinite_grad_step_is_skipped(tmp_path):
 
 def test_nonfinite_loss_k_in_a_row_stops(tmp_path):
     ck = str(tmp_path / "ck")
-    cfg, opts = config(mock_args("--save", ck, "--save-interval", "2",
-                                 "--max-nonfinite-steps", "2", iters=8))
-    cbs = {"after_backward": lambda tr, it, loss: float("nan") if it >= 3 else None}
-    with pytest.raises(NonFiniteError, match=r"step 4: 2 consecutive.*iter_0000002"):
-        Trainer(cfg, opts, callbacks=cbs).run()
+    nan_loss_streak(ck, 2, 2, r"step 4: 2 consecutive.*iter_0000002")

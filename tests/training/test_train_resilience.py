@@ -16,8 +16,8 @@ from megacpt.training import checks
 from megacpt.training.faults import NonFiniteError
 from megacpt.training.loop import Trainer, train
 from megacpt.training.metrics import read_metrics
-from _train_helpers import (config, mock_args, output, real_args, start_cli, tiny_args,
-                            write_indexed)
+from _train_helpers import (config, mock_args, nan_loss_streak, output, real_args, start_cli,
+                            tiny_args, write_indexed)
 
 
 def test_torn_last_metrics_row_is_dropped_on_resume(tmp_path):
@@ -101,11 +101,7 @@ def test_unwritable_save_dir_is_found_at_start_up(tmp_path, caplog):
 
 def test_last_good_checkpoint_predates_the_skip_streak(tmp_path):
     ck = str(tmp_path / "ck")
-    cfg, opts = config(mock_args("--save", ck, "--save-interval", "1",
-                                 "--max-nonfinite-steps", "3", iters=8))
-    cbs = {"after_backward": lambda tr, it, loss: float("nan") if it >= 3 else None}
-    with pytest.raises(NonFiniteError, match=r"step 5: 3 consecutive.*iter_0000002\. "):
-        Trainer(cfg, opts, callbacks=cbs).run()
+    nan_loss_streak(ck, 1, 3, r"step 5: 3 consecutive.*iter_0000002\. ")
     assert os.path.isdir(f"{ck}/iter_0000004")  # saved during the streak, but not named
 
 

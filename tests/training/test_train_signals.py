@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from megacpt.training.signals import PreemptionHandler
-from _train_helpers import (mock_args, output, printed, start_cli, train_rows, wait_until)
+from _train_helpers import (mock_args, output, printed, signal_when, start_cli, train_rows,
+                            wait_until)
 
 
 def _tracker(ck: str) -> int:
@@ -22,15 +23,7 @@ def test_signal_to_process_group_with_loader_workers_saves_and_exits_zero(tmp_pa
     worker must ignore it and the trainer save at the next step boundary, exit 0."""
     ck, logs = str(tmp_path / "ck"), str(tmp_path / "log")
     argv = mock_args("--save", ck, "--log-dir", logs, "--num-workers", "1", iters=3000)
-    proc = start_cli(argv, new_session=True)
-    try:
-        wait_until(lambda: train_rows(logs), [proc], what="the first step")
-        os.killpg(proc.pid, getattr(signal, sig))
-        proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    out = output(proc)
+    proc, out = signal_when(argv, lambda _: train_rows(logs), sig, group=True)
     assert proc.returncode == 0, out
     assert "Traceback" not in out and "DataLoader worker" not in out, out
     assert f"stopped by {sig}" in out, out
@@ -40,15 +33,8 @@ def test_signal_to_process_group_with_loader_workers_saves_and_exits_zero(tmp_pa
 
 def test_signal_during_start_up_exits_zero_before_the_first_step(tmp_path):
     logs = str(tmp_path / "log")
-    proc = start_cli(mock_args("--log-dir", logs, iters=3000))
-    try:
-        wait_until(lambda: printed(proc, "megacpt.train starting"), [proc], what="start-up")
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    out = output(proc)
+    proc, out = signal_when(mock_args("--log-dir", logs, iters=3000),
+                            lambda p: printed(p, "megacpt.train starting"), what="start-up")
     assert proc.returncode == 0 and "before the first step" in out, out
     assert "Traceback" not in out and not train_rows(logs)
 
@@ -82,12 +68,12 @@ def test_handler_second_sigint_raises_keyboard_interrupt():
                 pass
 
 
-
 def test_second_sigint_during_shutdown_still_ends_in_one_line_and_130():
     """Once the handler's scope is left after a first SIGINT, a second one (while the
     interpreter shuts down) exits 130 with our line instead of an uncaught KeyboardInterrupt."""
     code = ("import os, signal\nfrom megacpt.training.signals import PreemptionHandler\n"
-            "with PreemptionHandler(abort_after_first_sigint=True):\n    os.kill(os.getpid(), signal.SIGINT)\n"
+            "with PreemptionHandler(abort_after_first_sigint=True):\n"
+            "    os.kill(os.getpid(), signal.SIGINT)\n"
             "os.kill(os.getpid(), signal.SIGINT)\nfor _ in range(10**6):\n    pass\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 130, (r.returncode, r.stderr)
@@ -99,16 +85,23 @@ def test_second_sigint_during_shutdown_still_ends_in_one_line_and_130():
         h._handle(signal.SIGINT, None)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
+
+def _torchrun(argv: list, rank_logs: str):
+    """`torchrun --nproc-per-node 2 -m megacpt.train ARGV`, each rank's output in
+    `rank_logs`; the launcher's merged output on proc.stdout."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           "2", "--log-dir", rank_logs, "--redirects", "3", "-m", "megacpt.train", *argv]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
 def test_sigterm_to_torchrun_saves_on_every_rank(tmp_path):
     """SIGTERM to the launcher: torchrun forwards it to each rank's process group; both ranks
     save the same step and exit 0, with no traceback from any rank."""
     ck, logs, rank_logs = str(tmp_path / "ck"), str(tmp_path / "log"), str(tmp_path / "ranks")
     argv = mock_args("--save", ck, "--log-dir", logs, "--num-workers", "1", iters=3000)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-           "2", "--log-dir", rank_logs, "--redirects", "3", "-m", "megacpt.train", *argv]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    proc = _torchrun(argv, rank_logs)
     try:
         wait_until(lambda: train_rows(logs), [proc], what="the first step")
         proc.send_signal(signal.SIGTERM)
@@ -140,11 +133,7 @@ def test_dead_rank_under_torchrun_gives_the_dead_rank_message(tmp_path):
     logs, rank_logs = str(tmp_path / "log"), str(tmp_path / "ranks")
     argv = mock_args("--log-dir", logs, "--num-workers", "1", "--distributed-timeout-minutes",
                      "0.5", iters=3000)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-           "2", "--log-dir", rank_logs, "--redirects", "3", "-m", "megacpt.train", *argv]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    proc = _torchrun(argv, rank_logs)
     try:
         wait_until(lambda: train_rows(logs), [proc], what="the first step")
         victim = _rank_pid(proc.pid, 1)
