@@ -144,12 +144,20 @@ def test_figure4_cross_language_and_flops_with_source(tmp_path):
 def test_report_lists_downstream_evaluation_of_runs_that_have_one():
     from megacpt.study.report import eval_section
 
-    lines = eval_section({"runs": [
-        {"name": "zh_49M_cpt", "eval": {"xnli_zh": {"acc": 0.41}, "xcopa_zh": {"acc": 0.55}}},
-        {"name": "zh_49M_scratch", "eval": None}]})
-    assert lines[2] == "| run | xcopa_zh/acc | xnli_zh/acc |"
-    assert lines[4] == "| zh_49M_cpt | 0.5500 | 0.4100 |" and len(lines) == 6
-    assert eval_section({"runs": [{"name": "x", "eval": None}]}) == []
+    row = {"lang": "zh", "size": "49M", "kind": "cpt", "strategy": "cpt_replay0.3",
+           "replay": 0.3, "budget": 20.0, "iteration": 9}
+    ds = {"tasks": {"xnli_zh": "lm_eval:xnli_zh", "xcopa_zh": "x.jsonl"},
+          "chance": {"xcopa_zh": 0.5},
+          "runs": [{**row, "run": "zh_49M_cpt_replay0.3", "tasks": {
+              "xnli_zh": {"acc": 0.41}, "xcopa_zh": {"acc": 0.55, "acc_norm": 0.6}}},
+              {**row, "run": "zh_49M_cpt", "replay": 0.0, "strategy": "cpt", "tasks": {}}]}
+    lines = eval_section({"downstream": ds})
+    assert lines[0] == "## Downstream evaluation"
+    assert lines[4] == "| run | strategy | replay | xnli_zh | xcopa_zh (0.50) |"
+    assert lines[6] == "| zh_49M_cpt_replay0.3 | cpt_replay0.3 | 30% | 0.410 (0.410) | " \
+                       "0.600 (0.550) |"
+    assert lines[7] == "| zh_49M_cpt | cpt | 0% | - | - |"
+    assert eval_section({"downstream": None}) == [] and eval_section({}) == []
 
 
 def test_demo_config_plans_and_its_committed_output_is_identifiable(tmp_path):
