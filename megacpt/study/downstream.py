@@ -85,6 +85,7 @@ def evaluate_run(cfg: StudyConfig, run: Run, force: bool = False) -> bool:
     whether it evaluated."""
     from megacpt.checkpoint.format import read_tracker
     from megacpt.evaluation.report import evaluate_checkpoints
+    from megacpt.evaluation.tasks import EvalInputError
 
     if not cfg.downstream or not evaluated(run) or (not force and eval_current(cfg, run)):
         return False
@@ -93,8 +94,11 @@ def evaluate_run(cfg: StudyConfig, run: Run, force: bool = False) -> bool:
         raise RuntimeError(f"run {run.name}: its checkpoint is at iteration {it}, not the final "
                            f"{run.train_iters}; train it before evaluating")
     tasks, t0 = task_sources(cfg), time.time()
-    res = evaluate_checkpoints({run.name: run.ckpt_dir}, tasks, cfg.downstream["batch_size"],
-                               device=cfg.device)[run.name]
+    try:
+        res = evaluate_checkpoints({run.name: run.ckpt_dir}, tasks,
+                                   cfg.downstream["batch_size"], device=cfg.device)[run.name]
+    except EvalInputError as e:  # a bad task file, lm-eval data not present, ...
+        raise RuntimeError(f"run {run.name}: downstream evaluation: {e}") from None
     doc = {"iteration": it, "checkpoint": run.ckpt_dir, "task_sources": tasks, "tasks": res}
     path = os.path.join(run.run_dir, EVAL_FILE)
     with open(path + ".tmp", "w", encoding="utf-8") as f:

@@ -149,6 +149,19 @@ def test_downstream_eval_of_every_final_checkpoint_in_results_and_report(example
     assert json.loads(open(os.path.join(run.run_dir, EVAL_FILE)).read())["tasks"] == ev["tasks"]
 
 
+def test_downstream_bad_task_file_is_a_one_line_run_error(example, tmp_path):
+    import dataclasses
+
+    from megacpt.study.downstream import evaluate_run
+
+    out, cfg, runs = example
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"context": "a", "choices": ["b"], "gold": 3}\n')
+    cfg2 = dataclasses.replace(cfg, downstream={**cfg.downstream, "tasks": {"bad": str(bad)}})
+    with pytest.raises(RuntimeError, match=f"run zh_tiny_cpt: downstream evaluation: {bad}:1"):
+        evaluate_run(cfg2, next(r for r in runs if r.name == "zh_tiny_cpt"))
+
+
 def test_rerun_skips_finished_runs_and_redoes_a_missing_one(example):
     out, cfg, runs = example
     victim = next(r for r in runs if r.name == "zh_tiny_scratch")
