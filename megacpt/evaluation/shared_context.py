@@ -57,9 +57,12 @@ def groups(requests, inputs: list[list[int]]) -> list[tuple[list[int], int]]:
 
 
 def batches(gs: list[tuple[list[int], int]], batch_size: int) -> list[list[tuple[list[int], int]]]:
-    """Whole groups per batch, up to batch_size requests (a larger group alone)."""
+    """Whole groups per batch, up to batch_size requests; a larger group (e.g. every request
+    of an empty-context task) is cut into pieces of batch_size, each still sharing its prefix."""
+    pieces = [(idx[k:k + batch_size], shared) for idx, shared in gs
+              for k in range(0, len(idx), batch_size)]
     out, cur, n = [], [], 0
-    for g in gs:
+    for g in pieces:
         if cur and n + len(g[0]) > batch_size:
             out.append(cur)
             cur, n = [], 0

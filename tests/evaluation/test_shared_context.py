@@ -2,7 +2,7 @@
 context encoded once give the per-request path's log-likelihoods and greedy flags (which
 test_lm_eval_exactness ties to lm-eval's `hf` model), with and without left truncation that
 shifts the choices' inputs differently, for empty contexts and for groups larger than a
-batch; only the prefix identical across the choices' token sequences is shared."""
+batch (cut into pieces); only the prefix identical across the choices' token sequences is shared."""
 import pytest
 
 from megacpt.evaluation import shared_context
@@ -23,7 +23,8 @@ def test_shared_length_stops_where_the_tokens_or_the_scoring_start():
                                                         for c, x in reqs + [([1], [3, 3])]])
     assert gs == [([0, 1], 3), ([2], 0)]
     assert shared_context.batches(gs * 2, 3) == [gs, gs]  # whole groups, <= 3 requests
-    assert shared_context.batches(gs, 1) == [[gs[0]], [gs[1]]]  # a larger group alone
+    # a group larger than a batch is cut into pieces that keep its shared prefix
+    assert shared_context.batches(gs, 1) == [[([0], 3)], [([1], 3)], [([2], 0)]]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def model_and_requests(eval_assets):
     return model, reqs
 
 
-@pytest.mark.parametrize("max_length, batch_size", [(None, 5), (4, 3), (None, 64)])
+@pytest.mark.parametrize("max_length, batch_size", [(None, 5), (4, 3), (None, 64), (None, 2)])
 def test_shared_context_gives_the_per_request_scores(model_and_requests, max_length,
                                                      batch_size):
     model, reqs = model_and_requests
