@@ -101,7 +101,8 @@ from megacpt.study.run import (pending_data_commands, prepare_data, prepare_run,
 
 __all__ = [
     "DESIGNS", "KINDS", "LAUNCH", "Run", "StudyConfig", "StudyConfigError", "analyze",
-    "analyze_language", "evaluate_pending", "evaluate_run", "check_plan", "data_commands", "data_files", "fit_quality",
+    "analyze_language", "check_plan", "data_commands", "data_files", "evaluate_pending",
+    "evaluate_run", "fit_quality",
     "load_config", "load_plan", "pending_data_commands", "plan_runs", "prepare_data",
     "prepare_run", "run_finished", "run_local", "run_one", "vocab_size", "write_commands",
 ]

@@ -5,15 +5,17 @@ trunks) is scored on the configured tasks once it has finished: `evaluate_run` l
 checkpoint (`megacpt.evaluation`, lm-evaluation-harness's metrics) and writes
 `run_dir/eval.json`::
 
-    {"iteration": 120, "checkpoint": ".../checkpoints/zh_tiny_cpt",
+    {"iteration": 120, "checkpoint": ".../checkpoints/zh_tiny_cpt", "task_sources": {...},
      "tasks": {"demo_zh": {"acc": 0.41, "acc_norm": 0.44, "num_items": 32, ...}, ...}}
 
 An eval.json whose iteration is the checkpoint's and which holds every configured task is
 kept, so a resumed study does not evaluate again; a run trained (again) is always scored
 anew. Local launch evaluates each run right after training it; print and slurm launch append
 `tools/run_study.py --evaluate-run NAME` to the run's command (its array task, with its
-GPUs); the analysis step evaluates whatever is still missing. Task sources: `tasks` (JSON-lines task files), `lm_eval_tasks` (lm-eval task names,
-when lm-eval and their data are present), and `demo_items` > 0 demo items per language built
+GPUs); the analysis step evaluates whatever is still missing.
+
+Task sources: `tasks` (JSON-lines task files), `lm_eval_tasks` (lm-eval task names, when
+lm-eval and their data are present), and `demo_items` > 0 demo items per language built
 from the corpus' held-out text (`megacpt.evaluation.demo_tasks`: a smoke signal, not the
 paper's benchmarks) into `out_dir/downstream/tasks/`.
 """

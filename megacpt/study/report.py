@@ -314,7 +314,8 @@ def plot_downstream_bars(ds: dict, lang: str, src: str, path: str) -> str | None
             xs, ys = [], []
             for i, g in enumerate(groups):
                 for r in rows:
-                    same = group(r) == g or (r["kind"] == "source" and g.split("\n")[0] == r["size"])
+                    same = group(r) == g or (r["kind"] == "source"
+                                             and g.split("\n")[0] == r["size"])
                     if r["strategy"] == s and same and task in r["tasks"]:
                         xs.append(i + (k - (len(strategies) - 1) / 2) * width)
                         ys.append(_score(r["tasks"][task]))
