@@ -2,6 +2,7 @@
 
     python tools/run_study.py --config examples/study_tiny.yaml [--out DIR]
                               [--launch local|print|slurm] [--dry-run] [--fit-only]
+                              [--prepare-data] [--prepare-run NAME] [--evaluate-run NAME]
 
 `launch: local` trains every unfinished run here, one after another; `launch: print` writes
 `OUT/commands.sh` for a cluster scheduler; `launch: slurm` writes and submits one sbatch job

@@ -100,7 +100,7 @@ class StudyConfig:
     sbatch_args (list), setup (shell lines run first), python (interpreter)."""
     downstream: dict = field(default_factory=dict)
     """Downstream evaluation of every end-of-schedule checkpoint (`megacpt.study.downstream`):
-    tasks {name: FILE.jsonl}, lm_eval_tasks [names], demo_items (per language, from the
+    tasks {name: FILE.jsonl} (or [NAME=FILE.jsonl, ...]), lm_eval_tasks [names], demo_items (per language, from the
     corpus' held-out text), languages, batch_size; empty: none."""
 
     @property
@@ -313,7 +313,14 @@ def _downstream_section(cfg: StudyConfig, base: str, bad) -> dict:
     if not cfg.downstream:
         return {}
     langs = [cfg.source_lang, *cfg.target_langs]
-    d = _section(cfg.downstream, {**DOWNSTREAM_DEFAULTS, "languages": []}, "downstream", bad)
+    given = dict(cfg.downstream)
+    if isinstance(given.get("tasks"), list):  # the CLI's form: [NAME=FILE.jsonl, ...]
+        pairs = [t.split("=", 1) if isinstance(t, str) else [] for t in given["tasks"]]
+        if not all(len(p) == 2 and p[0] for p in pairs):
+            raise bad("downstream.tasks", f"expected {{name: FILE.jsonl}} or a list of "
+                                          f"NAME=FILE.jsonl, got {given['tasks']}")
+        given["tasks"] = dict(pairs)
+    d = _section(given, {**DOWNSTREAM_DEFAULTS, "languages": []}, "downstream", bad)
     tasks = {}
     for name, path in d["tasks"].items():
         if not isinstance(path, str) or not path.endswith(".jsonl"):

@@ -149,6 +149,15 @@ def test_downstream_eval_of_every_final_checkpoint_in_results_and_report(example
     assert json.loads(open(os.path.join(run.run_dir, EVAL_FILE)).read())["tasks"] == ev["tasks"]
 
 
+def test_downstream_config_forms(tmp_path):
+    (tmp_path / "t.jsonl").write_text('{"context": "a", "choices": ["b", "c"], "gold": 0}\n')
+    for tasks in ({"t": "t.jsonl"}, ["t=t.jsonl"]):
+        cfg = study.load_config(_write(tmp_path, downstream={"tasks": tasks}))
+        assert cfg.downstream == {"tasks": {"t": str(tmp_path / "t.jsonl")}, "lm_eval_tasks": [],
+                                  "demo_items": 0, "languages": ["en", "zh"], "batch_size": 16}
+    assert study.load_config(_write(tmp_path)).downstream == {}
+
+
 def test_downstream_bad_task_file_is_a_one_line_run_error(example, tmp_path):
     import dataclasses
 
@@ -214,6 +223,7 @@ def _write(tmp_path, **fields):
     ({"downstream": {"tasks": {"x": "missing.jsonl"}}},
      ["field 'downstream.tasks.x'", "missing.jsonl not found"]),
     ({"downstream": {"tasks": {"x": 3}}}, ["field 'downstream.tasks.x'", "NAME.jsonl"]),
+    ({"downstream": {"tasks": ["x.jsonl"]}}, ["field 'downstream.tasks'", "NAME=FILE.jsonl"]),
     ({"downstream": {"demo_items": 4, "languages": ["de"]}}, ["field 'downstream.languages'"]),
     ({"downstream": {"demo_items": 4, "batch_size": 0}}, ["field 'downstream'", "batch_size"]),
     ({"downstream": {"languages": ["zh"]}}, ["field 'downstream'", "no tasks"]),
