@@ -158,6 +158,22 @@ def test_downstream_config_forms(tmp_path):
     assert study.load_config(_write(tmp_path)).downstream == {}
 
 
+def test_downstream_in_slurm_scripts_after_each_final_run_only(tmp_path):
+    """Dry run (no Slurm needed): each end-of-schedule run's array task evaluates it after
+    training; WSD stable trunks are not evaluated; the analysis job catches what is left."""
+    path = _write(tmp_path, launch="slurm", kinds=["cpt"], design="wsd", budgets=[20, 40],
+                  downstream={"demo_items": 4})
+    assert run_study.main(["--config", path, "--dry-run"]) == 0
+    sdir = tmp_path / "o" / "slurm"
+    source, target, branch = ((sdir / f"{s}.sbatch").read_text()
+                              for s in ("source", "target", "branch"))
+    assert source.rstrip().count("--evaluate-run en_tiny_source\n") == 1
+    assert "zh_tiny_cpt_stable" in target and "--evaluate-run" not in target
+    for b in ("20", "40"):
+        assert f"--evaluate-run zh_tiny_cpt_d{b}\n" in branch
+    assert "--fit-only" in (sdir / "analysis.sbatch").read_text()
+
+
 def test_downstream_bad_task_file_is_a_one_line_run_error(example, tmp_path):
     import dataclasses
 
