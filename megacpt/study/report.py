@@ -305,8 +305,8 @@ def plot_downstream_bars(ds: dict, lang: str, src: str, path: str) -> str | None
         list(dict.fromkeys(group(r) for r in rows))
     ncol = min(3, len(tasks))
     nrow = -(-len(tasks) // ncol)
-    fig = Figure(figsize=(1.2 + 0.55 * len(groups) * len(strategies) * ncol, 3.2 * nrow),
-                 layout="constrained")
+    panel = 1.2 + 0.22 * len(groups) * len(strategies)  # inches per task panel
+    fig = Figure(figsize=(min(18.0, panel * ncol), 3.2 * nrow), layout="constrained")
     axes = fig.subplots(nrow, ncol, squeeze=False).ravel()
     width = 0.8 / len(strategies)
     for ax, task in zip(axes, tasks):

@@ -160,6 +160,27 @@ def test_report_lists_downstream_evaluation_of_runs_that_have_one():
     assert eval_section({"downstream": None}) == [] and eval_section({}) == []
 
 
+def test_downstream_bars_per_size_budget_kind_and_replay(tmp_path):
+    from megacpt.study.report import plot_downstream_bars
+
+    rows = [{"run": f"en_{n}_source", "lang": "en", "size": n, "kind": "source",
+             "strategy": "source", "replay": 0.0, "budget": 40.0,
+             "tasks": {"demo_zh": {"acc": 0.3, "acc_norm": 0.3}}} for n in ("49M", "86M")]
+    for n in ("49M", "86M"):
+        for b in (20.0, 40.0):
+            for kind, r in (("scratch", 0.0), ("cpt", 0.0), ("cpt", 0.3)):
+                strategy = kind if not r else f"cpt_replay{r:g}"
+                rows.append({"run": f"zh_{n}_{strategy}_d{b:g}", "lang": "zh", "size": n,
+                             "kind": kind, "strategy": strategy, "replay": r, "budget": b,
+                             "tasks": {t: {"acc": 0.4, "acc_norm": 0.5}
+                                       for t in ("demo_zh", "demo_en", "xcopa_zh")}})
+    ds = {"tasks": {"demo_zh": "a", "demo_en": "b", "xcopa_zh": "c"},
+          "chance": {"demo_zh": 0.25}, "runs": rows}
+    png = plot_downstream_bars(ds, "zh", "en", str(tmp_path / "zh_downstream.png"))
+    assert os.path.getsize(png) > 5000
+    assert plot_downstream_bars(ds, "fr", "de", str(tmp_path / "fr.png")) is None  # no runs
+
+
 def test_demo_config_plans_and_its_committed_output_is_identifiable(tmp_path):
     cfg = study.load_config(os.path.join(REPO, "examples", "study_demo.yaml"), str(tmp_path))
     runs = study.plan_runs(cfg, 512)
