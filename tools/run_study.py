@@ -2,12 +2,15 @@
 
     python tools/run_study.py --config examples/study_tiny.yaml [--out DIR]
                               [--launch local|print|slurm] [--dry-run] [--fit-only]
+                              [--prepare-data] [--prepare-run NAME] [--evaluate-run NAME]
 
 `launch: local` trains every unfinished run here, one after another; `launch: print` writes
 `OUT/commands.sh` for a cluster scheduler; `launch: slurm` writes and submits one sbatch job
 array per stage with dependencies (`--dry-run`: write the scripts only). Finished runs are
 always skipped, so running the command again resumes a study. Once every run has finished it
-writes `OUT/fits/*.json`, `OUT/plots/*.png`, `OUT/results.json` and `OUT/report.md`. The
+scores every final checkpoint on the config's `downstream:` tasks (`run_dir/eval.json`, kept
+when current) and writes `OUT/fits/*.json`, `OUT/plots/*.png`, `OUT/results.json` and
+`OUT/report.md`. The
 config format, the planned runs and the analysis are described in `megacpt.study`.
 Exit codes: 0 done (or commands written / jobs submitted), 1 a run failed, 2 bad config.
 """
@@ -40,6 +43,9 @@ def get_args(argv=None) -> argparse.Namespace:
                     help="only prepare the data (tokenizer, binaries, held-out samples)")
     ap.add_argument("--prepare-run", metavar="NAME",
                     help="only prepare run NAME (a cooldown branch: link its start checkpoint)")
+    ap.add_argument("--evaluate-run", metavar="NAME",
+                    help="only score run NAME's final checkpoint on the config's downstream "
+                         "tasks (run_dir/eval.json; print/slurm commands run it after training)")
     return ap.parse_args(argv)
 
 
@@ -51,17 +57,20 @@ def main(argv=None) -> int:
         runs = study.plan_runs(cfg, study.vocab_size(cfg))
         study.check_plan(cfg, runs)
         named = {r.name: r for r in runs}
-        if args.prepare_run and args.prepare_run not in named:
-            raise study.StudyConfigError(f"{cfg.path}: no run named {args.prepare_run!r}")
+        for name in (args.prepare_run, args.evaluate_run):
+            if name and name not in named:
+                raise study.StudyConfigError(f"{cfg.path}: no run named {name!r}")
     except (study.StudyConfigError, ValueError) as e:
         log.error("error: %s", e)
         return 2
     try:
-        if args.prepare_data or args.prepare_run:
+        if args.prepare_data or args.prepare_run or args.evaluate_run:
             if args.prepare_data:
                 study.prepare_data(cfg)
             if args.prepare_run:
                 study.prepare_run(named[args.prepare_run])
+            if args.evaluate_run:
+                study.evaluate_run(cfg, named[args.evaluate_run], force=True)
             return 0
         log.info("study %s: %d runs planned (%d finished) in %s", cfg.name, len(runs),
                  sum(study.run_finished(r) for r in runs), cfg.out_dir)
@@ -83,6 +92,7 @@ def main(argv=None) -> int:
                 return 0
             study.prepare_data(cfg)
             study.run_local(cfg, runs)
+        study.evaluate_pending(cfg, runs)  # runs finished elsewhere or before it was configured
         results = study.analyze(cfg, runs)
     except RuntimeError as e:
         log.error("error: %s", e)

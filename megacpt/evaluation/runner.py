@@ -10,9 +10,10 @@ return None.
 `loglikelihoods(model, requests, batch_size)` scores `(context_ids, continuation_ids)`
 requests as lm-eval's `HFLM._loglikelihood_tokens` does: input `(ctx + cont)[-(L+1):][:-1]`
 (left truncation to the model's length L), log-softmax in fp32 over the continuation's
-positions, `(sum of log-probs, every continuation token is the argmax)`. Requests are sorted
-by length (longest first), cut into batches, right-padded; data-parallel rank r runs batches
-r, r + dp, ... and the results are gathered, so every rank returns all of them.
+positions, `(sum of log-probs, every continuation token is the argmax)`. With pp = 1 the
+choices of an item share its context, encoded once (`shared_context`); otherwise requests
+are sorted by length (longest first), cut into batches, right-padded. Data-parallel rank r
+runs batches r, r + dp, ... and the results are gathered, so every rank returns all of them.
 """
 from __future__ import annotations
 
@@ -141,9 +142,15 @@ def _score_batch(model: EvalModel, requests, idx: list[int], pad_id: int):
 
 
 def loglikelihoods(model: EvalModel, requests: list[tuple[list[int], list[int]]],
-                   batch_size: int = 16, progress: bool = True,
-                   desc: str = "scoring") -> list[tuple[float, bool]]:
-    """(log-likelihood, is_greedy) per request, in request order, on every rank."""
+                   batch_size: int = 16, progress: bool = True, desc: str = "scoring",
+                   share_context: bool = True) -> list[tuple[float, bool]]:
+    """(log-likelihood, is_greedy) per request, in request order, on every rank.
+
+    `share_context` (where `shared_context.applies`: pp = 1, no sequence parallelism): the
+    choices of an item are scored from its context encoded once; otherwise (or False) each
+    request is its own padded sequence. Both give lm-eval's numbers."""
+    from megacpt.evaluation import shared_context
+
     ctx, L = model.ctx, model.max_length
     for i, (_, cont) in enumerate(requests):
         if not cont:
@@ -151,16 +158,21 @@ def loglikelihoods(model: EvalModel, requests: list[tuple[list[int], list[int]]]
         if len(cont) > L:
             raise EvalInputError(f"request {i}: the continuation has {len(cont)} tokens, more "
                                  f"than the model's length {L}")
-    batches = _batches(requests, L, batch_size)
-    mine = batches[ctx.dp_rank::ctx.dp]
     pad = model.tokenizer.pad
     results: dict[int, tuple[float, bool]] = {}
     bar = _Progress(len(requests), desc, progress and ctx.rank == 0, ctx.dp)
-    for idx in mine:
-        scored = _score_batch(model, requests, idx, pad)
-        if scored is not None:
-            results.update(zip(idx, scored))
-        bar.update(len(idx))
+    if share_context and shared_context.applies(ctx):
+        inputs = [truncate(c, x, L) for c, x in requests]
+        batches = shared_context.batches(shared_context.groups(requests, inputs), batch_size)
+        for batch in batches[ctx.dp_rank::ctx.dp]:
+            results.update(shared_context.score_batch(model, requests, inputs, batch, pad))
+            bar.update(sum(len(idx) for idx, _ in batch))
+    else:
+        for idx in _batches(requests, L, batch_size)[ctx.dp_rank::ctx.dp]:
+            scored = _score_batch(model, requests, idx, pad)
+            if scored is not None:
+                results.update(zip(idx, scored))
+            bar.update(len(idx))
     bar.close()
     results = _share(results, ctx)
     return [results[i] for i in range(len(requests))]

@@ -75,15 +75,25 @@ Config file (YAML; relative paths are relative to the config file's directory)::
       sbatch_args: []                # more #SBATCH lines, e.g. ["--account=abc"]
       setup: []                      # shell lines run first (module load, venv activate)
       python: python
+    downstream:                      # zero-shot tasks on every final checkpoint (optional;
+                                     # megacpt.study.downstream); any of:
+      demo_items: 32                 #   demo tasks per language from corpus_dir's held-out
+                                     #   text (a smoke signal, not a benchmark)
+      tasks: {xcopa_zh: xcopa_zh.jsonl}   # task files {"context", "choices", "gold"} per line
+      lm_eval_tasks: [xnli_zh]       #   lm-eval tasks (pip install 'megacpt[eval]', data local)
+      languages: null                #   demo languages (default: source and targets)
+      batch_size: 16
 
 Outputs in `out_dir`: `data/` (tokenizer, binaries, held-out samples), `runs/NAME/`
 (metrics.jsonl, the trainer's `--log-dir`), `checkpoints/NAME/`, `plan.json` (every run's
 config and argv); `commands.sh` (print mode) or `slurm/` (scripts, submitted job ids);
-`fits/*.json`, `plots/*.png`, `results.json` and `report.md`.
+`runs/NAME/eval.json` (downstream scores), `fits/*.json`, `plots/*.png`, `results.json` and
+`report.md`.
 """
 from megacpt.study.analysis import analyze, analyze_language, fit_quality
 from megacpt.study.config import (DESIGNS, KINDS, LAUNCH, StudyConfig, StudyConfigError,
                                   load_config)
+from megacpt.study.downstream import evaluate_pending, evaluate_run
 from megacpt.study.plan import (Run, check_plan, data_commands, data_files, load_plan,
                                 plan_runs, run_finished, vocab_size)
 from megacpt.study.run import (pending_data_commands, prepare_data, prepare_run, run_local,
@@ -91,7 +101,8 @@ from megacpt.study.run import (pending_data_commands, prepare_data, prepare_run,
 
 __all__ = [
     "DESIGNS", "KINDS", "LAUNCH", "Run", "StudyConfig", "StudyConfigError", "analyze",
-    "analyze_language", "check_plan", "data_commands", "data_files", "fit_quality",
+    "analyze_language", "check_plan", "data_commands", "data_files", "evaluate_pending",
+    "evaluate_run", "fit_quality",
     "load_config", "load_plan", "pending_data_commands", "plan_runs", "prepare_data",
     "prepare_run", "run_finished", "run_local", "run_one", "vocab_size", "write_commands",
 ]

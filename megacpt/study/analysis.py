@@ -12,20 +12,17 @@ refitted per resample; `intervals` and `warnings` in the fit JSON) and carry thi
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import warnings
 
 import numpy as np
 
 from megacpt.study.config import StudyConfig
+from megacpt.study.downstream import summarize
 from megacpt.study.plan import Run, run_finished
 
 log = logging.getLogger("megacpt.study")
-EVAL_FILE = "eval.json"
-"""Downstream evaluation of a run's final checkpoint, {task: {metric: value}}, in its run_dir."""
 
 
 def _points(runs: list[Run], valid_name: str, cfg: StudyConfig):
@@ -261,12 +258,7 @@ def run_summary(runs: list[Run]) -> list[dict]:
                 if row["iteration"] == r.train_iters:
                     final[row["name"]] = row["loss"]
         c, _ = r.resolved()
-        ev_path = os.path.join(r.run_dir, EVAL_FILE)  # written by the evaluation hook (run.py)
-        ev = None
-        if os.path.isfile(ev_path):
-            with open(ev_path, encoding="utf-8") as f:
-                ev = json.load(f)
-        rows.append({"name": r.name, "eval": ev, "lang": r.lang, "size": r.size, "kind": r.kind,
+        rows.append({"name": r.name, "lang": r.lang, "size": r.size, "kind": r.kind,
                      "role": r.role, "budget": r.budget, "replay": r.replay,
                      "num_parameters": r.num_parameters, "train_iters": r.train_iters,
                      "global_batch_size": c.training.global_batch_size,
@@ -306,4 +298,5 @@ def analyze(cfg: StudyConfig, runs: list[Run]) -> dict:
            "points_fitted": cfg.fit["checkpoints"], "runs": run_summary(runs),
            "languages": {lang: analyze_language(cfg, runs, lang) for lang in cfg.target_langs}}
     res["cross_language"] = cross_language(res)
+    res["downstream"] = summarize(cfg, runs)
     return res

@@ -98,6 +98,10 @@ class StudyConfig:
     slurm: dict = field(default_factory=dict)
     """sbatch settings: partition, time, cpus_per_task, gpus_per_node, mem, max_parallel,
     sbatch_args (list), setup (shell lines run first), python (interpreter)."""
+    downstream: dict = field(default_factory=dict)
+    """Downstream evaluation of every end-of-schedule checkpoint (`megacpt.study.downstream`):
+    tasks {name: FILE.jsonl} (or [NAME=FILE.jsonl, ...]), lm_eval_tasks [names], demo_items (per language, from the
+    corpus' held-out text), languages, batch_size; empty: none."""
 
     @property
     def all_budgets(self) -> list[float]:
@@ -114,7 +118,7 @@ _TYPES = {"name": str, "out_dir": str, "launch": str, "launcher": str, "source_l
           "evals_per_run": int, "eval_iters": (int, type(None)),
           "valid_tokens": (int, float, type(None)), "seed": int, "device": (str, type(None)),
           "bf16": bool, "threads": int, "extra_args": list, "data": dict, "fit": dict,
-          "slurm": dict}
+          "slurm": dict, "downstream": dict}
 _DATA_KEYS = {"corpus_dir", "vocab_size", "character_coverage", "tokenizer_model", "train",
               "valid"}
 FIT_DEFAULTS = {"min_tokens_fraction": 0.1, "bootstrap": 100, "checkpoints": "final",
@@ -168,6 +172,7 @@ def load_config(path: str, out_dir: str | None = None, launch: str | None = None
         raise bad("fit", f"min_tokens_fraction must be in [0, 1), bootstrap >= 0, checkpoints "
                          f"one of {CHECKPOINTS}, holdout_largest >= 0; got {f}")
     cfg.slurm = _section(cfg.slurm, SLURM_DEFAULTS, "slurm", bad)
+    cfg.downstream = _downstream_section(cfg, base, bad)
     return cfg
 
 
@@ -296,4 +301,55 @@ def _data_section(cfg: StudyConfig, base: str, bad) -> dict:
         if not isinstance(prefixes, dict) or set(langs) - set(prefixes):
             raise bad(f"data.{split}", f"expected a prefix for each of {langs}, got {prefixes}")
         d[split] = {k: os.path.join(base, v) for k, v in prefixes.items()}
+    return d
+
+
+DOWNSTREAM_DEFAULTS = {"tasks": {}, "lm_eval_tasks": [], "demo_items": 0, "languages": None,
+                       "batch_size": 16}
+
+
+def _downstream_section(cfg: StudyConfig, base: str, bad) -> dict:
+    """The `downstream` mapping checked, task files resolved against `base`; {} when absent."""
+    if not cfg.downstream:
+        return {}
+    langs = [cfg.source_lang, *cfg.target_langs]
+    given = dict(cfg.downstream)
+    if isinstance(given.get("tasks"), list):  # the CLI's form: [NAME=FILE.jsonl, ...]
+        pairs = [t.split("=", 1) if isinstance(t, str) else [] for t in given["tasks"]]
+        if not all(len(p) == 2 and p[0] for p in pairs):
+            raise bad("downstream.tasks", f"expected {{name: FILE.jsonl}} or a list of "
+                                          f"NAME=FILE.jsonl, got {given['tasks']}")
+        given["tasks"] = dict(pairs)
+    d = _section(given, {**DOWNSTREAM_DEFAULTS, "languages": []}, "downstream", bad)
+    tasks = {}
+    for name, path in d["tasks"].items():
+        if not isinstance(path, str) or not path.endswith(".jsonl"):
+            raise bad(f"downstream.tasks.{name}", f"expected a task file NAME.jsonl, got {path!r}")
+        tasks[name] = os.path.join(base, path)
+        if not os.path.isfile(tasks[name]):
+            raise bad(f"downstream.tasks.{name}", f"{tasks[name]} not found")
+    d["tasks"] = tasks
+    if not all(isinstance(t, str) and t for t in d["lm_eval_tasks"]):
+        raise bad("downstream.lm_eval_tasks", f"expected lm-eval task names (e.g. xnli_zh), "
+                                              f"got {d['lm_eval_tasks']}")
+    if d["lm_eval_tasks"]:
+        import importlib.util
+
+        if importlib.util.find_spec("lm_eval") is None:
+            raise bad("downstream.lm_eval_tasks", "needs lm-evaluation-harness: pip install "
+                                                  "'megacpt[eval]'")
+    if isinstance(d["demo_items"], float) or d["demo_items"] < 0 or d["batch_size"] < 1 or \
+            isinstance(d["batch_size"], float):
+        raise bad("downstream", f"demo_items must be an integer >= 0 and batch_size >= 1, got "
+                                f"{d['demo_items']} and {d['batch_size']}")
+    d["languages"] = d["languages"] or langs
+    if set(d["languages"]) - set(langs):
+        raise bad("downstream.languages", f"expected a subset of {langs}, got {d['languages']}")
+    if d["demo_items"] and "corpus_dir" not in cfg.data:
+        raise bad("downstream.demo_items", "demo tasks are built from data.corpus_dir's held-out "
+                                           "text ({lang}_valid.jsonl.gz); give corpus_dir or "
+                                           "set demo_items: 0")
+    if not (tasks or d["lm_eval_tasks"] or d["demo_items"]):
+        raise bad("downstream", "no tasks: give tasks {name: FILE.jsonl}, lm_eval_tasks or "
+                                "demo_items > 0")
     return d

@@ -21,6 +21,9 @@ def make_plots(results: dict, out_dir: str) -> dict[str, list[str]]:
     plot_dir = os.path.join(out_dir, "plots")
     os.makedirs(plot_dir, exist_ok=True)
     made = {}
+    for lang in results["languages"] if results.get("downstream") else ():
+        plot_downstream_bars(results["downstream"], lang, results["source_lang"],
+                             downstream_plot_path(out_dir, lang))
     for lang, res in results["languages"].items():
         files = made.setdefault(lang, [])
         pts = {s: Points(*(np.asarray(p[k], dtype=np.float64) for k in ("N", "D", "loss", "C")),
@@ -242,18 +245,97 @@ def language_section(lang: str, res: dict, src: str, plot_files: list[str],
     return lines + [""]
 
 
-def eval_section(results: dict) -> list[str]:
-    """Downstream evaluation of final checkpoints (runs with an eval.json)."""
-    rows = [r for r in results["runs"] if r.get("eval")]
-    if not rows:
+def _score(metrics: dict) -> float | None:
+    """A task's headline number: acc_norm (lm-eval's, length-normalised), else acc."""
+    return metrics.get("acc_norm", metrics.get("acc"))
+
+
+def downstream_plot_path(out_dir: str, lang: str) -> str:
+    return os.path.join(out_dir, "plots", f"{lang}_downstream.png")
+
+
+def eval_section(results: dict, out_dir: str | None = None) -> list[str]:
+    """"Downstream evaluation": a run x task table of acc_norm (acc) and the bar plots."""
+    ds = results.get("downstream") or {}
+    if not ds.get("runs"):
         return []
-    cols = sorted({f"{t}/{m}" for r in rows for t, ms in r["eval"].items() for m in ms})
-    lines = ["## Downstream evaluation", "", "| run | " + " | ".join(cols) + " |",
-             "|---|" + "---|" * len(cols)]
-    for r in rows:
-        vals = [r["eval"].get(c.split("/")[0], {}).get(c.split("/", 1)[1]) for c in cols]
-        lines.append(f"| {r['name']} | " + " | ".join(_num(v, ".4f") for v in vals) + " |")
-    return lines + [""]
+    tasks = list(ds["tasks"])
+    lines = ["## Downstream evaluation", "",
+             "Zero-shot multiple choice on each end-of-schedule checkpoint, scored like "
+             "lm-evaluation-harness: acc_norm (acc in brackets; chance in the header). demo_* "
+             "tasks (the true continuation of held-out text among 4) are a smoke signal, not "
+             "the paper's benchmarks.", "",
+             "| run | strategy | replay | " + " | ".join(
+                 f"{t} ({ds['chance'][t]:.2f})" if t in ds.get("chance", {}) else t
+                 for t in tasks) + " |", "|---|---|---|" + "---|" * len(tasks)]
+    for r in ds["runs"]:
+        cells = []
+        for t in tasks:
+            m = r["tasks"].get(t) or {}
+            cells.append(f"{_num(_score(m), '.3f')} ({_num(m.get('acc'), '.3f')})" if m else "-")
+        lines.append(f"| {r['run']} | {r['strategy']} | {100 * r['replay']:.0f}% | "
+                     + " | ".join(cells) + " |")
+    lines.append("")
+    if out_dir:
+        for lang in results.get("languages", {}):
+            p = downstream_plot_path(out_dir, lang)
+            if os.path.isfile(p):
+                lines.append(f"![{lang} downstream]({os.path.relpath(p, out_dir)})")
+        lines.append("")
+    return lines
+
+
+def plot_downstream_bars(ds: dict, lang: str, src: str, path: str) -> str | None:
+    """Figure 3/6 of the paper in miniature: a panel per task, bars per run kind and replay
+    ratio (source model, scratch, CPT, CPT + replay) at each size (and budget), for the
+    target language `lang`; dotted: chance."""
+    from matplotlib.figure import Figure
+
+    rows = [r for r in ds["runs"] if r["lang"] == lang or (r["kind"] == "source"
+                                                           and r["lang"] == src)]
+    if not rows:
+        return None
+    tasks = list(ds["tasks"])
+    strategies = sorted(dict.fromkeys(r["strategy"] for r in rows), key=lambda s: (
+        ["source", "scratch", "cpt"].index(s) if s in ("source", "scratch", "cpt") else 3, s))
+    budgets = {r["budget"] for r in rows if r["kind"] != "source"}
+    group = (lambda r: r["size"] + (f"\n{r['budget']:g} tok/p" if len(budgets) > 1 and
+                                     r["kind"] != "source" else ""))
+    groups = list(dict.fromkeys(group(r) for r in rows if r["kind"] != "source")) or \
+        list(dict.fromkeys(group(r) for r in rows))
+    ncol = min(3, len(tasks))
+    nrow = -(-len(tasks) // ncol)
+    panel = 1.2 + 0.22 * len(groups) * len(strategies)  # inches per task panel
+    fig = Figure(figsize=(min(18.0, panel * ncol), 3.2 * nrow), layout="constrained")
+    axes = fig.subplots(nrow, ncol, squeeze=False).ravel()
+    width = 0.8 / len(strategies)
+    for ax, task in zip(axes, tasks):
+        for k, s in enumerate(strategies):
+            xs, ys = [], []
+            for i, g in enumerate(groups):
+                for r in rows:
+                    same = group(r) == g or (r["kind"] == "source"
+                                             and g.split("\n")[0] == r["size"])
+                    if r["strategy"] == s and same and task in r["tasks"]:
+                        xs.append(i + (k - (len(strategies) - 1) / 2) * width)
+                        ys.append(_score(r["tasks"][task]))
+                        break
+            label = s if s != "source" else f"source ({src})"
+            ax.bar(xs, ys, width, label=label, color=f"C{k}")
+        if task in ds.get("chance", {}):
+            ax.axhline(ds["chance"][task], color="k", ls=":", lw=1)
+        ax.set_xticks(range(len(groups)), groups, fontsize=7)
+        ax.set_ylim(0, 1)
+        ax.set_title(task, fontsize=9)
+        ax.set_ylabel("acc_norm")
+        ax.grid(axis="y", alpha=0.3)
+    for ax in axes[len(tasks):]:
+        ax.set_visible(False)
+    axes[0].legend(fontsize=6)
+    fig.suptitle(f"downstream accuracy of the {lang} runs by kind and replay ratio "
+                 f"(dotted: chance)", fontsize=9)
+    fig.savefig(path, dpi=110)
+    return path
 
 
 def cross_language_section(results: dict) -> list[str]:
@@ -300,7 +382,7 @@ def write_report(cfg: StudyConfig, results: dict, plot_files: dict) -> str:
                      f"{r['train_iters']} | {r['train_tokens']:,} | "
                      f"{_num(loss.get(r['lang']), '.4f')} | {_num(loss.get(src), '.4f')} |")
     lines.append("")
-    lines += eval_section(results)
+    lines += eval_section(results, cfg.out_dir)
     lines += cross_language_section(results)
     for lang, res in results["languages"].items():
         lines += language_section(lang, res, src, plot_files.get(lang, []), cfg.out_dir)

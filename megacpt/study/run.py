@@ -15,6 +15,7 @@ import shlex
 import time
 
 from megacpt.study.config import StudyConfig
+from megacpt.study.downstream import evaluate_run, evaluated
 from megacpt.study.plan import (TOKENIZER_TOOL, Run, data_commands, data_files,
                                 eval_iters, run_finished)
 
@@ -111,12 +112,7 @@ def run_one(run: Run) -> int:
     prepare_run(run)
     log.info("python -m megacpt.train %s", " ".join(shlex.quote(a) for a in run.argv))
     cfg, opts = run.resolved()
-    code = train.run(cfg, opts)
-    # Evaluation hook: downstream evaluation of the final checkpoint goes here (when code == 0
-    # and the run is an end-of-schedule one), writing {task: {metric: value}} to
-    # run.run_dir/eval.json (analysis.EVAL_FILE); the report's "Downstream evaluation"
-    # table lists every run that has one.
-    return code
+    return train.run(cfg, opts)
 
 
 def run_local(cfg: StudyConfig, runs: list[Run]) -> None:
@@ -149,6 +145,7 @@ def _train_all(cfg: StudyConfig, runs: list[Run]) -> None:
             raise RuntimeError(f"run {run.name} failed (exit code {code}); its command is in "
                                f"{os.path.join(cfg.out_dir, 'plan.json')}; fix the cause and "
                                f"run the study again (finished runs are skipped)")
+        evaluate_run(cfg, run, force=True)  # the config's downstream tasks (when it names any)
         done += cost[run.name]
 
 
@@ -162,12 +159,15 @@ def stages(cfg: StudyConfig, runs: list[Run]) -> list[tuple[str, list[Run]]]:
 
 
 def run_command(cfg: StudyConfig, run: Run, tool: str, python: str = "python") -> str:
-    """The shell line(s) of one run under the study's launcher (branches prepared first)."""
+    """The shell line(s) of one run under the study's launcher (branches prepared first, the
+    downstream evaluation of its final checkpoint after, when the config names tasks)."""
     line = f"{cfg.launcher} " + " ".join(shlex.quote(a) for a in run.argv)
+    study = (f"{shlex.quote(python)} {shlex.quote(tool)} --config {shlex.quote(cfg.path)} --out "
+             f"{shlex.quote(cfg.out_dir)}")
     if run.role == "branch":
-        prep = (f"{shlex.quote(python)} {shlex.quote(tool)} --config {shlex.quote(cfg.path)} --out "
-                f"{shlex.quote(cfg.out_dir)} --prepare-run {shlex.quote(run.name)}")
-        line = f"{prep} && {line}"
+        line = f"{study} --prepare-run {shlex.quote(run.name)} && {line}"
+    if cfg.downstream and evaluated(run):
+        line = f"{line} && {study} --evaluate-run {shlex.quote(run.name)}"
     return line
 
 

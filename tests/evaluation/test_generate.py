@@ -26,26 +26,36 @@ def random_hf(eval_assets, tmp_path_factory):
     import shutil
 
     d = tmp_path_factory.mktemp("random_hf")
-    torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128,
                                    num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=2, max_position_embeddings=128,
                                    initializer_range=0.3, bos_token_id=1, eos_token_id=2)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
+    with torch.random.fork_rng(devices=[]):  # the same weights in any test order
+        torch.manual_seed(0)
+        transformers.LlamaForCausalLM(cfg).save_pretrained(d)
     for f in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(f"{eval_assets['hf']}/{f}", d / f)
     return str(d)
 
 
+TIE = 1e-4
+"""A greedy step whose top-2 logits are closer than this is a tie within fp32 rounding."""
+
+
 def _hf_greedy(hf_dir, prompts, n):
+    """[(prompt ids, greedy new ids, top-1 - top-2 logit gap of each step)]."""
     model = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
     out = []
     for p in prompts:
         ids = tok(p, return_tensors="pt").input_ids
-        g = model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=2)
-        new = g[0, ids.shape[1]:].tolist()
-        out.append((ids[0].tolist(), new[: new.index(2)] if 2 in new else new))
+        g = model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=2,
+                           output_logits=True, return_dict_in_generate=True)
+        new = g.sequences[0, ids.shape[1]:].tolist()
+        keep = new.index(2) + 1 if 2 in new else len(new)
+        top2 = torch.cat(g.logits[:keep]).topk(2, dim=-1).values  # [steps, 2]
+        out.append((ids[0].tolist(), new[: keep - 1] if 2 in new else new,
+                    (top2[:, 0] - top2[:, 1]).tolist()))
     return out
 
 
@@ -57,16 +67,23 @@ def test_greedy_equals_transformers_generate(which, eval_assets, random_hf):
     enc = PairEncoder(model.tokenizer)
     want = _hf_greedy(hf_dir, PROMPTS, 24)
     got = generate_ids(model.model, [enc.encode(p) for p in PROMPTS], 24, model.tokenizer.eod)
-    for (prompt_ids, w), g, p in zip(want, got, PROMPTS):
+    compared = 0
+    for (prompt_ids, w, gaps), g, p in zip(want, got, PROMPTS):
         assert enc.encode(p) == prompt_ids
-        assert g == w, p
+        k = next((i for i, (a, b) in enumerate(zip(g + [-1], w + [-1])) if a != b), None)
+        # equal token for token, up to a step whose top-2 logits tie within fp32 rounding
+        # (the reference depends on the session's trained tokenizer and checkpoint, and
+        # rounding differs with thread counts and kernels: such a tie may go either way)
+        assert k is None or gaps[k] < TIE, (p, k, gaps[k], g, w)
+        compared += len(w) if k is None else k
+    assert compared >= 10  # real tokens compared, not only a first-step tie or an early EOS
     if which == "random":  # not a degenerate repetition, over all prompts (one may stop at EOS)
         assert len({t for g in got for t in g}) > 5
 
 
 def test_kv_cache_matches_full_forward(random_hf):
     model = EvalModel.load(random_hf).model
-    tokens = torch.randint(3, 1000, (2, 20))
+    tokens = torch.randint(3, 1000, (2, 20), generator=torch.Generator().manual_seed(0))
     full = model(tokens)  # [b, s, V]
     cache = KVCache()
     parts = [forward_cached(model, tokens[:, :12], cache)]

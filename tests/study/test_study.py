@@ -104,11 +104,95 @@ def test_example_results_and_report(example):
     assert (out / "fits" / "zh_fit_scratch.json").is_file()
 
 
+def test_downstream_eval_of_every_final_checkpoint_in_results_and_report(example):
+    """study_tiny's downstream: demo tasks per language on each run's final checkpoint."""
+    from megacpt.evaluation.report import evaluate_checkpoints
+    from megacpt.study.downstream import EVAL_FILE, evaluate_pending, task_sources
+
+    out, cfg, runs = example
+    tasks = task_sources(cfg)
+    assert set(tasks) == {"demo_en", "demo_zh"}
+    for r in runs:
+        ev = json.loads(open(os.path.join(r.run_dir, EVAL_FILE), encoding="utf-8").read())
+        assert ev["iteration"] == r.train_iters and ev["checkpoint"] == r.ckpt_dir
+        assert {t: m["num_items"] for t, m in ev["tasks"].items()} == {"demo_en": 16,
+                                                                       "demo_zh": 16}
+    run = next(r for r in runs if r.name == "zh_tiny_cpt_replay0.3")  # the real final model
+    again = evaluate_checkpoints({run.name: run.ckpt_dir}, tasks, 32, "cpu")[run.name]
+    ev = json.loads(open(os.path.join(run.run_dir, EVAL_FILE), encoding="utf-8").read())
+    for t in tasks:
+        assert (ev["tasks"][t]["acc"], ev["tasks"][t]["acc_norm"]) == \
+            (again[t]["acc"], again[t]["acc_norm"])
+    res = json.loads((out / "results.json").read_text())["downstream"]
+    assert [r["run"] for r in res["runs"]] == [r.name for r in runs]
+    assert res["chance"] == {"demo_en": 0.25, "demo_zh": 0.25}
+    report = (out / "report.md").read_text()
+    acc = ev["tasks"]["demo_zh"]
+    assert "## Downstream evaluation" in report and "| demo_en (0.25) | demo_zh (0.25) |" in report
+    assert "| zh_tiny_cpt_replay0.3 | cpt_replay0.3 | 30% | " in report
+    assert f"{acc['acc_norm']:.3f} ({acc['acc']:.3f}) |" in report
+    assert "![zh downstream](plots/zh_downstream.png)" in report
+    with open(out / "plots" / "zh_downstream.png", "rb") as f:
+        assert f.read(4) == b"\x89PNG"
+    # current eval.json files are kept; a stale one (another iteration) is redone
+    assert evaluate_pending(cfg, runs) == 0
+    stale = dict(ev, iteration=1)
+    with open(os.path.join(run.run_dir, EVAL_FILE), "w", encoding="utf-8") as f:
+        json.dump(stale, f)
+    assert evaluate_pending(cfg, runs) == 1
+    assert json.loads(open(os.path.join(run.run_dir, EVAL_FILE)).read())["iteration"] == \
+        run.train_iters
+    # what print/slurm commands run after training: scores the run again, the same
+    os.remove(os.path.join(run.run_dir, EVAL_FILE))
+    assert run_study.main(["--config", EXAMPLE, "--out", str(out), "--evaluate-run",
+                           run.name]) == 0
+    assert json.loads(open(os.path.join(run.run_dir, EVAL_FILE)).read())["tasks"] == ev["tasks"]
+
+
+def test_downstream_config_forms(tmp_path):
+    (tmp_path / "t.jsonl").write_text('{"context": "a", "choices": ["b", "c"], "gold": 0}\n')
+    for tasks in ({"t": "t.jsonl"}, ["t=t.jsonl"]):
+        cfg = study.load_config(_write(tmp_path, downstream={"tasks": tasks}))
+        assert cfg.downstream == {"tasks": {"t": str(tmp_path / "t.jsonl")}, "lm_eval_tasks": [],
+                                  "demo_items": 0, "languages": ["en", "zh"], "batch_size": 16}
+    assert study.load_config(_write(tmp_path)).downstream == {}
+
+
+def test_downstream_in_slurm_scripts_after_each_final_run_only(tmp_path):
+    """Dry run (no Slurm needed): each end-of-schedule run's array task evaluates it after
+    training; WSD stable trunks are not evaluated; the analysis job catches what is left."""
+    path = _write(tmp_path, launch="slurm", kinds=["cpt"], design="wsd", budgets=[20, 40],
+                  downstream={"demo_items": 4})
+    assert run_study.main(["--config", path, "--dry-run"]) == 0
+    sdir = tmp_path / "o" / "slurm"
+    source, target, branch = ((sdir / f"{s}.sbatch").read_text()
+                              for s in ("source", "target", "branch"))
+    assert source.rstrip().count("--evaluate-run en_tiny_source\n") == 1
+    assert "zh_tiny_cpt_stable" in target and "--evaluate-run" not in target
+    for b in ("20", "40"):
+        assert f"--evaluate-run zh_tiny_cpt_d{b}\n" in branch
+    assert "--fit-only" in (sdir / "analysis.sbatch").read_text()
+
+
+def test_downstream_bad_task_file_is_a_one_line_run_error(example, tmp_path):
+    import dataclasses
+
+    from megacpt.study.downstream import evaluate_run
+
+    out, cfg, runs = example
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"context": "a", "choices": ["b"], "gold": 3}\n')
+    cfg2 = dataclasses.replace(cfg, downstream={**cfg.downstream, "tasks": {"bad": str(bad)}})
+    with pytest.raises(RuntimeError, match=f"run zh_tiny_cpt: downstream evaluation: {bad}:1"):
+        evaluate_run(cfg2, next(r for r in runs if r.name == "zh_tiny_cpt"))
+
+
 def test_rerun_skips_finished_runs_and_redoes_a_missing_one(example):
     out, cfg, runs = example
     victim = next(r for r in runs if r.name == "zh_tiny_scratch")
     others = {r.name: os.path.getmtime(os.path.join(r.run_dir, "metrics.jsonl"))
               for r in runs if r is not victim}
+    evals = {r.name: os.path.getmtime(os.path.join(r.run_dir, "eval.json")) for r in runs}
     os.remove(os.path.join(victim.ckpt_dir, "latest_checkpointed_iteration.txt"))
     assert not study.run_finished(victim)
     # print mode lists only what is left and fits nothing yet
@@ -117,12 +201,16 @@ def test_rerun_skips_finished_runs_and_redoes_a_missing_one(example):
     cmds = [ln for ln in (out / "commands.sh").read_text().splitlines()
             if "megacpt.train" in ln and not ln.startswith("#")]
     assert len(cmds) == 1 and f"--log-dir {victim.run_dir} " in cmds[0]
+    assert cmds[0].endswith(f"--out {out} --evaluate-run {victim.name}")  # after training
     assert not (out / "report.md").exists()
     assert run_study.main(["--config", EXAMPLE, "--out", str(out)]) == 0
     assert study.run_finished(victim) and (out / "report.md").is_file()
     for r in runs:
         if r is not victim:
             assert os.path.getmtime(os.path.join(r.run_dir, "metrics.jsonl")) == others[r.name]
+    # the retrained run is scored anew; the others' downstream scores are kept
+    assert {r.name for r in runs if os.path.getmtime(os.path.join(r.run_dir, "eval.json"))
+            != evals[r.name]} == {victim.name}
 
 
 def _write(tmp_path, **fields):
@@ -146,6 +234,18 @@ def _write(tmp_path, **fields):
     ({"data": {"corpus_dir": "/nonexistent"}}, ["field 'data.corpus_dir'", "en_train"]),
     ({"data": {"tokenizer_model": "t.model", "train": {"en": "x"}, "valid": {}}},
      ["field 'data.train'", "'zh'"]),
+    ({"downstream": 5}, ["field 'downstream'", "expected a mapping"]),
+    ({"downstream": {"demo_item": 4}}, ["field 'downstream'", "unknown keys ['demo_item']"]),
+    ({"downstream": {"tasks": {"x": "missing.jsonl"}}},
+     ["field 'downstream.tasks.x'", "missing.jsonl not found"]),
+    ({"downstream": {"tasks": {"x": 3}}}, ["field 'downstream.tasks.x'", "NAME.jsonl"]),
+    ({"downstream": {"tasks": ["x.jsonl"]}}, ["field 'downstream.tasks'", "NAME=FILE.jsonl"]),
+    ({"downstream": {"demo_items": 4, "languages": ["de"]}}, ["field 'downstream.languages'"]),
+    ({"downstream": {"demo_items": 4, "batch_size": 0}}, ["field 'downstream'", "batch_size"]),
+    ({"downstream": {"languages": ["zh"]}}, ["field 'downstream'", "no tasks"]),
+    ({"downstream": {"demo_items": 4}, "data": {
+        "tokenizer_model": "t.model", "train": {"en": "a", "zh": "b"},
+        "valid": {"en": "c", "zh": "d"}}}, ["field 'downstream.demo_items'", "corpus_dir"]),
 ])
 def test_config_errors_name_file_and_field(tmp_path, fields, words):
     path = _write(tmp_path, **fields)

@@ -144,12 +144,41 @@ def test_figure4_cross_language_and_flops_with_source(tmp_path):
 def test_report_lists_downstream_evaluation_of_runs_that_have_one():
     from megacpt.study.report import eval_section
 
-    lines = eval_section({"runs": [
-        {"name": "zh_49M_cpt", "eval": {"xnli_zh": {"acc": 0.41}, "xcopa_zh": {"acc": 0.55}}},
-        {"name": "zh_49M_scratch", "eval": None}]})
-    assert lines[2] == "| run | xcopa_zh/acc | xnli_zh/acc |"
-    assert lines[4] == "| zh_49M_cpt | 0.5500 | 0.4100 |" and len(lines) == 6
-    assert eval_section({"runs": [{"name": "x", "eval": None}]}) == []
+    row = {"lang": "zh", "size": "49M", "kind": "cpt", "strategy": "cpt_replay0.3",
+           "replay": 0.3, "budget": 20.0, "iteration": 9}
+    ds = {"tasks": {"xnli_zh": "lm_eval:xnli_zh", "xcopa_zh": "x.jsonl"},
+          "chance": {"xcopa_zh": 0.5},
+          "runs": [{**row, "run": "zh_49M_cpt_replay0.3", "tasks": {
+              "xnli_zh": {"acc": 0.41}, "xcopa_zh": {"acc": 0.55, "acc_norm": 0.6}}},
+              {**row, "run": "zh_49M_cpt", "replay": 0.0, "strategy": "cpt", "tasks": {}}]}
+    lines = eval_section({"downstream": ds})
+    assert lines[0] == "## Downstream evaluation"
+    assert lines[4] == "| run | strategy | replay | xnli_zh | xcopa_zh (0.50) |"
+    assert lines[6] == "| zh_49M_cpt_replay0.3 | cpt_replay0.3 | 30% | 0.410 (0.410) | " \
+                       "0.600 (0.550) |"
+    assert lines[7] == "| zh_49M_cpt | cpt | 0% | - | - |"
+    assert eval_section({"downstream": None}) == [] and eval_section({}) == []
+
+
+def test_downstream_bars_per_size_budget_kind_and_replay(tmp_path):
+    from megacpt.study.report import plot_downstream_bars
+
+    rows = [{"run": f"en_{n}_source", "lang": "en", "size": n, "kind": "source",
+             "strategy": "source", "replay": 0.0, "budget": 40.0,
+             "tasks": {"demo_zh": {"acc": 0.3, "acc_norm": 0.3}}} for n in ("49M", "86M")]
+    for n in ("49M", "86M"):
+        for b in (20.0, 40.0):
+            for kind, r in (("scratch", 0.0), ("cpt", 0.0), ("cpt", 0.3)):
+                strategy = kind if not r else f"cpt_replay{r:g}"
+                rows.append({"run": f"zh_{n}_{strategy}_d{b:g}", "lang": "zh", "size": n,
+                             "kind": kind, "strategy": strategy, "replay": r, "budget": b,
+                             "tasks": {t: {"acc": 0.4, "acc_norm": 0.5}
+                                       for t in ("demo_zh", "demo_en", "xcopa_zh")}})
+    ds = {"tasks": {"demo_zh": "a", "demo_en": "b", "xcopa_zh": "c"},
+          "chance": {"demo_zh": 0.25}, "runs": rows}
+    png = plot_downstream_bars(ds, "zh", "en", str(tmp_path / "zh_downstream.png"))
+    assert os.path.getsize(png) > 5000
+    assert plot_downstream_bars(ds, "fr", "de", str(tmp_path / "fr.png")) is None  # no runs
 
 
 def test_demo_config_plans_and_its_committed_output_is_identifiable(tmp_path):

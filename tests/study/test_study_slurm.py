@@ -56,7 +56,7 @@ def _config(tmp_path) -> str:
            "target_langs": ["zh"], "kinds": ["cpt"], "replay_ratios": [0.0],
            "tokens_per_param": 0.01, "seq_length": 32, "micro_batch_size": 4,
            "global_batch_size": 4, "lr": 3e-3, "evals_per_run": 2, "eval_iters": 1,
-           "device": "cpu", "fit": {"bootstrap": 0},
+           "device": "cpu", "fit": {"bootstrap": 0}, "downstream": {"demo_items": 4},
            "data": {"corpus_dir": os.path.join(REPO, "examples", "data"), "vocab_size": 2048,
                     "character_coverage": 0.99},
            "slurm": {"python": sys.executable, "time": "00:15:00",
@@ -90,6 +90,7 @@ def test_slurm_stages_with_dependencies_and_resume(slurm_ready, tmp_path):
     target = (sdir / "target.sbatch").read_text()
     assert "#SBATCH --array=0-0" in target and "--init-from" in target
     assert "zh_tiny_cpt" in target and "en_tiny_source" in (sdir / "source.sbatch").read_text()
+    assert "--evaluate-run zh_tiny_cpt\n" in target  # in the run's array task, after training
     assert "--fit-only" in (sdir / "analysis.sbatch").read_text()
     # submit for real
     assert run_study.main(["--config", path]) == 0
@@ -107,6 +108,10 @@ def test_slurm_stages_with_dependencies_and_resume(slurm_ready, tmp_path):
     runs = study.plan_runs(cfg, 2048)
     assert all(study.run_finished(r) for r in runs), logs[-3000:]
     assert (out / "report.md").is_file() and (out / "results.json").is_file(), logs[-3000:]
+    for r in runs:  # scored by the array tasks, each on its final checkpoint
+        ev = json.loads(open(os.path.join(r.run_dir, "eval.json"), encoding="utf-8").read())
+        assert ev["iteration"] == r.train_iters and set(ev["tasks"]) == {"demo_en", "demo_zh"}
+    assert "## Downstream evaluation" in (out / "report.md").read_text()
     # resumable: only what is unfinished is submitted again (dry run: nothing waits on it)
     victim = next(r for r in runs if r.kind == "cpt")
     os.remove(os.path.join(victim.ckpt_dir, "latest_checkpointed_iteration.txt"))
