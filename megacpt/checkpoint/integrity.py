@@ -93,6 +93,25 @@ def rank_files(iter_dir: str, ctx) -> list[str]:
     return out
 
 
+def files_read(iter_dir: str, ctx) -> list[str]:
+    """The files this rank verifies before an exact resume: in the saved layout its own
+    (`rank_files`); when `--load` reshards, a rank reads slices of any saved shard, so the
+    saved shards' files are shared out over the ranks (each checked by one rank; all ranks
+    agree on the outcome in `verify_for_rank`), plus this rank's RNG state."""
+    try:
+        with open(os.path.join(iter_dir, fmt.META), encoding="utf-8") as f:
+            layout = json.load(f).get("layout", {})
+    except (OSError, ValueError):
+        return rank_files(iter_dir, ctx)  # `problems` reports the unreadable meta.json
+    if (layout.get("tp"), layout.get("pp")) == (ctx.tp, ctx.pp):
+        return rank_files(iter_dir, ctx)
+    shards = sorted(f"{d}/{n}" for d in os.listdir(iter_dir) if re.fullmatch(
+        r"mp_rank_\d+_\d+", d) for n in os.listdir(os.path.join(iter_dir, d)))
+    mine = shards[ctx.rank::ctx.world_size]
+    rng = fmt.rng_filename(ctx.rank).replace(os.sep, "/")
+    return mine + ([rng] if os.path.isfile(os.path.join(iter_dir, rng)) else [])
+
+
 # ----- saving -----
 
 def gather_checksums(iter_dir: str, ctx) -> dict[str, str]:
@@ -129,7 +148,8 @@ def record_checksums(iter_dir: str, files: dict[str, str]) -> None:
 
 
 def record_all(iter_dir: str) -> None:
-    """Single process (converters): hash every file of `iter_dir` into its meta.json."""
+    """Single process (converters, `megacpt.checkpoint.writer`): hash every file of
+    `iter_dir` into its meta.json."""
     algorithm = default_algorithm()
     files = {}
     for root, _, names in os.walk(iter_dir):
@@ -189,8 +209,8 @@ def newest_good(iter_dir: str) -> str | None:
 
 def refusal(iter_dir: str, problem: str) -> IntegrityError:
     good = newest_good(iter_dir)
-    where = (f"the newest older checkpoint that verifies is {good}: resume from it with "
-             f"--load {good}" if good else "no older checkpoint in its directory verifies")
+    where = (f"The newest older checkpoint that verifies is {good}: resume from it with "
+             f"--load {good}" if good else "No older checkpoint in its directory verifies")
     return IntegrityError(f"{problem}; refusing to load {iter_dir}. {where} (or load it "
                           f"anyway with --no-verify-checksums)")
 
@@ -207,6 +227,12 @@ def _check(iter_dir: str, only: list[str] | None) -> None:
                      iter_dir)
 
 
+def verify_all(iter_dir: str) -> None:
+    """Every recorded file and meta.json (converters, before they read a checkpoint: a
+    conversion must not carry a corrupt file into a new checkpoint with fresh checksums)."""
+    _check(iter_dir, None)
+
+
 def verify_model_files(iter_dir: str, tp: int, pp: int) -> None:
     """Weights-only loads (`--init-from`): every model shard and meta.json."""
     _check(iter_dir, [f"{fmt.shard_dirname(t, p)}/{fmt.MODEL_FILE}"
@@ -218,7 +244,7 @@ def verify_for_rank(iter_dir: str, ctx) -> None:
     (a rank whose files are fine raises too, naming the ranks that failed)."""
     error = None
     try:
-        _check(iter_dir, rank_files(iter_dir, ctx))
+        _check(iter_dir, files_read(iter_dir, ctx))
     except IntegrityError as e:
         error = e
     if ctx.world_size > 1:
