@@ -89,6 +89,11 @@ def test_init_from_verifies_the_weights(saved, tmp_path):
     _flip_bit(f"{ck}/iter_0000003/mp_rank_00_000/model.safetensors")
     with pytest.raises(CheckpointError, match=r"model.safetensors: \w+ checksum mismatch"):
         Trainer(*config(mock_args("--init-from", ck, iters=1)))
+    from megacpt.checkpoint import load_model  # evaluation and generation
+
+    with pytest.raises(CheckpointError, match=r"model.safetensors: \w+ checksum mismatch"):
+        load_model(ck)
+    assert load_model(ck, verify=False).cfg.num_layers > 0
 
 
 def test_sha256_fallback_and_old_checkpoints(saved, tmp_path, monkeypatch):
