@@ -93,25 +93,6 @@ def rank_files(iter_dir: str, ctx) -> list[str]:
     return out
 
 
-def files_read(iter_dir: str, ctx) -> list[str]:
-    """The files this rank verifies before an exact resume: in the saved layout its own
-    (`rank_files`); when `--load` reshards, a rank reads slices of any saved shard, so the
-    saved shards' files are shared out over the ranks (each checked by one rank; all ranks
-    agree on the outcome in `verify_for_rank`), plus this rank's RNG state."""
-    try:
-        with open(os.path.join(iter_dir, fmt.META), encoding="utf-8") as f:
-            layout = json.load(f).get("layout", {})
-    except (OSError, ValueError):
-        return rank_files(iter_dir, ctx)  # `problems` reports the unreadable meta.json
-    if (layout.get("tp"), layout.get("pp")) == (ctx.tp, ctx.pp):
-        return rank_files(iter_dir, ctx)
-    shards = sorted(f"{d}/{n}" for d in os.listdir(iter_dir) if re.fullmatch(
-        r"mp_rank_\d+_\d+", d) for n in os.listdir(os.path.join(iter_dir, d)))
-    mine = shards[ctx.rank::ctx.world_size]
-    rng = fmt.rng_filename(ctx.rank).replace(os.sep, "/")
-    return mine + ([rng] if os.path.isfile(os.path.join(iter_dir, rng)) else [])
-
-
 # ----- saving -----
 
 def gather_checksums(iter_dir: str, ctx) -> dict[str, str]:
@@ -244,7 +225,7 @@ def verify_for_rank(iter_dir: str, ctx) -> None:
     (a rank whose files are fine raises too, naming the ranks that failed)."""
     error = None
     try:
-        _check(iter_dir, files_read(iter_dir, ctx))
+        _check(iter_dir, rank_files(iter_dir, ctx))
     except IntegrityError as e:
         error = e
     if ctx.world_size > 1:

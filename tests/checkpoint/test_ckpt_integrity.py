@@ -140,11 +140,10 @@ def test_converted_checkpoint_loads_verified(converted, caplog):
 
 
 def test_flipped_bit_in_converted_checkpoint_is_one_line_error(converted, tmp_path, capsys):
-    """Loaded in another layout (tp1pp2 -> tp1pp1: one rank reads both stages' files)."""
     from megacpt.train import main
 
     ck = _copy(converted, tmp_path)
-    bad = f"{ck}/iter_0000003/mp_rank_00_001/model.safetensors"
+    bad = f"{ck}/iter_0000003/mp_rank_00_000/model.safetensors"
     _flip_bit(bad)
     assert main(mock_args("--load", ck, iters=3)) == 2
     out = capsys.readouterr()
