@@ -23,10 +23,12 @@ def _help(parser, action) -> str:
 
 def test_every_flag_has_help_and_fields_their_docstring():
     p = build_parser()
-    fields = flags.flag_fields(p)
+    fields = flags.flag_fields(p)  # strict: every flag maps to one field
     actions = [a for a in p._actions if a.dest != "help"]
     assert len(actions) > 80
     for a in actions:
+        if a.dest in fields:  # strict: the field has a docstring
+            flags.flag_help(a.dest, None, fields)
         text = _help(p, a)
         assert len(text) > 10, f"{a.option_strings[0]} has no help"
         assert "\n" not in a.help
@@ -75,6 +77,13 @@ def test_field_docs_reads_attribute_docstrings():
     assert flags.field_docs(C) == {"a": "First field.", "c": "Third."}
     with pytest.raises(ConfigError, match=r"run.b \(flag --a\) has no docstring"):
         flags.flag_help("a", None, {"a": ("run", "b", False)})
+    # building the CLI is lenient: an undocumented field or unmapped flag keeps its note
+    assert flags.flag_help("a", "Note", {"a": ("run", "b", False)}, strict=False) == "Note."
+    p = build_parser()
+    p.add_argument("--no-such-field", help="A flag added without a field")
+    assert "no_such_field" not in flags.flag_fields(p, strict=False)
+    with pytest.raises(ConfigError, match="--no-such-field maps to no single config field"):
+        flags.flag_fields(p)
 
 
 def test_help_output_is_grouped():
