@@ -202,8 +202,12 @@ MEGATRON = {
 
 @functools.lru_cache(maxsize=None)
 def field_docs(cls: type) -> dict[str, str]:
-    """{field: its docstring on one line} of a dataclass (the string literal under a field)."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    """{field: its docstring on one line} of a dataclass (the string literal under a field;
+    none when the source is not installed, e.g. bytecode only: the help is then shorter)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
     body = tree.body[0].body
     out = {}
     for node, nxt in zip(body, body[1:]):
