@@ -243,7 +243,7 @@ def train_config(args, out: str, tokenizer: str, prefixes: dict[str, str], name:
 def run_training(cfg, name: str) -> list[str]:
     """Train one stage in this process; returns its command-line flags."""
     from megacpt import train
-    from megacpt.arguments import config_to_argv
+    from megacpt.flags import config_to_argv
 
     argv = config_to_argv(cfg)
     print("python -m megacpt.train " + " ".join(argv), flush=True)

@@ -15,12 +15,15 @@ The resolved config file (`config.json`, written into `--log-dir` and, by the ch
 module, into checkpoints) is `Config.to_dict()` plus a `"run"` section holding the
 `RunOptions` below: options of this invocation that are not part of the model/data/optimizer
 config. `Config.from_dict` ignores the extra section; `load_config` reads both.
+
+The mapping between `Config` and flags (`flag_fields`, `config_to_argv`, `apply_flags`) and the
+help text, derived from the config fields' docstrings, are in `megacpt.flags`; the three
+functions stay importable from here.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -54,90 +57,86 @@ def _d(section, name):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The trainer's parser. A flag that sets a config field gets that field's docstring as
+    its help (`megacpt.flags.document`): `help=` here says only what the command line adds."""
+    from megacpt import flags
+
     p = argparse.ArgumentParser(
         prog="python -m megacpt.train",
-        description="Pretraining and continual pre-training of LLaMA2 models (Megatron flags).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        usage="%(prog)s (--model-size NAME | --num-layers N --hidden-size H ...) "
+              "(--data-path WORD [...] | --mock-data) (--train-iters N | --train-tokens N | "
+              "--tokens-per-param X) [more flags below]",
+        description="Pretraining and continual pre-training of LLaMA-family models. Flags "
+                    "keep Megatron-LM's names and meanings; [megacpt] marks flags of our own "
+                    "and [...] notes where Megatron's flag differs.",
+        formatter_class=flags.HelpFormatter)
     g = p.add_argument_group("model")
-    g.add_argument("--model-size", help=f"registered shape, e.g. 1393M or tiny "
-                   f"(one of {len(sizes.SIZES)} in megacpt.sizes)")
+    g.add_argument("--model-size", help=f"Sets the shape: one of the {len(sizes.SIZES)} "
+                   "sizes of megacpt.sizes; shape flags given with it must agree")
     for flag in _SHAPE_FLAGS:
         g.add_argument("--" + flag.replace("_", "-"), type=int)
     g.add_argument("--group-query-attention", action="store_true",
-                   help="accepted for Megatron compatibility; --num-query-groups sets GQA")
+                   help="Accepted for Megatron compatibility; --num-query-groups sets GQA")
     g.add_argument("--seq-length", type=int, default=_d(ModelConfig, "seq_length"))
     g.add_argument("--max-position-embeddings", type=int)
-    g.add_argument("--vocab-size", type=int, help="vocabulary size when there is no "
+    g.add_argument("--vocab-size", type=int, help="Needed when there is no "
                    "--tokenizer-model (e.g. --mock-data); must cover the tokenizer's")
     g.add_argument("--make-vocab-size-divisible-by", type=int,
                    default=_d(ModelConfig, "make_vocab_size_divisible_by"))
-    g.add_argument("--rotary-base", type=float, help="RoPE base (default: the size's or "
-                   f"--init-from source's, else {_d(ModelConfig, 'rotary_base'):g})")
-    g.add_argument("--norm-epsilon", type=float, help="RMSNorm eps (default: the size's or "
-                   f"--init-from source's, else {_d(ModelConfig, 'norm_eps'):g})")
-    g.add_argument("--tie-word-embeddings", action="store_true", default=None,
-                   help="output layer shares the input embedding's weight (Llama 3.2 1B/3B)")
-    g.add_argument("--add-qkv-bias", action="store_true", default=None,
-                   help="biases on the q/k/v projections (Qwen2)")
+    g.add_argument("--rotary-base", type=float, help="Default: the size's or --init-from "
+                   f"source's, else {_d(ModelConfig, 'rotary_base'):g}")
+    g.add_argument("--norm-epsilon", type=float, help="Default: the size's or --init-from "
+                   f"source's, else {_d(ModelConfig, 'norm_eps'):g}")
+    g.add_argument("--tie-word-embeddings", action="store_true", default=None)
+    g.add_argument("--add-qkv-bias", action="store_true", default=None)
     g.add_argument("--use-rope-scaling", action="store_true", default=None,
                    help="Llama 3.1 RoPE scaling (rope_type llama3, low/high freq factors 1/4, "
                         "original context 8192)")
     g.add_argument("--rope-scaling-factor", type=float, default=8.0,
-                   help="factor of --use-rope-scaling (Llama 3.1: 8, Llama 3.2: 32)")
+                   help="Factor of --use-rope-scaling (Llama 3.1: 8, Llama 3.2: 32)")
     g.add_argument("--init-method-std", type=float, default=_d(ModelConfig, "init_method_std"))
     g.add_argument("--attention-backend", default="auto",
                    choices=["auto", "flash_attn", "sdpa", "eager"])
-    g.add_argument("--use-kernels", action=argparse.BooleanOptionalAction, default=None,
-                   help="Triton RMSNorm/SwiGLU (default: on when they can run)")
+    g.add_argument("--use-kernels", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--recompute-activations", action="store_true")
     g.add_argument("--cross-entropy-chunk-tokens", type=int,
-                   default=_d(ModelConfig, "cross_entropy_chunk_tokens"),
-                   help="run the LM head + loss this many tokens at a time so the logits never "
-                   "exist whole (large vocabularies; one more LM-head matmul); 0: off")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile each transformer layer (first steps are slower)")
+                   default=_d(ModelConfig, "cross_entropy_chunk_tokens"))
+    g.add_argument("--compile", action="store_true", help="The first steps are slower")
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--virtual-pipeline-model-parallel-size", type=int,
-                   help="model chunks per pipeline rank: interleaved 1F1B (bubble / vp)")
-    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int,
-                   help="the same as layers per chunk (Megatron's flag)")
+                   help="The pipeline bubble shrinks by this factor")
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int)
     g.add_argument("--pipeline-schedule", choices=["1f1b", "zb-h1"], default="1f1b",
-                   help="zb-h1: zero-bubble H1, weight gradients deferred into the bubbles "
-                        "(1F1B's peak memory; no virtual stages)")
+                   help="zb-h1 keeps 1F1B's peak memory")
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--use-distributed-optimizer", action="store_true")
     g.add_argument("--grad-bucket-size-mb", type=float,
                    default=_d(ParallelConfig, "grad_bucket_size_mb"))
     g.add_argument("--no-gradient-accumulation-fusion", action="store_true",
-                   help="let autograd produce weight gradients, then add them to the fp32 "
-                        "main grads (default: the linear layers accumulate into them)")
+                   help="Autograd then produces the weight gradients, added to the main grads")
     g.add_argument("--distributed-backend", choices=["nccl", "gloo"])
     g.add_argument("--distributed-timeout-minutes", type=float,
                    default=_d(ParallelConfig, "distributed_timeout_minutes"))
 
     g = p.add_argument_group("data")
-    g.add_argument("--data-path", nargs="+", default=[],
-                   help="weight/prefix pairs (0.7 zh 0.3 en) or prefixes alone")
-    g.add_argument("--mock-data", action="store_true", help="random tokens (needs --vocab-size)")
+    g.add_argument("--data-path", nargs="+", default=[], metavar="WORD",
+                   help="A prefix may be named: 0.7 zh=PREFIX 0.3 en=PREFIX")
+    g.add_argument("--mock-data", action="store_true")
     g.add_argument("--split", default=_d(DataConfig, "split"))
-    g.add_argument("--valid-data-path", nargs="+", default=[], metavar="NAME=PREFIX",
-                   help="named held-out sets for per-language validation loss")
-    g.add_argument("--tokenizer-model",
-                   help="SentencePiece .model, HF tokenizer.json, or a directory holding one")
-    g.add_argument("--tokenizer-type", default=None, choices=TOKENIZER_TYPES,
-                   help="Megatron's name (SentencePieceTokenizer, HuggingFaceTokenizer, ...); "
-                        "default: from --tokenizer-model (a tokenizer.json is HuggingFace)")
+    g.add_argument("--valid-data-path", nargs="+", default=[], metavar="NAME=PREFIX")
+    g.add_argument("--tokenizer-model")
+    g.add_argument("--tokenizer-type", default=None, choices=TOKENIZER_TYPES)
     g.add_argument("--data-cache-path")
     g.add_argument("--num-workers", type=int, default=_d(DataConfig, "num_workers"))
-    g.add_argument("--target", help="target-language dataset name (default: first in blend)")
+    g.add_argument("--target")
     g.add_argument("--data-check-tokens", type=int, default=RunOptions.data_check_tokens)
 
     g = p.add_argument_group("optimizer and learning rate")
-    g.add_argument("--min-lr", type=float, help="floor of the decay (default: lr / 10, the "
-                   "config's 2e-5 for lr 2e-4)")
+    g.add_argument("--min-lr", type=float, help="Default: lr / 10 (the config's 2e-5 for "
+                   "lr 2e-4)")
     for flag, field in (("--lr", "lr"),
                         ("--weight-decay", "weight_decay"), ("--adam-beta1", "adam_beta1"),
                         ("--adam-beta2", "adam_beta2"), ("--adam-eps", "adam_eps"),
@@ -146,17 +145,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-warmup-fraction", type=float,
                    default=_d(OptimizerConfig, "lr_warmup_fraction"))
     g.add_argument("--lr-warmup-iters", type=int, default=0,
-                   help="warm-up steps; used instead of the fraction when given")
+                   help="Given, it replaces --lr-warmup-fraction")
     g.add_argument("--lr-decay-style", default="cosine",
                    choices=["cosine", "linear", "constant", "WSD"])
     g.add_argument("--lr-decay-iters", type=int)
     g.add_argument("--lr-wsd-decay-style", default=_d(OptimizerConfig, "lr_wsd_decay_style"),
-                   choices=["exponential", "linear", "cosine", "minus_sqrt"],
-                   help="shape of the WSD decay")
-    g.add_argument("--lr-wsd-decay-iters", type=int,
-                   help="WSD: steps of the decay at the end of --lr-decay-iters")
+                   choices=["exponential", "linear", "cosine", "minus_sqrt"])
+    g.add_argument("--lr-wsd-decay-iters", type=int)
     g.add_argument("--lr-wsd-decay-samples", type=int,
-                   help="WSD: the decay in samples (rounded up to whole global batches)")
+                   help="WSD: the length of the decay in samples, rounded up to whole global "
+                        "batches (sets the config's lr_wsd_decay_iters)")
     g.add_argument("--override-opt-param-scheduler", action="store_true")
 
     g = p.add_argument_group("training")
@@ -165,11 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
                    default=_d(TrainingConfig, "global_batch_size"))
     g.add_argument("--train-iters", type=int)
     g.add_argument("--train-tokens", type=int)
-    g.add_argument("--tokens-per-param", type=float,
-                   help="train tokens = this x total parameters (the paper: 20)")
+    g.add_argument("--tokens-per-param", type=float)
     g.add_argument("--seed", type=int, default=_d(TrainingConfig, "seed"))
     g.add_argument("--bf16", action="store_true")
-    g.add_argument("--fp16", action="store_true", help="not supported; use --bf16")
+    g.add_argument("--fp16", action="store_true", help="Not supported; use --bf16")
     g.add_argument("--eval-interval", type=int, default=_d(TrainingConfig, "eval_interval"))
     g.add_argument("--eval-iters", type=int, default=_d(TrainingConfig, "eval_iters"))
     g.add_argument("--exit-interval", type=int)
@@ -181,29 +178,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save")
     g.add_argument("--load")
     g.add_argument("--save-interval", type=int)
-    g.add_argument("--init-from", help="weights only (CPT): our checkpoint in any layout or a "
-                   "HuggingFace LLaMA directory; fresh optimizer, iteration 0, LR re-warm-up")
+    g.add_argument("--init-from", help="The architecture comes from it; shape flags become "
+                   "optional and must agree")
     g.add_argument("--no-save-optim", action="store_true")
     g.add_argument("--no-verify-checksums", action="store_true",
-                   help="load checkpoints without checking the per-file checksums recorded "
-                        "in their meta.json (default: checked; a corrupt file is refused)")
-    g.add_argument("--save-iters", type=int, nargs="+", default=[], metavar="ITER",
-                   help="also save at these iterations (e.g. the starts of WSD cooldowns)")
-    g.add_argument("--keep-last-checkpoints", type=int, metavar="N",
-                   help="keep only the newest N checkpoints in --save (default: all)")
-    g.add_argument("--async-save", action="store_true",
-                   help="write checkpoints in a background thread while training goes on")
+                   help="A corrupt file is refused unless this is given")
+    g.add_argument("--save-iters", type=int, nargs="+", default=[], metavar="ITER")
+    g.add_argument("--keep-last-checkpoints", type=int, metavar="N")
+    g.add_argument("--async-save", action="store_true")
 
     g = p.add_argument_group("logging")
     g.add_argument("--log-dir")
     g.add_argument("--log-interval", type=int, default=_d(LoggingConfig, "log_interval"))
     g.add_argument("--no-tensorboard", action="store_true")
     g.add_argument("--run-kind", choices=["scratch", "cpt"])
-    g.add_argument("--wandb-project", help="also log to Weights & Biases, this project "
-                   "(pip install 'megacpt[wandb]'; WANDB_MODE=offline works without network)")
-    g.add_argument("--wandb-exp-name", help="W&B run name")
-    g.add_argument("--wandb-save-dir", help="W&B's local directory (default LOG_DIR/wandb)")
-    return p
+    g.add_argument("--wandb-project", help="Needs pip install 'megacpt[wandb]'; "
+                   "WANDB_MODE=offline works without network")
+    g.add_argument("--wandb-exp-name")
+    g.add_argument("--wandb-save-dir")
+    return flags.document(p)
 
 
 def _variant_flags(a: argparse.Namespace) -> dict:
@@ -506,158 +499,11 @@ def load_config(path: str) -> tuple[Config, RunOptions]:
     return Config.from_dict(d), RunOptions(**run)
 
 
-# ----- the one mapping between `Config` and flags (studies, the quickstart, the CLI) -----
-#
-# Every flag of `build_parser()` is a field of `Config` or `RunOptions`: by default the field
-# of the same name in the one section that has it; `_FLAG_FIELDS` names the exceptions
-# ("!" = the flag is the field's negation). `config_to_argv` writes the flags that give back
-# exactly a config (parse_args(config_to_argv(cfg, opts)) == (cfg, opts)), so programs build
-# typed configs and print or submit the command only when a person or a scheduler needs it.
-_FLAG_FIELDS = {"norm_epsilon": "model.norm_eps", "model_size": "model.name",
-                "no_tensorboard": "!logging.tensorboard",
-                "no_gradient_accumulation_fusion": "!parallel.gradient_accumulation_fusion",
-                "no_verify_checksums": "!checkpoint.verify_checksums"}
-_NOT_FIELDS = {"help", "group_query_attention", "fp16", "lr_wsd_decay_samples",
-               "use_rope_scaling", "rope_scaling_factor"}
-"""Flags that are no field: help, accepted-for-compatibility, refused with a message, or
-another unit of a field (samples -> lr_wsd_decay_iters)."""
-_SPECIAL = {"train_iters", "train_tokens", "tokens_per_param", "lr_warmup_fraction",
-            "lr_warmup_iters", "valid_data_path", "max_position_embeddings", "model_size",
-            *_SHAPE_FLAGS}
-"""Flags `config_to_argv` writes by rule (the length of training, the warm-up, the shape)."""
+def __getattr__(name: str):
+    """`config_to_argv`, `apply_flags` and `flag_fields` moved to `megacpt.flags` (imported
+    on first use: megacpt.flags itself imports this module)."""
+    if name in ("config_to_argv", "apply_flags", "flag_fields"):
+        from megacpt import flags
 
-
-@functools.lru_cache(maxsize=None)
-def _parser(suppress: bool = False) -> argparse.ArgumentParser:
-    """The CLI's parser, built once for the mapping (suppress: given flags only)."""
-    p = build_parser()
-    if suppress:
-        for action in p._actions:
-            action.default = argparse.SUPPRESS
-    return p
-
-
-@functools.lru_cache(maxsize=None)
-def _flag_fields() -> dict[str, tuple[str, str, bool]]:
-    return flag_fields(build_parser())
-
-
-def flag_fields(parser: argparse.ArgumentParser | None = None) -> dict[str, tuple[str, str, bool]]:
-    """{argparse dest: (section, field, negated)} of every flag (section "run": RunOptions)."""
-    sections = {f.name: f.type for f in dataclasses.fields(Config)}
-    owners: dict[str, list[str]] = {}
-    classes = {"model": ModelConfig, "parallel": ParallelConfig, "data": DataConfig,
-               "optim": OptimizerConfig, "training": TrainingConfig,
-               "checkpoint": CheckpointConfig, "logging": LoggingConfig, "run": RunOptions}
-    assert set(classes) - {"run"} == set(sections), "a Config section is missing here"
-    for sec, cls in classes.items():
-        for f in dataclasses.fields(cls):
-            owners.setdefault(f.name, []).append(sec)
-    out = {}
-    for action in (parser or build_parser())._actions:
-        dest = action.dest
-        if dest in _NOT_FIELDS:
-            continue
-        if dest in _FLAG_FIELDS:
-            path = _FLAG_FIELDS[dest]
-            neg = path.startswith("!")
-            sec, _, name = path.lstrip("!").partition(".")
-            out[dest] = (sec, name, neg)
-        elif len(owners.get(dest, [])) == 1:
-            out[dest] = (owners[dest][0], dest, False)
-        else:
-            raise ConfigError(f"flag --{dest.replace('_', '-')} maps to no single config field "
-                              f"(sections {owners.get(dest, [])}); add it to _FLAG_FIELDS")
-    return out
-
-
-def _word(v) -> str:
-    return repr(v) if isinstance(v, float) else str(v)
-
-
-def config_to_argv(cfg: Config, opts: RunOptions | None = None) -> list[str]:
-    """Megatron flags that `parse_args` turns back into exactly (cfg, opts).
-
-    Writes the model shape (`--model-size NAME` when the shape is a registered one), the
-    length of training as it was given (tokens per parameter, tokens or iterations), the
-    vocabulary size, `--min-lr`, and every other field that differs from the flag's default.
-    """
-    opts = opts or RunOptions()
-    parser, fields = _parser(), _flag_fields()
-    m, t, o = cfg.model, cfg.training, cfg.optim
-    if m.name:
-        shape = ModelConfig.from_size(m.name, vocab_size=m.vocab_size)
-        if any(getattr(shape, f) != getattr(m, f) for f in _SHAPE_FLAGS):
-            raise ConfigError(f"model.name {m.name!r} does not match the shape; clear the name "
-                              f"to write the shape flags")
-        argv = ["--model-size", m.name]
-    else:
-        argv = []
-        for f in _SHAPE_FLAGS:
-            v = getattr(m, f)
-            if v is not None and not (f == "num_query_groups" and v == m.num_attention_heads):
-                argv += ["--" + f.replace("_", "-"), str(v)]
-    if m.max_position_embeddings != m.seq_length:
-        argv += ["--max-position-embeddings", str(m.max_position_embeddings)]
-    if m.rope_scaling is not None:
-        flags = {"rope_type": "llama3", "factor": m.rope_scaling.get("factor"),
-                 "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                 "original_max_position_embeddings": 8192}
-        if m.rope_scaling != flags:
-            raise ConfigError(f"model.rope_scaling {m.rope_scaling} cannot be written as flags "
-                              f"(--use-rope-scaling is llama3 with factors 1/4 and 8192)")
-        argv += ["--use-rope-scaling", "--rope-scaling-factor", _word(float(flags["factor"]))]
-    if t.tokens_per_param is not None:
-        argv += ["--tokens-per-param", _word(float(t.tokens_per_param))]
-    elif t.train_tokens is not None:
-        argv += ["--train-tokens", str(t.train_tokens)]
-    else:
-        argv += ["--train-iters", str(t.train_iters)]
-    if o.lr_warmup_fraction is None:
-        if not o.lr_warmup_iters:
-            raise ConfigError("optim: no warm-up fraction and 0 warm-up steps cannot be written "
-                              "as flags; set lr_warmup_fraction to 0.0")
-        argv += ["--lr-warmup-iters", str(o.lr_warmup_iters)]
-    elif o.lr_warmup_fraction != parser.get_default("lr_warmup_fraction"):
-        argv += ["--lr-warmup-fraction", _word(float(o.lr_warmup_fraction))]
-    if cfg.data.valid_data_path:
-        argv += ["--valid-data-path", *(f"{k}={v}" for k, v in cfg.data.valid_data_path.items())]
-    for action in parser._actions:
-        dest = action.dest
-        if dest not in fields or dest in _SPECIAL or not action.option_strings:
-            continue
-        sec, name, neg = fields[dest]
-        value = getattr(opts if sec == "run" else getattr(cfg, sec), name)
-        flag = action.option_strings[0]
-        if isinstance(action, argparse._StoreTrueAction):
-            if bool(value) != neg:
-                argv.append(flag)
-        elif isinstance(action, argparse.BooleanOptionalAction):
-            if value is not None:
-                argv.append(flag if value else "--no-" + flag[2:])
-        elif action.nargs == "+":
-            if value:
-                argv += [flag, *map(str, value)]
-        elif value is not None and (value != action.default or dest in ("min_lr", "vocab_size")):
-            argv += [flag, _word(value)]
-    return argv
-
-
-def apply_flags(cfg: Config, argv: list[str], where: str = "flags") -> Config:
-    """A copy of `cfg` with the fields that plain flags set (e.g. a study's extra_args).
-
-    Only flags that map to one field are allowed here (not the shape, length of training,
-    warm-up or validation sets, which studies set themselves); the result is validated again.
-    """
-    parser, fields = _parser(suppress=True), _flag_fields()
-    try:
-        given = vars(parser.parse_args(argv))
-    except SystemExit:
-        raise ConfigError(f"{where}: cannot parse {argv}") from None
-    d = cfg.to_dict()
-    for dest, value in given.items():
-        if dest in _SPECIAL or dest not in fields or fields[dest][0] == "run":
-            raise ConfigError(f"{where}: --{dest.replace('_', '-')} cannot be set here")
-        sec, name, neg = fields[dest]
-        d[sec][name] = (not value) if neg else value
-    return Config.from_dict(d)
+        return getattr(flags, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -73,7 +73,7 @@ def run(cfg, opts=None) -> int:
     """Train one resolved `Config` (+ `RunOptions`); the exit code of `main`.
 
     Programs that build configs (studies, the quickstart) call this directly;
-    `megacpt.arguments.config_to_argv(cfg, opts)` is the same run as a command line.
+    `megacpt.flags.config_to_argv(cfg, opts)` is the same run as a command line.
     """
     from megacpt.arguments import RunOptions
 

@@ -2,8 +2,8 @@
 parse_args(config_to_argv(cfg, opts)) gives back exactly (cfg, opts)."""
 import pytest
 
-from megacpt.arguments import (RunOptions, apply_flags, build_parser, config_to_argv,
-                               flag_fields, parse_args)
+from megacpt.arguments import RunOptions, build_parser, parse_args
+from megacpt.flags import apply_flags, config_to_argv, flag_fields
 from megacpt.config import (CheckpointConfig, Config, ConfigError, DataConfig, LoggingConfig,
                             ModelConfig, OptimizerConfig, TrainingConfig)
 

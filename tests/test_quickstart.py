@@ -148,7 +148,7 @@ def test_bad_arguments_name_the_problem(tmp_path, capsys, argv, message):
 
 
 def test_shape_flags_override_the_size():
-    from megacpt.arguments import config_to_argv
+    from megacpt.flags import config_to_argv
     from megacpt.config import Config
 
     args = qs.get_args(["--model-size", "debug-xs", "--hidden-size", "96",

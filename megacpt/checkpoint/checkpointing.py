@@ -386,8 +386,10 @@ def load_weights(path: str, model, ctx: ParallelContext | None = None, *, verify
     log.info("loaded weights from %s (%s checkpoint)", path, src.kind)
 
 
-def load_model(path: str, device="cpu", dtype: torch.dtype | None = None, **source_options):
-    """A single-device `LlamaModel` (eval mode) from any checkpoint `load_weights` reads.
+def load_model(path: str, device="cpu", dtype: torch.dtype | None = None, *,
+               verify: bool = True, **source_options):
+    """A single-device `LlamaModel` (eval mode) from any checkpoint `load_weights` reads
+    (`verify`: check our checkpoints' recorded checksums first).
 
     `model(tokens [b, s])` gives logits `[b, s, vocab]` over the unpadded vocabulary.
     `model.tokenizer_path` names the checkpoint's tokenizer (SentencePiece tokenizer.model or
@@ -396,6 +398,8 @@ def load_model(path: str, device="cpu", dtype: torch.dtype | None = None, **sour
     from megacpt.model.llama import LlamaModel
 
     with open_source(path, **source_options) as src:
+        if verify and src.kind == "megacpt":
+            integrity.verify_model_files(src.iter_dir, src.tp, src.pp)
         mcfg = src.cfg.model
         ctx = ParallelContext.single(device)
         model = LlamaModel(mcfg, ctx, dtype=dtype or src.dtype, device=device, seed=None)

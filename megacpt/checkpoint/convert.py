@@ -11,6 +11,8 @@ A layout conversion keeps everything `--load` needs to resume: weights, optimize
 (Adam moments and fp32 masters, re-split over the new tp; ZeRO-1 state is stored gathered over
 dp, so any dp works), the LR schedule, data-consumption state, counters and the iteration.
 Per-rank RNG state is dropped (the model has no dropout; the trainer keeps its seeded RNG).
+The output records every file's checksum like a trainer save, and a source checkpoint of ours
+is verified against its recorded checksums first (`--no-verify-checksums` skips that).
 Conversion streams tensor by tensor (see `megacpt.checkpoint.writer`); the output directory
 appears only when complete. Measured peak RSS (2 shared CPU cores, local disk), for a random
 bf16 checkpoint of the registry's 1393M shape (1.82B parameters by our count, vocab 36152)
@@ -32,7 +34,7 @@ import torch
 from megacpt.checkpoint.format import CheckpointError
 from megacpt.checkpoint.hf import export_hf
 from megacpt.checkpoint.registry import detect_format, open_source
-from megacpt.checkpoint.writer import write_checkpoint
+from megacpt.checkpoint.writer import verify_source, write_checkpoint
 from megacpt.params import LayoutError
 
 log = logging.getLogger(__name__)
@@ -42,23 +44,27 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def convert_checkpoint(load: str, save_dir: str, tp: int | None = None, pp: int | None = None,
                        *, with_optimizer: bool = True, dtype: torch.dtype | None = None,
-                       progress: bool = True, **source_options) -> str:
+                       progress: bool = True, verify: bool = True, **source_options) -> str:
     """Write the checkpoint (ours in any layout, HF or Megatron legacy/torch_dist) at `load` to
     `save_dir` in layout tp x pp (default: the source's layout, or 1 x 1); returns the
-    iteration directory written."""
+    iteration directory written (its meta.json records checksums). `verify`: check a source
+    of ours against its recorded checksums first."""
     with open_source(load, **source_options) as src:
         if src.kind == "megacpt":  # default: keep the source layout
             tp, pp = tp or src.tp, pp or src.pp
         tp, pp = tp or 1, pp or 1
         return write_checkpoint(src, save_dir, tp, pp, with_optimizer=with_optimizer,
-                                dtype=dtype, progress=progress)
+                                dtype=dtype, progress=progress, verify=verify)
 
 
 def export_to_hf(load: str, out_dir: str, dtype: torch.dtype | None = None,
                  max_shard_bytes: int = 2 * 2**30, progress: bool = True,
-                 **source_options) -> str:
-    """Export any checkpoint `load_weights` reads to a HuggingFace LLaMA directory."""
+                 verify: bool = True, **source_options) -> str:
+    """Export any checkpoint `load_weights` reads to a HuggingFace LLaMA directory
+    (`verify`: check a source of ours against its recorded checksums first)."""
     with open_source(load, **source_options) as src:
+        if verify:
+            verify_source(src)
         return export_hf(src, out_dir, dtype=dtype, max_shard_bytes=max_shard_bytes,
                          progress=progress, tokenizer_model=source_options.get("tokenizer_model"))
 
@@ -107,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "checkpoint's own")
     p.add_argument("--max-shard-size", type=parse_size, default=parse_size("2GB"),
                    help="largest safetensors shard for --to-hf (default 2GB)")
+    p.add_argument("--no-verify-checksums", action="store_true",
+                   help="convert our checkpoint without first checking its files against the "
+                        "checksums in its meta.json (default: checked; a corrupt file is "
+                        "refused, naming it)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -139,12 +149,14 @@ def _run(args, start: float) -> int:
     if args.to_hf:
         if args.target_tensor_parallel_size or args.target_pipeline_parallel_size:
             raise CheckpointError("--target-*-parallel-size apply to --save-dir, not --to-hf")
-        out = export_to_hf(load, args.to_hf, dtype, args.max_shard_size, progress, **opts)
+        out = export_to_hf(load, args.to_hf, dtype, args.max_shard_size, progress,
+                           verify=not args.no_verify_checksums, **opts)
     else:
         out = convert_checkpoint(load, args.save_dir, args.target_tensor_parallel_size,
                                  args.target_pipeline_parallel_size,
                                  with_optimizer=not args.no_optimizer, dtype=dtype,
-                                 progress=progress, **opts)
+                                 progress=progress, verify=not args.no_verify_checksums,
+                                 **opts)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
     log.info("wrote %s in %.1fs; peak RSS %.2f GiB", out, time.time() - start, peak)
     return 0

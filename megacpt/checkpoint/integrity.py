@@ -129,7 +129,8 @@ def record_checksums(iter_dir: str, files: dict[str, str]) -> None:
 
 
 def record_all(iter_dir: str) -> None:
-    """Single process (converters): hash every file of `iter_dir` into its meta.json."""
+    """Single process (converters, `megacpt.checkpoint.writer`): hash every file of
+    `iter_dir` into its meta.json."""
     algorithm = default_algorithm()
     files = {}
     for root, _, names in os.walk(iter_dir):
@@ -189,8 +190,8 @@ def newest_good(iter_dir: str) -> str | None:
 
 def refusal(iter_dir: str, problem: str) -> IntegrityError:
     good = newest_good(iter_dir)
-    where = (f"the newest older checkpoint that verifies is {good}: resume from it with "
-             f"--load {good}" if good else "no older checkpoint in its directory verifies")
+    where = (f"The newest older checkpoint that verifies is {good}: resume from it with "
+             f"--load {good}" if good else "No older checkpoint in its directory verifies")
     return IntegrityError(f"{problem}; refusing to load {iter_dir}. {where} (or load it "
                           f"anyway with --no-verify-checksums)")
 
@@ -205,6 +206,12 @@ def _check(iter_dir: str, only: list[str] | None) -> None:
         if FIELD not in json.load(f):
             log.info("%s has no recorded checksums (saved by an older megacpt): not verified",
                      iter_dir)
+
+
+def verify_all(iter_dir: str) -> None:
+    """Every recorded file and meta.json (converters, before they read a checkpoint: a
+    conversion must not carry a corrupt file into a new checkpoint with fresh checksums)."""
+    _check(iter_dir, None)
 
 
 def verify_model_files(iter_dir: str, tp: int, pp: int) -> None:

@@ -7,7 +7,10 @@ for the target tp ranks, written, and dropped. Peak memory is about the largest 
 plus its shards (the embedding, or one layer's MLP), independent of the model's depth.
 
 The output goes to a temporary directory beside `save_dir` and is renamed only when complete
-(see `format.atomic_output_dir`); the directory layout is documented in `format`.
+(see `format.atomic_output_dir`); the directory layout is documented in `format`. Its meta.json
+records every file's checksum like a trainer save (`integrity.record_all`), so the result
+loads verified; a source checkpoint of ours is verified before it is read (`verify`), so a
+corrupt file is refused instead of being carried into the output under fresh checksums.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from typing import Callable
 import torch
 
 from megacpt.checkpoint import format as fmt
+from megacpt.checkpoint import integrity
 from megacpt.checkpoint.format import CheckpointError
 from megacpt.checkpoint.reader import split_rest
 from megacpt.checkpoint.source import Source
@@ -39,7 +43,7 @@ def write_checkpoint(source: Source, save_dir: str, tp: int, pp: int, *,
                      model_cfg=None, transform: Transform | None = None,
                      extra_files: dict[str, bytes] | None = None,
                      iteration: int | None = None, state: dict | None = None,
-                     progress: bool = True) -> str:
+                     progress: bool = True, verify: bool = True) -> str:
     """Write `source` to `save_dir` in layout tp x pp; returns the iteration directory.
 
     `model_cfg` replaces the source's model config (e.g. a grown vocabulary, with `transform`
@@ -47,8 +51,11 @@ def write_checkpoint(source: Source, save_dir: str, tp: int, pp: int, *,
     `extra_files` {name: bytes} are written into `save_dir` (after the source's tokenizer,
     so {"tokenizer.model": ...} or {"tokenizer.json": ...} replaces it); `iteration` and
     `state` replace the source's (a new model, e.g. a grown vocabulary, starts at iteration 0
-    with an empty state).
+    with an empty state). `verify`: check the recorded checksums of a source checkpoint of
+    ours first.
     """
+    if verify:
+        verify_source(source)
     cfg = Config.from_dict(source.cfg.to_dict())
     if model_cfg is not None:
         cfg.model = model_cfg
@@ -69,6 +76,7 @@ def write_checkpoint(source: Source, save_dir: str, tp: int, pp: int, *,
         fmt.write_meta(iter_dir, iteration, tp, pp, source.dp, str(out_dtype).replace("torch.", ""),
                        with_optimizer, cfg.to_dict(),
                        dict(source.state if state is None else state))
+        integrity.record_all(iter_dir)
         if source.tokenizer_path:
             copy_tokenizer(source.tokenizer_path, tmp)
         for fname, data in (extra_files or {}).items():
@@ -76,6 +84,13 @@ def write_checkpoint(source: Source, save_dir: str, tp: int, pp: int, *,
                 f.write(data)
         fmt.write_tracker(tmp, iteration)
     return os.path.join(save_dir, fmt.iter_dirname(iteration))
+
+
+def verify_source(source: Source) -> None:
+    """Refuse a checkpoint of ours whose files do not match their recorded checksums (the
+    message names the file); other formats record none."""
+    if source.kind == "megacpt":
+        integrity.verify_all(source.iter_dir)
 
 
 def _write_shards(source: Source, iter_dir: str, mcfg, tp: int, pp: int, dtype: torch.dtype,

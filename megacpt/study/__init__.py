@@ -2,7 +2,7 @@
 
 `tools/run_study.py --config study.yaml` reads a YAML file (`config`), plans the runs
 (`plan`: every run a typed `megacpt.config.Config`, its command line from the one
-Config <-> flags mapping in `megacpt.arguments`), trains them (`run`: in this process, as
+Config <-> flags mapping in `megacpt.flags`), trains them (`run`: in this process, as
 `commands.sh`, or as sbatch job arrays per stage with dependencies, `slurm`), then fits and
 checks the laws (`analysis`) and writes the report (`report`).
 

@@ -13,7 +13,7 @@ Runs (N: the model's parameters as the trainer counts them; budgets in tokens pe
                                            exactly b x N tokens (Megatron's WSD schedule)
 
 with strategy scratch, cpt or cpt_replay{r}. Every run is a `megacpt.config.Config`; its
-command line is `megacpt.arguments.config_to_argv` of it (the one mapping between configs
+command line is `megacpt.flags.config_to_argv` of it (the one mapping between configs
 and flags), so local, print and slurm launches train exactly the same thing.
 """
 from __future__ import annotations
@@ -188,8 +188,8 @@ class _Planner:
                                   log_interval=max(1, span // 20),
                                   run_kind="cpt" if init_from else "scratch"))
         if cfg.extra_args:
-            from megacpt.arguments import apply_flags
             from megacpt.config import ConfigError
+            from megacpt.flags import apply_flags
 
             try:
                 c = apply_flags(c, cfg.extra_args, "extra_args")
@@ -214,7 +214,8 @@ class _Planner:
         return OptimizerConfig(**kw)
 
     def add(self, name, lang, size, kind, replay, c, opts=None, **extra) -> "Run":
-        from megacpt.arguments import RunOptions, config_to_argv
+        from megacpt.arguments import RunOptions
+        from megacpt.flags import config_to_argv
 
         opts = opts or RunOptions()
         run = Run(name, lang, size, kind, float(replay), c.model.num_parameters(),

@@ -86,6 +86,11 @@ def test_init_from_verifies_the_weights(saved, tmp_path):
     _flip_bit(f"{ck}/iter_0000003/mp_rank_00_000/model.safetensors")
     with pytest.raises(CheckpointError, match=r"model.safetensors: \w+ checksum mismatch"):
         Trainer(*config(mock_args("--init-from", ck, iters=1)))
+    from megacpt.checkpoint import load_model  # evaluation and generation
+
+    with pytest.raises(CheckpointError, match=r"model.safetensors: \w+ checksum mismatch"):
+        load_model(ck)
+    assert load_model(ck, verify=False).cfg.num_layers > 0
 
 
 def test_sha256_fallback_and_old_checkpoints(saved, tmp_path, monkeypatch):
@@ -102,3 +107,66 @@ def test_sha256_fallback_and_old_checkpoints(saved, tmp_path, monkeypatch):
     del meta["checksums"]
     json.dump(meta, open(f"{ck}/iter_0000001/meta.json", "w"))
     assert integrity.problems(f"{ck}/iter_0000001") == []
+
+
+# ----- converted checkpoints (tools/convert_checkpoint.py) carry checksums too -----
+
+@pytest.fixture(scope="module")
+def converted(saved, tmp_path_factory):
+    """iter_3 of `saved` converted to tp1pp2 (with optimizer state)."""
+    from megacpt.checkpoint.convert import convert_checkpoint
+
+    out = str(tmp_path_factory.mktemp("conv") / "ck")
+    convert_checkpoint(f"{saved}/iter_0000003", out, 1, 2, progress=False)
+    return out
+
+
+def test_converted_checkpoint_loads_verified(converted, caplog):
+    it3 = f"{converted}/iter_0000003"
+    sums = json.load(open(f"{it3}/meta.json"))["checksums"]
+    from megacpt.checkpoint import format as fmt
+
+    assert sorted(sums["files"]) == sorted(
+        f"mp_rank_00_{p:03d}/{n}" for p in (0, 1)
+        for n in (fmt.MODEL_FILE, fmt.OPTIM_TENSORS, fmt.OPTIM_REST))
+    assert integrity.problems(it3) == []
+    with caplog.at_level("INFO", logger="megacpt.checkpoint.integrity"):
+        trainer = Trainer(*config(mock_args("--load", converted, iters=3)))
+    assert trainer.iteration == 3
+    assert not [r for r in caplog.records if "not verified" in r.getMessage()]
+
+
+def test_flipped_bit_in_converted_checkpoint_is_one_line_error(converted, tmp_path, capsys):
+    from megacpt.train import main
+
+    ck = _copy(converted, tmp_path)
+    bad = f"{ck}/iter_0000003/mp_rank_00_000/model.safetensors"
+    _flip_bit(bad)
+    assert main(mock_args("--load", ck, iters=3)) == 2
+    out = capsys.readouterr()
+    errors = [line for line in (out.out + out.err).splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "Traceback" not in out.out + out.err, errors
+    assert "checkpoint error: " in errors[0] and bad in errors[0]
+    assert "checksum mismatch" in errors[0] and "No older checkpoint" in errors[0]
+
+
+def test_converter_refuses_a_corrupt_source(saved, tmp_path, capsys):
+    """A conversion must not carry a flipped bit into a new checkpoint with fresh checksums."""
+    from megacpt.checkpoint.convert import main
+
+    ck = _copy(saved, tmp_path)
+    bad = f"{ck}/iter_0000003/mp_rank_00_000/optimizer.safetensors"
+    _flip_bit(bad)
+    argv = ["--load-dir", f"{ck}/iter_0000003", "--target-pipeline-parallel-size", "2",
+            "--no-progress"]
+    with pytest.raises(SystemExit) as e:
+        main(argv + ["--save-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err and bad in err and "checksum mismatch" in err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit):
+        main(["--load-dir", f"{ck}/iter_0000003", "--to-hf", str(tmp_path / "hf"),
+              "--no-progress"])
+    assert bad in capsys.readouterr().err and not (tmp_path / "hf").exists()
+    assert main(argv + ["--save-dir", str(tmp_path / "out"), "--no-verify-checksums"]) == 0
+    assert integrity.problems(f"{tmp_path}/out/iter_0000003") == []  # recorded as read

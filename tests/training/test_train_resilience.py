@@ -51,6 +51,12 @@ def test_load_dir_without_tracker_resumes_from_newest_verified_checkpoint(tmp_pa
     assert f"no latest_checkpointed_iteration.txt: resuming from its newest complete " \
            f"checkpoint {ck}/iter_0000002 (skipping iter_0000003" in caplog.text
     assert open(f"{ck}/latest_checkpointed_iteration.txt").read().strip() == "2"  # repaired
+    caplog.clear()
+    with caplog.at_level(logging.INFO):  # --load of an iter_* directory: no doubled path
+        direct = Trainer(*config(mock_args("--load", f"{ck}/iter_0000002", iters=3)))
+    assert direct.iteration == 2 and direct.last_checkpoint == f"{ck}/iter_0000002"
+    assert f"resumed from {ck}/iter_0000002 at iteration 2" in caplog.text
+    assert "iter_0000002/iter_0000002" not in caplog.text
     os.remove(f"{ck}/latest_checkpointed_iteration.txt")
     shutil.rmtree(f"{ck}/iter_0000002")
     shutil.rmtree(f"{ck}/iter_0000001")

@@ -17,7 +17,7 @@ def _tracker(ck: str) -> int:
     return int(open(f"{ck}/latest_checkpointed_iteration.txt").read())
 
 
-@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1", "SIGINT"])
 def test_signal_to_process_group_with_loader_workers_saves_and_exits_zero(tmp_path, sig):
     """The whole group gets the signal (what schedulers do), the loader worker too: the
     worker must ignore it and the trainer save at the next step boundary, exit 0."""

@@ -2,7 +2,8 @@
 the flags that select it, and resuming a stable run into a cooldown branch."""
 import pytest
 
-from megacpt.arguments import config_to_argv, parse_args
+from megacpt.arguments import parse_args
+from megacpt.flags import config_to_argv
 from megacpt.config import ConfigError, OptimizerConfig
 from megacpt.training.schedule import LRSchedule
 
