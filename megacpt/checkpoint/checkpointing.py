@@ -183,9 +183,10 @@ def snapshot_checkpoint(save_dir: str, iteration: int, model, optimizer, cfg: Co
                     shard_dir)
 
 
-def write_snapshot(snap: Snapshot) -> None:
+def write_snapshot(snap: Snapshot) -> list[str]:
     """This rank's files of a snapshot (rank 0 also meta.json and the tokenizer copy); no
-    collectives, so it may run in a background thread."""
+    collectives, so it may run in a background thread. Returns the paths (relative to
+    `snap.tmp`) of the files this rank owns for checksums (all but meta.json)."""
     if snap.shard_dir is not None:
         os.makedirs(snap.shard_dir, exist_ok=True)
         save_tensors(os.path.join(snap.shard_dir, fmt.MODEL_FILE), snap.params,
@@ -202,6 +203,13 @@ def write_snapshot(snap: Snapshot) -> None:
         if tok and os.path.isfile(tok) and \
                 not os.path.exists(os.path.join(snap.save_dir, fmt.TOKENIZER)):
             shutil.copyfile(tok, os.path.join(snap.save_dir, fmt.TOKENIZER))
+    written = []
+    if snap.shard_dir is not None:
+        shard = os.path.basename(snap.shard_dir)
+        written = [f"{shard}/{n}" for n in sorted(os.listdir(snap.shard_dir))]
+    if snap.rng is not None:
+        written.append(fmt.rng_filename(snap.rank).replace(os.sep, "/"))
+    return written
 
 
 def publish_snapshot(snap: Snapshot) -> None:

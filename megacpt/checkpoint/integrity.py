@@ -13,7 +13,10 @@ before this field existed load with an INFO line saying they are unverified.
 
 Saving (`gather_checksums` + `record_checksums`, called by `save_checkpoint` after every
 rank's files are complete and before the directory is renamed into place): each rank hashes
-the files it wrote, rank 0 gathers them and rewrites meta.json atomically.
+the files it wrote, rank 0 gathers them and rewrites meta.json atomically. `--async-save`
+does the same without collectives: each rank's background writer hashes its files
+(`digests`) into its completion marker, and rank 0's writer records them all before it
+publishes (`megacpt.checkpoint.async_save`).
 
 Loading (`verify_for_rank`, from `load_checkpoint`; `verify_model_files`, from
 `load_weights`): each rank hashes the files it is about to read; a mismatch raises
@@ -94,6 +97,13 @@ def rank_files(iter_dir: str, ctx) -> list[str]:
 
 
 # ----- saving -----
+
+def digests(iter_dir: str, rels: list[str]) -> dict[str, str]:
+    """{relpath: digest} of the given files of `iter_dir` (no collectives: the background
+    writer of `--async-save` hashes the files it wrote; rank 0 records them all)."""
+    algorithm = default_algorithm()
+    return {rel: file_digest(os.path.join(iter_dir, rel), algorithm) for rel in rels}
+
 
 def gather_checksums(iter_dir: str, ctx) -> dict[str, str]:
     """Collective: every rank hashes the files it wrote; all get {relpath: digest}."""
