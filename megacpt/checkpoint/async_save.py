@@ -47,8 +47,15 @@ class AsyncCheckpointSaver:
         self._thread: threading.Thread | None = None
         self._snap: ckpt.Snapshot | None = None
         self._error: BaseException | None = None
-        self.last_blocked_s = 0.0  # time `save` kept the caller (finish of the previous one
-        #                            included), for the benchmark and the log
+        self.last_blocked_s = 0.0  # time the snapshot of the last `save` kept the caller
+        self.last_wait_s = 0.0  # time the last `save` first waited for the previous one to
+        #                         finish (0 when saves are further apart than a write takes)
+
+    def prepare(self, model, optimizer, cfg: Config) -> None:
+        """Allocate the snapshot buffers before the first save and touch their pages in the
+        background, so that no save (the first included) pays for fresh memory."""
+        specs = ckpt.snapshot_specs(model, optimizer, cfg, self.ctx)
+        self.buffers.prepare(specs, cuda=any(p.is_cuda for p in model.parameters()))
 
     @property
     def in_flight(self) -> bool:
@@ -66,6 +73,8 @@ class AsyncCheckpointSaver:
         iteration directory it will be published as."""
         start = time.perf_counter()
         self.finish()
+        self.last_wait_s = time.perf_counter() - start
+        start = time.perf_counter()
         snap = ckpt.snapshot_checkpoint(save_dir, iteration, model, optimizer, cfg, self.ctx,
                                         state, buffers=self.buffers)
         self._snap, self._error = snap, None

@@ -16,6 +16,7 @@ import copy
 import logging
 import os
 import shutil
+import threading
 from dataclasses import dataclass
 from typing import Callable
 
@@ -124,24 +125,70 @@ class Snapshot:
 
 class SnapshotBuffers:
     """CPU buffers reused by every snapshot of a run (pinned when the tensors are on a GPU):
-    a snapshot is a copy into them, not an allocation. One save at a time may use them."""
+    a snapshot is a copy into them, not an allocation. One save at a time may use them.
+
+    `prepare` allocates them ahead of the first save and touches their pages in a background
+    thread (a fresh buffer pays a page fault per 4 KiB page on first touch: on the CPU that
+    is most of a first snapshot's time)."""
 
     def __init__(self):
         self._bufs: dict[str, torch.Tensor] = {}
         self._cuda = False
+        self._prefault: threading.Thread | None = None
+
+    def _buffer(self, key: str, shape: tuple, dtype: torch.dtype, cuda: bool) -> torch.Tensor:
+        buf = self._bufs.get(key)
+        if buf is None or tuple(buf.shape) != tuple(shape) or buf.dtype != dtype:
+            buf = torch.empty(shape, dtype=dtype, device="cpu", pin_memory=cuda)
+            self._bufs[key] = buf
+        self._cuda |= cuda
+        return buf
+
+    def prepare(self, specs: dict[str, tuple[tuple, torch.dtype]], cuda: bool) -> None:
+        """Allocate the buffers {key: (shape, dtype)} now; their pages are touched in a
+        background thread that the first snapshot waits for (if it is still running)."""
+        self._wait()
+        bufs = [self._buffer(k, shape, dtype, cuda) for k, (shape, dtype) in specs.items()]
+
+        def touch():
+            for b in bufs:  # zero_ releases the GIL: training goes on meanwhile
+                b.zero_()
+        self._prefault = threading.Thread(target=touch, daemon=True, name="snapshot-prefault")
+        self._prefault.start()
+
+    def _wait(self) -> None:
+        if self._prefault is not None:
+            self._prefault.join()
+            self._prefault = None
 
     def __call__(self, t: torch.Tensor, key: str) -> torch.Tensor:
-        buf = self._bufs.get(key)
-        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
-            buf = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.is_cuda)
-            self._bufs[key] = buf
+        self._wait()
+        buf = self._buffer(key, tuple(t.shape), t.dtype, t.is_cuda)
         buf.copy_(t.detach(), non_blocking=t.is_cuda)
-        self._cuda |= t.is_cuda
         return buf
 
     def synchronize(self) -> None:
+        """One sync for all the non_blocking device-to-host copies of a snapshot."""
         if self._cuda:
             torch.cuda.synchronize()
+
+
+def snapshot_specs(model, optimizer, cfg: Config, ctx: ParallelContext
+                   ) -> dict[str, tuple[tuple, torch.dtype]]:
+    """{buffer key: (shape, dtype)} of what `snapshot_checkpoint` copies on this rank (no
+    collective): the parameters and, unless `state_dict()` already returns copies on the
+    CPU, the optimizer state."""
+    if ctx.dp_rank != 0:
+        return {}
+    named = dict(model.named_parameters())
+    specs = {n: (tuple(p.shape), p.dtype) for n, p in named.items()}
+    cuda = any(p.is_cuda for p in named.values())
+    if optimizer is not None and not cfg.checkpoint.no_save_optim and \
+            (cuda or not optimizer.state_dict_is_a_copy):
+        for name, entry in optimizer.state_spec().items():
+            for key, spec in entry.items():
+                specs[f"optim/{name}/{key}"] = spec
+    return specs
 
 
 def snapshot_checkpoint(save_dir: str, iteration: int, model, optimizer, cfg: Config,
@@ -166,7 +213,10 @@ def snapshot_checkpoint(save_dir: str, iteration: int, model, optimizer, cfg: Co
         shard_dir = os.path.join(tmp, fmt.shard_dirname(ctx.tp_rank, ctx.pp_rank))
         params = {n: to_cpu(p, n) for n, p in named.items()}
         if opt_sd is not None:
-            optim = split_optimizer_state(opt_sd, to_cpu)
+            # ZeRO-1's state_dict() gathered into new memory: on the CPU nothing to copy
+            opt_to_cpu = to_cpu if buffers is None or not optimizer.state_dict_is_a_copy \
+                else (lambda t, key: buffers(t, key) if t.is_cuda else _plain_cpu(t, key))
+            optim = split_optimizer_state(opt_sd, opt_to_cpu)
     if buffers is not None:
         buffers.synchronize()
     meta = None
