@@ -343,7 +343,7 @@ def _publish(save_dir: str, tmp: str, final: str, iteration: int) -> None:
 
 
 def load_checkpoint(load_dir: str, model, optimizer, cfg: Config,
-                    ctx: ParallelContext) -> tuple[int, dict]:
+                    ctx: ParallelContext, stats: dict | None = None) -> tuple[int, dict]:
     """Exact resume from a checkpoint saved in ANY (tp, pp, dp) layout, with or without ZeRO-1:
     fill model (and optimizer) from it; returns (iteration, state).
 
@@ -352,6 +352,7 @@ def load_checkpoint(load_dir: str, model, optimizer, cfg: Config,
     at a time. Optimizer state is stored gathered over dp, so the optimizer (ZeRO-1 or not)
     takes its dp share itself (memory: the rank's tp part of the optimizer state is held once
     more until `load_state_dict` has taken it; parameters are copied one at a time).
+    `stats`, when given, receives {"bytes_read": tensor bytes this rank read}.
     state["rng"] is this rank's saved RNG state when the world
     size is unchanged, else None (the model has no dropout; the trainer keeps its seeded RNG).
     """
@@ -381,6 +382,8 @@ def load_checkpoint(load_dir: str, model, optimizer, cfg: Config,
                 rest = split_rest(src.optimizer_rest(), names)
             optimizer.load_state_dict(join_optimizer_state(tensors, rest))
             del tensors
+        if stats is not None:
+            stats["bytes_read"] = src.bytes_read
         log.info("rank %d loaded %s%s: read %.1f MB of tensors", ctx.rank, iter_dir,
                  "" if same else f" (resharded from tp{src.tp}pp{src.pp})", src.bytes_read / 1e6)
     state = dict(meta["state"])

@@ -223,12 +223,29 @@ def verify_model_files(iter_dir: str, tp: int, pp: int) -> None:
                       for t in range(tp) for p in range(pp)])
 
 
+def files_to_verify(iter_dir: str, ctx) -> list[str] | None:
+    """What this rank verifies on an exact resume. Same (tp, pp) layout: the files it reads
+    (its shard's and its RNG state). Another layout (resharding): a rank reads slices of
+    several saved shards, so the recorded files are dealt out over the ranks (rank r takes
+    every world-th one), each file hashed once in all, none left out. None: no checksums."""
+    try:
+        with open(os.path.join(iter_dir, fmt.META), encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return rank_files(iter_dir, ctx)  # _check reports the unreadable meta.json
+    if (meta.get("tp"), meta.get("pp")) == (ctx.tp, ctx.pp):
+        return rank_files(iter_dir, ctx)
+    recorded = sorted(meta.get(FIELD, {}).get("files", {}))
+    return recorded[ctx.rank::ctx.world_size]
+
+
 def verify_for_rank(iter_dir: str, ctx) -> None:
-    """Exact resume: each rank checks the files it reads; all ranks agree before going on
-    (a rank whose files are fine raises too, naming the ranks that failed)."""
+    """Exact resume: each rank checks the files it reads (`files_to_verify`); all ranks
+    agree before going on (a rank whose files are fine raises too, naming the ranks that
+    failed)."""
     error = None
     try:
-        _check(iter_dir, rank_files(iter_dir, ctx))
+        _check(iter_dir, files_to_verify(iter_dir, ctx))
     except IntegrityError as e:
         error = e
     if ctx.world_size > 1:
