@@ -47,6 +47,16 @@ from megacpt.parallel.optimizer import build_optimizer  # noqa: E402
 
 
 def build(size: str, dtype: torch.dtype, device: str):
+    cfg = config(size, dtype, device)
+    ctx = ParallelContext.single(device)
+    model = LlamaModel(cfg.model, ctx, dtype=dtype, device=device, seed=1)
+    opt = build_optimizer(model, cfg.optim, ctx)
+    step(model, opt, device)
+    return cfg, ctx, model, opt
+
+
+def config(size: str, dtype: torch.dtype, device: str) -> Config:
+    """The benchmarked run's config: the registry's `size`, vocabulary 32000, seq 128."""
     s = sizes.get_size(size)
     mcfg = ModelConfig(num_layers=s.num_layers, hidden_size=s.hidden_size,
                        ffn_hidden_size=s.ffn_hidden_size, num_attention_heads=s.num_attention_heads,
@@ -55,11 +65,7 @@ def build(size: str, dtype: torch.dtype, device: str):
                        use_kernels=False, name=size)
     cfg = Config(model=mcfg, optim=OptimizerConfig())
     cfg.training.bf16 = dtype == torch.bfloat16
-    ctx = ParallelContext.single(device)
-    model = LlamaModel(mcfg, ctx, dtype=dtype, device=device, seed=1)
-    opt = build_optimizer(model, cfg.optim, ctx)
-    step(model, opt, device)
-    return cfg, ctx, model, opt
+    return cfg
 
 
 def step(model, opt, device: str) -> None:

@@ -223,11 +223,12 @@ def verify_model_files(iter_dir: str, tp: int, pp: int) -> None:
                       for t in range(tp) for p in range(pp)])
 
 
-def files_to_verify(iter_dir: str, ctx) -> list[str] | None:
+def files_to_verify(iter_dir: str, ctx) -> list[str]:
     """What this rank verifies on an exact resume. Same (tp, pp) layout: the files it reads
     (its shard's and its RNG state). Another layout (resharding): a rank reads slices of
-    several saved shards, so the recorded files are dealt out over the ranks (rank r takes
-    every world-th one), each file hashed once in all, none left out. None: no checksums."""
+    several saved shards, so the recorded files are dealt out over the ranks (largest first,
+    each to the rank with the fewest bytes so far: the same deal on every rank), each file
+    hashed once in all, none left out."""
     try:
         with open(os.path.join(iter_dir, fmt.META), encoding="utf-8") as f:
             meta = json.load(f)
@@ -235,8 +236,16 @@ def files_to_verify(iter_dir: str, ctx) -> list[str] | None:
         return rank_files(iter_dir, ctx)  # _check reports the unreadable meta.json
     if (meta.get("tp"), meta.get("pp")) == (ctx.tp, ctx.pp):
         return rank_files(iter_dir, ctx)
-    recorded = sorted(meta.get(FIELD, {}).get("files", {}))
-    return recorded[ctx.rank::ctx.world_size]
+    def size(rel):
+        full = os.path.join(iter_dir, rel)
+        return os.path.getsize(full) if os.path.isfile(full) else 0
+    load, mine = [0] * ctx.world_size, []
+    for rel in sorted(meta.get(FIELD, {}).get("files", {}), key=lambda r: (-size(r), r)):
+        r = load.index(min(load))
+        load[r] += size(rel)
+        if r == ctx.rank:
+            mine.append(rel)
+    return mine
 
 
 def verify_for_rank(iter_dir: str, ctx) -> None:
