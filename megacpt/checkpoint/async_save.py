@@ -11,8 +11,12 @@ leaves them in a marker in `iter_*.tmp/.async/` (`rank_{r}.done`, JSON {relpath:
 published by rename so it is never read half-written; or `rank_{r}.failed` holding the
 error); rank 0's thread waits for every rank's marker (at most the distributed timeout),
 records all checksums in meta.json, removes the markers and publishes exactly as a
-synchronous save does: rename to `iter_*`, then the tracker, then retention. A crash at any point leaves the previous checkpoint and the tracker untouched;
-a failed rank makes rank 0 drop the temporary directory.
+synchronous save does: rename to `iter_*`, then the tracker, then retention. A crash at any
+point leaves the previous checkpoint and the tracker untouched; a failed rank makes rank 0
+drop the temporary directory.
+
+`prepare` (the trainer calls it at start-up) allocates the snapshot buffers once and touches
+their pages in the background, so a snapshot, the first one included, is only a copy.
 
 At most one save is in flight: `save` first finishes the previous one, and so does `finish`,
 which the trainer calls at the end of the run (after the final save, also the one a SIGTERM
