@@ -1,7 +1,8 @@
 """Peak memory and bytes read per rank of a resharding `--load` (issue 16: each rank reads
 only the slices it needs, streaming, so its memory stays near its own shard).
 
-    python benchmarks/bench_reshard_memory.py [--size 49M] [--workdir /tmp/megacpt_bench_reshard]
+    python benchmarks/bench_reshard_memory.py [--size 49M] [--cases tp1->tp2 ...]
+                                              [--workdir /tmp/megacpt_bench_reshard]
 
 A model of `--size` (fp32, AdamW state after one step) is saved in tp1 and converted to tp2
 (`convert_checkpoint`, checksums recorded). Then each case loads one layout into another,
@@ -36,6 +37,7 @@ from megacpt.checkpoint import convert_checkpoint, load_checkpoint, save_checkpo
 from megacpt.checkpoint import integrity  # noqa: E402
 
 MB = 1e6
+CASES = {"tp1->tp1": (1, 1), "tp2->tp2": (2, 2), "tp1->tp2": (1, 2), "tp2->tp1": (2, 1)}
 
 
 def _status_kb(field: str) -> int:
@@ -99,6 +101,7 @@ def run_case(size: str, tp: int, ckpt: str) -> list[dict]:
 def main(argv=None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", default="49M")
+    ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     ap.add_argument("--workdir", default="/tmp/megacpt_bench_reshard")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -112,9 +115,9 @@ def main(argv=None) -> str:
     integrity.record_all(os.path.join(tp2, "iter_0000001"))
     full = dir_bytes(os.path.join(tp1, "iter_0000001"))
     rows = []
-    for case, tp, ckpt in (("tp1->tp1", 1, tp1), ("tp2->tp2", 2, tp2), ("tp1->tp2", 2, tp1),
-                           ("tp2->tp1", 1, tp2)):
-        for row in run_case(args.size, tp, ckpt):
+    for case in args.cases:
+        saved, tp = CASES[case]
+        for row in run_case(args.size, tp, tp1 if saved == 1 else tp2):
             rows.append({"case": case, "size": args.size, **row,
                          "checkpoint_mb": round(full / MB, 1)})
             print(rows[-1], flush=True)
