@@ -6,7 +6,8 @@
 For each size (the paper's registry, vocabulary 32000): a single-process model with AdamW
 state after one step. Each repeat saves it synchronously (`save_checkpoint`: training is
 blocked for the whole save) and asynchronously (`AsyncCheckpointSaver`: blocked only for the
-snapshot into reused CPU buffers, pinned on GPU), side by side in the same process, while
+snapshot into CPU buffers allocated and page-touched ahead by `prepare`, as the trainer does;
+pinned on GPU), side by side in the same process, while
 "training" (a forward/backward of the model) runs on until the background write ends; then
 loads the checkpoint back (`load_checkpoint`, model and optimizer). Files go to the page cache
 as a real run's do (no fsync; `os.sync()` between measurements so one save's writeback does not
@@ -15,7 +16,12 @@ run into the next), so on a machine with free memory the save rate is partly a m
 
 Rows: {"size", "params", "dtype", "checkpoint_gb", "sync_blocked_s", "async_blocked_s",
 "async_blocked_ratio", "async_write_s", "train_steps_during_write", "save_gbps",
-"load_s", "load_gbps"}; times are medians over the repeats.
+"load_s", "load_gbps", "spread"}; times are medians over the repeats (the first save, which
+warms the page cache and the files, is left out); "spread" gives each time's [min, max] and
+"async_blocked_ratio" also per repeat (each async save right after its sync one). The wait for
+a previous async save to finish is not part of "async_blocked_s" (the loop finishes each
+save before the next; in a run it is 0 whenever saves are further apart than a write takes,
+and the trainer logs it separately).
 """
 from __future__ import annotations
 
@@ -41,6 +47,16 @@ from megacpt.parallel.optimizer import build_optimizer  # noqa: E402
 
 
 def build(size: str, dtype: torch.dtype, device: str):
+    cfg = config(size, dtype, device)
+    ctx = ParallelContext.single(device)
+    model = LlamaModel(cfg.model, ctx, dtype=dtype, device=device, seed=1)
+    opt = build_optimizer(model, cfg.optim, ctx)
+    step(model, opt, device)
+    return cfg, ctx, model, opt
+
+
+def config(size: str, dtype: torch.dtype, device: str) -> Config:
+    """The benchmarked run's config: the registry's `size`, vocabulary 32000, seq 128."""
     s = sizes.get_size(size)
     mcfg = ModelConfig(num_layers=s.num_layers, hidden_size=s.hidden_size,
                        ffn_hidden_size=s.ffn_hidden_size, num_attention_heads=s.num_attention_heads,
@@ -49,11 +65,7 @@ def build(size: str, dtype: torch.dtype, device: str):
                        use_kernels=False, name=size)
     cfg = Config(model=mcfg, optim=OptimizerConfig())
     cfg.training.bf16 = dtype == torch.bfloat16
-    ctx = ParallelContext.single(device)
-    model = LlamaModel(mcfg, ctx, dtype=dtype, device=device, seed=1)
-    opt = build_optimizer(model, cfg.optim, ctx)
-    step(model, opt, device)
-    return cfg, ctx, model, opt
+    return cfg
 
 
 def step(model, opt, device: str) -> None:
@@ -74,6 +86,7 @@ def bench_size(size: str, dtype: torch.dtype, device: str, repeats: int, workdir
     state = {"scheduler": {}, "data": {}, "counters": {}, "rng": None}
     sync_dir, async_dir = os.path.join(workdir, "sync"), os.path.join(workdir, "async")
     saver = AsyncCheckpointSaver(ctx)
+    saver.prepare(model, opt, cfg)  # as the trainer does when it starts
     sync_s, async_s, write_s, steps, load_s = [], [], [], [], []
     for it in range(1, repeats + 2):  # the first repeat warms up (allocates buffers)
         os.sync()  # no writeback of an earlier save running into the one measured
@@ -83,7 +96,8 @@ def bench_size(size: str, dtype: torch.dtype, device: str, repeats: int, workdir
         os.sync()
         t0 = time.perf_counter()
         saver.save(async_dir, it, model, opt, cfg, state)
-        t_async = time.perf_counter() - t0
+        t_async = saver.last_blocked_s  # the snapshot (nothing in flight to wait for)
+        assert saver.last_wait_s < 0.01, saver.last_wait_s
         n = 0
         while saver.writing:
             step(model, opt, device)  # training goes on while the write runs
@@ -107,9 +121,16 @@ def bench_size(size: str, dtype: torch.dtype, device: str, repeats: int, workdir
            "async_blocked_ratio": round(med(async_s) / med(sync_s), 3),
            "async_write_s": round(med(write_s), 4), "train_steps_during_write": med(steps),
            "save_gbps": round(nbytes / med(sync_s) / 1e9, 3), "load_s": round(med(load_s), 4),
-           "load_gbps": round(nbytes / med(load_s) / 1e9, 3)}
+           "load_gbps": round(nbytes / med(load_s) / 1e9, 3),
+           "spread": {"sync_blocked_s": _span(sync_s), "async_blocked_s": _span(async_s),
+                      "async_write_s": _span(write_s), "load_s": _span(load_s),
+                      "async_blocked_ratio": [round(a / s, 3) for a, s in zip(async_s, sync_s)]}}
     shutil.rmtree(workdir, ignore_errors=True)
     return row
+
+
+def _span(xs: list[float]) -> list[float]:
+    return [round(min(xs), 4), round(max(xs), 4)]
 
 
 def main(argv=None) -> str:

@@ -5,12 +5,18 @@ A save is split in two. In the training thread, collectively: `snapshot_checkpoi
 into CPU buffers reused from save to save (pinned memory when they live on a GPU). Training
 then goes on while a background thread writes the files (`write_snapshot`: no collectives).
 
-Completion needs no collective either: each rank's thread leaves a marker in
-`iter_*.tmp/.async/` (`rank_{r}.done`, or `rank_{r}.failed` holding the error); rank 0's
-thread waits for every rank's marker (at most the distributed timeout), removes the markers
-and publishes exactly as a synchronous save does: rename to `iter_*`, then the tracker, then
-retention. A crash at any point leaves the previous checkpoint and the tracker untouched;
-a failed rank makes rank 0 drop the temporary directory.
+Completion needs no collective either: each rank's thread hashes the files it wrote (the
+same per-file checksums a synchronous save records, `megacpt.checkpoint.integrity`) and
+leaves them in a marker in `iter_*.tmp/.async/` (`rank_{r}.done`, JSON {relpath: digest},
+published by rename so it is never read half-written; or `rank_{r}.failed` holding the
+error); rank 0's thread waits for every rank's marker (at most the distributed timeout),
+records all checksums in meta.json, removes the markers and publishes exactly as a
+synchronous save does: rename to `iter_*`, then the tracker, then retention. A crash at any
+point leaves the previous checkpoint and the tracker untouched; a failed rank makes rank 0
+drop the temporary directory.
+
+`prepare` (the trainer calls it at start-up) allocates the snapshot buffers once and touches
+their pages in the background, so a snapshot, the first one included, is only a copy.
 
 At most one save is in flight: `save` first finishes the previous one, and so does `finish`,
 which the trainer calls at the end of the run (after the final save, also the one a SIGTERM
@@ -18,6 +24,7 @@ asks for). `finish` is collective: every rank learns whether any rank failed.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -25,6 +32,7 @@ import threading
 import time
 
 from megacpt.checkpoint import checkpointing as ckpt
+from megacpt.checkpoint import integrity
 from megacpt.checkpoint.format import CheckpointError
 from megacpt.config import Config
 from megacpt.parallel.context import ParallelContext
@@ -43,8 +51,15 @@ class AsyncCheckpointSaver:
         self._thread: threading.Thread | None = None
         self._snap: ckpt.Snapshot | None = None
         self._error: BaseException | None = None
-        self.last_blocked_s = 0.0  # time `save` kept the caller (finish of the previous one
-        #                            included), for the benchmark and the log
+        self.last_blocked_s = 0.0  # time the snapshot of the last `save` kept the caller
+        self.last_wait_s = 0.0  # time the last `save` first waited for the previous one to
+        #                         finish (0 when saves are further apart than a write takes)
+
+    def prepare(self, model, optimizer, cfg: Config) -> None:
+        """Allocate the snapshot buffers before the first save and touch their pages in the
+        background, so that no save (the first included) pays for fresh memory."""
+        specs = ckpt.snapshot_specs(model, optimizer, cfg, self.ctx)
+        self.buffers.prepare(specs, cuda=any(p.is_cuda for p in model.parameters()))
 
     @property
     def in_flight(self) -> bool:
@@ -62,6 +77,8 @@ class AsyncCheckpointSaver:
         iteration directory it will be published as."""
         start = time.perf_counter()
         self.finish()
+        self.last_wait_s = time.perf_counter() - start
+        start = time.perf_counter()
         snap = ckpt.snapshot_checkpoint(save_dir, iteration, model, optimizer, cfg, self.ctx,
                                         state, buffers=self.buffers)
         self._snap, self._error = snap, None
@@ -74,8 +91,9 @@ class AsyncCheckpointSaver:
     def _write(self, snap: ckpt.Snapshot) -> None:
         markers = os.path.join(snap.tmp, MARKERS)
         try:
-            ckpt.write_snapshot(snap)
-            _mark(markers, snap.rank, "done", "")
+            written = ckpt.write_snapshot(snap)
+            sums = integrity.digests(snap.tmp, written)  # off the training thread
+            _mark(markers, snap.rank, "done", json.dumps(sums))
         except BaseException as e:  # noqa: BLE001 - reported by finish() on every rank
             self._error = e
             try:
@@ -89,6 +107,7 @@ class AsyncCheckpointSaver:
                 self._publish_when_complete(snap, markers)
             except BaseException as e:  # noqa: BLE001
                 self._error = self._error or e
+                shutil.rmtree(snap.tmp, ignore_errors=True)  # unpublished: free its space
 
     def _publish_when_complete(self, snap: ckpt.Snapshot, markers: str) -> None:
         """Rank 0: wait for every rank's marker, then publish (or drop the temp dir)."""
@@ -110,6 +129,11 @@ class AsyncCheckpointSaver:
             raise CheckpointError(f"async save of {snap.tmp} failed on rank(s) {failed} "
                                   f"({why}); the previous checkpoint and the tracker are "
                                   f"untouched")
+        sums = {}
+        for r in range(world):
+            with open(os.path.join(markers, f"rank_{r}.done"), encoding="utf-8") as f:
+                sums.update(json.load(f))
+        integrity.record_checksums(snap.tmp, sums)
         shutil.rmtree(markers)
         ckpt.publish_snapshot(snap)
 
@@ -134,6 +158,10 @@ class AsyncCheckpointSaver:
 
 
 def _mark(markers: str, rank: int, kind: str, text: str) -> None:
+    """Leave rank's marker; written under another name and renamed, so rank 0 never reads a
+    half-written one."""
     os.makedirs(markers, exist_ok=True)
-    with open(os.path.join(markers, f"rank_{rank}.{kind}"), "w") as f:
+    path = os.path.join(markers, f"rank_{rank}.{kind}")
+    with open(path + ".part", "w", encoding="utf-8") as f:
         f.write(text)
+    os.replace(path + ".part", path)

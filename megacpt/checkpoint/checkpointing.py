@@ -16,6 +16,7 @@ import copy
 import logging
 import os
 import shutil
+import threading
 from dataclasses import dataclass
 from typing import Callable
 
@@ -125,24 +126,70 @@ class Snapshot:
 
 class SnapshotBuffers:
     """CPU buffers reused by every snapshot of a run (pinned when the tensors are on a GPU):
-    a snapshot is a copy into them, not an allocation. One save at a time may use them."""
+    a snapshot is a copy into them, not an allocation. One save at a time may use them.
+
+    `prepare` allocates them ahead of the first save and touches their pages in a background
+    thread (a fresh buffer pays a page fault per 4 KiB page on first touch: on the CPU that
+    is most of a first snapshot's time)."""
 
     def __init__(self):
         self._bufs: dict[str, torch.Tensor] = {}
         self._cuda = False
+        self._prefault: threading.Thread | None = None
+
+    def _buffer(self, key: str, shape: tuple, dtype: torch.dtype, cuda: bool) -> torch.Tensor:
+        buf = self._bufs.get(key)
+        if buf is None or tuple(buf.shape) != tuple(shape) or buf.dtype != dtype:
+            buf = torch.empty(shape, dtype=dtype, device="cpu", pin_memory=cuda)
+            self._bufs[key] = buf
+        self._cuda |= cuda
+        return buf
+
+    def prepare(self, specs: dict[str, tuple[tuple, torch.dtype]], cuda: bool) -> None:
+        """Allocate the buffers {key: (shape, dtype)} now; their pages are touched in a
+        background thread that the first snapshot waits for (if it is still running)."""
+        self._wait()
+        bufs = [self._buffer(k, shape, dtype, cuda) for k, (shape, dtype) in specs.items()]
+
+        def touch():
+            for b in bufs:  # zero_ releases the GIL: training goes on meanwhile
+                b.zero_()
+        self._prefault = threading.Thread(target=touch, daemon=True, name="snapshot-prefault")
+        self._prefault.start()
+
+    def _wait(self) -> None:
+        if self._prefault is not None:
+            self._prefault.join()
+            self._prefault = None
 
     def __call__(self, t: torch.Tensor, key: str) -> torch.Tensor:
-        buf = self._bufs.get(key)
-        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
-            buf = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.is_cuda)
-            self._bufs[key] = buf
+        self._wait()
+        buf = self._buffer(key, tuple(t.shape), t.dtype, t.is_cuda)
         buf.copy_(t.detach(), non_blocking=t.is_cuda)
-        self._cuda |= t.is_cuda
         return buf
 
     def synchronize(self) -> None:
+        """One sync for all the non_blocking device-to-host copies of a snapshot."""
         if self._cuda:
             torch.cuda.synchronize()
+
+
+def snapshot_specs(model, optimizer, cfg: Config, ctx: ParallelContext
+                   ) -> dict[str, tuple[tuple, torch.dtype]]:
+    """{buffer key: (shape, dtype)} of what `snapshot_checkpoint` copies on this rank (no
+    collective): the parameters and, unless `state_dict()` already returns copies on the
+    CPU, the optimizer state."""
+    if ctx.dp_rank != 0:
+        return {}
+    named = dict(model.named_parameters())
+    specs = {n: (tuple(p.shape), p.dtype) for n, p in named.items()}
+    cuda = any(p.is_cuda for p in named.values())
+    if optimizer is not None and not cfg.checkpoint.no_save_optim and \
+            (cuda or not optimizer.state_dict_is_a_copy):
+        for name, entry in optimizer.state_spec().items():
+            for key, spec in entry.items():
+                specs[f"optim/{name}/{key}"] = spec
+    return specs
 
 
 def snapshot_checkpoint(save_dir: str, iteration: int, model, optimizer, cfg: Config,
@@ -167,7 +214,10 @@ def snapshot_checkpoint(save_dir: str, iteration: int, model, optimizer, cfg: Co
         shard_dir = os.path.join(tmp, fmt.shard_dirname(ctx.tp_rank, ctx.pp_rank))
         params = {n: to_cpu(p, n) for n, p in named.items()}
         if opt_sd is not None:
-            optim = split_optimizer_state(opt_sd, to_cpu)
+            # ZeRO-1's state_dict() gathered into new memory: on the CPU nothing to copy
+            opt_to_cpu = to_cpu if buffers is None or not optimizer.state_dict_is_a_copy \
+                else (lambda t, key: buffers(t, key) if t.is_cuda else _plain_cpu(t, key))
+            optim = split_optimizer_state(opt_sd, opt_to_cpu)
     if buffers is not None:
         buffers.synchronize()
     meta = None
@@ -184,9 +234,10 @@ def snapshot_checkpoint(save_dir: str, iteration: int, model, optimizer, cfg: Co
                     shard_dir)
 
 
-def write_snapshot(snap: Snapshot) -> None:
+def write_snapshot(snap: Snapshot) -> list[str]:
     """This rank's files of a snapshot (rank 0 also meta.json and the tokenizer copy); no
-    collectives, so it may run in a background thread."""
+    collectives, so it may run in a background thread. Returns the paths (relative to
+    `snap.tmp`) of the files this rank owns for checksums (all but meta.json)."""
     if snap.shard_dir is not None:
         os.makedirs(snap.shard_dir, exist_ok=True)
         save_tensors(os.path.join(snap.shard_dir, fmt.MODEL_FILE), snap.params,
@@ -202,6 +253,13 @@ def write_snapshot(snap: Snapshot) -> None:
         tok = snap.tokenizer
         if tok and os.path.exists(tok) and find_tokenizer(snap.save_dir) is None:
             copy_tokenizer(tok, snap.save_dir)
+    written = []
+    if snap.shard_dir is not None:
+        shard = os.path.basename(snap.shard_dir)
+        written = [f"{shard}/{n}" for n in sorted(os.listdir(snap.shard_dir))]
+    if snap.rng is not None:
+        written.append(fmt.rng_filename(snap.rank).replace(os.sep, "/"))
+    return written
 
 
 def publish_snapshot(snap: Snapshot) -> None:
@@ -285,7 +343,7 @@ def _publish(save_dir: str, tmp: str, final: str, iteration: int) -> None:
 
 
 def load_checkpoint(load_dir: str, model, optimizer, cfg: Config,
-                    ctx: ParallelContext) -> tuple[int, dict]:
+                    ctx: ParallelContext, stats: dict | None = None) -> tuple[int, dict]:
     """Exact resume from a checkpoint saved in ANY (tp, pp, dp) layout, with or without ZeRO-1:
     fill model (and optimizer) from it; returns (iteration, state).
 
@@ -294,6 +352,7 @@ def load_checkpoint(load_dir: str, model, optimizer, cfg: Config,
     at a time. Optimizer state is stored gathered over dp, so the optimizer (ZeRO-1 or not)
     takes its dp share itself (memory: the rank's tp part of the optimizer state is held once
     more until `load_state_dict` has taken it; parameters are copied one at a time).
+    `stats`, when given, receives {"bytes_read": tensor bytes this rank read}.
     state["rng"] is this rank's saved RNG state when the world
     size is unchanged, else None (the model has no dropout; the trainer keeps its seeded RNG).
     """
@@ -323,6 +382,8 @@ def load_checkpoint(load_dir: str, model, optimizer, cfg: Config,
                 rest = split_rest(src.optimizer_rest(), names)
             optimizer.load_state_dict(join_optimizer_state(tensors, rest))
             del tensors
+        if stats is not None:
+            stats["bytes_read"] = src.bytes_read
         log.info("rank %d loaded %s%s: read %.1f MB of tensors", ctx.rank, iter_dir,
                  "" if same else f" (resharded from tp{src.tp}pp{src.pp})", src.bytes_read / 1e6)
     state = dict(meta["state"])

@@ -13,7 +13,10 @@ before this field existed load with an INFO line saying they are unverified.
 
 Saving (`gather_checksums` + `record_checksums`, called by `save_checkpoint` after every
 rank's files are complete and before the directory is renamed into place): each rank hashes
-the files it wrote, rank 0 gathers them and rewrites meta.json atomically.
+the files it wrote, rank 0 gathers them and rewrites meta.json atomically. `--async-save`
+does the same without collectives: each rank's background writer hashes its files
+(`digests`) into its completion marker, and rank 0's writer records them all before it
+publishes (`megacpt.checkpoint.async_save`).
 
 Loading (`verify_for_rank`, from `load_checkpoint`; `verify_model_files`, from
 `load_weights`): each rank hashes the files it is about to read; a mismatch raises
@@ -94,6 +97,13 @@ def rank_files(iter_dir: str, ctx) -> list[str]:
 
 
 # ----- saving -----
+
+def digests(iter_dir: str, rels: list[str]) -> dict[str, str]:
+    """{relpath: digest} of the given files of `iter_dir` (no collectives: the background
+    writer of `--async-save` hashes the files it wrote; rank 0 records them all)."""
+    algorithm = default_algorithm()
+    return {rel: file_digest(os.path.join(iter_dir, rel), algorithm) for rel in rels}
+
 
 def gather_checksums(iter_dir: str, ctx) -> dict[str, str]:
     """Collective: every rank hashes the files it wrote; all get {relpath: digest}."""
@@ -220,12 +230,39 @@ def verify_model_files(iter_dir: str, tp: int, pp: int) -> None:
                       for t in range(tp) for p in range(pp)])
 
 
+def files_to_verify(iter_dir: str, ctx) -> list[str]:
+    """What this rank verifies on an exact resume. Same (tp, pp) layout: the files it reads
+    (its shard's and its RNG state). Another layout (resharding): a rank reads slices of
+    several saved shards, so the recorded files are dealt out over the ranks (largest first,
+    each to the rank with the fewest bytes so far: the same deal on every rank), each file
+    hashed once in all, none left out."""
+    try:
+        with open(os.path.join(iter_dir, fmt.META), encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return rank_files(iter_dir, ctx)  # _check reports the unreadable meta.json
+    layout = meta.get("layout") or {}
+    if (layout.get("tp"), layout.get("pp"), layout.get("vp", 1)) == (ctx.tp, ctx.pp, ctx.vp):
+        return rank_files(iter_dir, ctx)
+    def size(rel):
+        full = os.path.join(iter_dir, rel)
+        return os.path.getsize(full) if os.path.isfile(full) else 0
+    load, mine = [0] * ctx.world_size, []
+    for rel in sorted(meta.get(FIELD, {}).get("files", {}), key=lambda r: (-size(r), r)):
+        r = load.index(min(load))
+        load[r] += size(rel)
+        if r == ctx.rank:
+            mine.append(rel)
+    return mine
+
+
 def verify_for_rank(iter_dir: str, ctx) -> None:
-    """Exact resume: each rank checks the files it reads; all ranks agree before going on
-    (a rank whose files are fine raises too, naming the ranks that failed)."""
+    """Exact resume: each rank checks the files it reads (`files_to_verify`); all ranks
+    agree before going on (a rank whose files are fine raises too, naming the ranks that
+    failed)."""
     error = None
     try:
-        _check(iter_dir, rank_files(iter_dir, ctx))
+        _check(iter_dir, files_to_verify(iter_dir, ctx))
     except IntegrityError as e:
         error = e
     if ctx.world_size > 1:

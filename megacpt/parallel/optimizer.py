@@ -258,6 +258,21 @@ class MegaOptimizer:
                                              if d == decay})})
         return {"step": self.step_count, "param_groups": groups, "state": state}
 
+    @property
+    def state_dict_is_a_copy(self) -> bool:
+        """Whether `state_dict()`'s tensors are new memory that later steps leave alone (ZeRO-1
+        gathers them) rather than views of the live state (an async checkpoint snapshot needs
+        to copy only the latter)."""
+        return self.zero1
+
+    def state_spec(self) -> dict[str, dict[str, tuple[tuple[int, ...], torch.dtype]]]:
+        """{name: {key: (shape, dtype)}} of the tensors `state_dict()["state"]` holds, without
+        a collective (to preallocate snapshot buffers)."""
+        return {pc.name: {k: (tuple(pc.param.shape), torch.float32)
+                          for k in ("exp_avg", "exp_avg_sq")
+                          + (("master",) if pc.param.dtype != torch.float32 else ())}
+                for pc in self.pieces}
+
     def _gather_zero1_state(self, per_piece: list[dict]) -> dict:
         keys = ["exp_avg", "exp_avg_sq"]
         if any(p.dtype != torch.float32 for p in self.named.values()):

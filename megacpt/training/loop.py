@@ -203,6 +203,8 @@ class Trainer:
             gradient_accumulation_fusion=cfg.parallel.gradient_accumulation_fusion)
         if self.resumed:
             self._resume()
+        if ck.async_save and ck.save:  # snapshot buffers allocated (pages touched) up front
+            self._async_saver()
         self.nonfinite = NonFiniteTracker(t.max_nonfinite_steps, self.counters.skipped_steps)
         self.metrics = MetricsLogger(cfg.logging.log_dir, enabled=self.ctx.rank == 0,
                                      tensorboard=cfg.logging.tensorboard,
@@ -385,20 +387,28 @@ class Trainer:
         self.last_checkpoint = checks.iteration_dir(self.cfg.checkpoint.save, self.iteration)
         if self.nonfinite.consecutive == 0:  # not saved inside a streak of skipped steps
             self.last_good_checkpoint = self.last_checkpoint
-        self._log0("checkpoint of iteration %d %s %.2fs", self.iteration,
+        self._log0("checkpoint of iteration %d %s %.2fs%s", self.iteration,
                    "blocked training for" if self.cfg.checkpoint.async_save else "took",
-                   time.perf_counter() - start)
+                   time.perf_counter() - start,
+                   f" ({self.async_saver.last_wait_s:.2f}s of it waiting for the previous "
+                   f"save to finish)" if self.async_saver and self.async_saver.last_wait_s
+                   > 0.01 else "")
         return self.last_checkpoint
 
     def _save_async(self, state: dict) -> None:
         """--async-save: snapshot now, write in the background (the previous one finished)."""
+        self._async_saver().save(self.cfg.checkpoint.save, self.iteration, self.model,
+                                 self.optimizer, self.cfg, state)
+
+    def _async_saver(self):
+        """The run's AsyncCheckpointSaver, created with its snapshot buffers on first use."""
         from megacpt.checkpoint.async_save import AsyncCheckpointSaver
 
         if self.async_saver is None:
             timeout = 60 * self.cfg.parallel.distributed_timeout_minutes
             self.async_saver = AsyncCheckpointSaver(self.ctx, timeout)
-        self.async_saver.save(self.cfg.checkpoint.save, self.iteration, self.model,
-                              self.optimizer, self.cfg, state)
+            self.async_saver.prepare(self.model, self.optimizer, self.cfg)
+        return self.async_saver
 
     def finish_saves(self, collective: bool = True) -> None:
         """Wait for an --async-save still in flight (end of run, after a SIGTERM's save)."""

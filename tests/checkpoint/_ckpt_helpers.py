@@ -276,3 +276,18 @@ def make_mcore_dist_checkpoint(root: str, tokens_path: str) -> None:
     with open(os.path.join(root, "latest_checkpointed_iteration.txt"), "w") as f:
         f.write("10")
     dist.destroy_process_group()
+
+
+# ----- what a resharding load reads -----
+
+def reshard_read_worker(ckpt: str, tp: int) -> dict:
+    """Load `ckpt` (any layout) into a fresh tp-way model and optimizer; this rank's tensor
+    bytes read and the size of its part (parameters + Adam moments, fp32)."""
+    cfg = tiny_config(num_layers=2)
+    ctx, model, opt = build(cfg, tp, 1, seed=99)
+    stats: dict = {}
+    from megacpt.checkpoint import load_checkpoint
+
+    load_checkpoint(ckpt, model, opt, cfg, ctx, stats=stats)
+    part = sum(p.numel() * p.element_size() for p in model.parameters()) * 3
+    return {"bytes_read": stats["bytes_read"], "part": part}
