@@ -6,27 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-
-
-def _import_pypi_kernels() -> None:
-    """The checkout's `kernels/` folder (installed as `megacpt.kernels`) can shadow the PyPI
-    package `kernels` that transformers imports when building a model: import the real one
-    first, if installed (as tests/evaluation/conftest.py does)."""
-    if "kernels" in sys.modules:
-        return
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    saved = list(sys.path)
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != repo]
-    try:
-        import kernels  # noqa: F401
-    except ImportError:
-        pass
-    finally:
-        sys.path[:] = saved
-
-
-_import_pypi_kernels()
 
 #: English and Chinese text the tokenizers are trained on and the tests encode
 TEXTS = [

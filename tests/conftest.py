@@ -20,6 +20,25 @@ _TESTS = os.path.dirname(os.path.abspath(__file__))
 if _TESTS not in sys.path:
     sys.path.insert(0, _TESTS)
 
+
+def _import_pypi_kernels() -> None:
+    """The checkout's `kernels/` folder (installed as `megacpt.kernels`) can shadow the PyPI
+    package `kernels` that transformers imports when building a model: import the real one
+    first, if there is one, while the checkout is off sys.path."""
+    if "kernels" in sys.modules:
+        return
+    saved = list(sys.path)
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
+    try:
+        import kernels  # noqa: F401
+    except ImportError:
+        pass
+    finally:
+        sys.path[:] = saved
+
+
+_import_pypi_kernels()
+
 try:
     import torch
 
