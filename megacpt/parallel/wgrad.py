@@ -59,7 +59,7 @@ def _out_dtype_works(device: torch.device, dtype: torch.dtype) -> bool:
     try:
         torch.addmm(acc, a.t(), b, out_dtype=torch.float32, out=acc)
         torch.addmm(fresh, a.t(), b, beta=0.0, out_dtype=torch.float32, out=fresh)
-    except (RuntimeError, TypeError) as exc:  # NotImplementedError is a RuntimeError
+    except (RuntimeError, TypeError) as exc:  # unsupported here (also its RuntimeError subclass)
         log.info("gradient-accumulation fusion: addmm out_dtype unavailable (%s)", exc)
         return False
     product = a.float().t() @ b.float()

@@ -170,3 +170,22 @@ def test_converter_refuses_a_corrupt_source(saved, tmp_path, capsys):
     assert bad in capsys.readouterr().err and not (tmp_path / "hf").exists()
     assert main(argv + ["--save-dir", str(tmp_path / "out"), "--no-verify-checksums"]) == 0
     assert integrity.problems(f"{tmp_path}/out/iter_0000003") == []  # recorded as read
+
+
+
+def test_same_layout_resume_verifies_only_this_ranks_files(saved):
+    """meta.json's layout (tp, pp, vp) decides: in the layout it was saved in (here tp1pp1, as
+    rank 0 of a dp2 world) a rank checks its own shard and RNG file; in another layout the
+    recorded files are dealt out over the ranks (a resharding load)."""
+    from types import SimpleNamespace
+
+    it = os.path.join(saved, "iter_0000003")
+    same = SimpleNamespace(tp=1, pp=1, vp=1, tp_rank=0, pp_rank=0, rank=0, world_size=2)
+    mine = integrity.files_to_verify(it, same)
+    assert mine == integrity.rank_files(it, same) and any(r.startswith("mp_rank_00_000/")
+                                                          for r in mine)
+    other = SimpleNamespace(**{**vars(same), "tp": 2})
+    dealt = [integrity.files_to_verify(it, SimpleNamespace(**{**vars(other), "rank": r}))
+             for r in (0, 1)]
+    recorded = json.load(open(os.path.join(it, "meta.json")))[integrity.FIELD]["files"]
+    assert sorted(dealt[0] + dealt[1]) == sorted(recorded) and dealt[1]

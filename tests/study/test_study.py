@@ -4,7 +4,6 @@ planning and config errors.
 The example study (examples/study_tiny.yaml: 2 debug sizes x scratch/CPT/CPT+30% replay on
 the bundled corpus) runs once per module; the other tests reuse its output directory.
 """
-import importlib.util
 import json
 import math
 import os
@@ -16,16 +15,14 @@ import yaml
 from megacpt import sizes, study
 from megacpt.training.metrics import read_metrics
 
+from _harness import load_script
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXAMPLE = os.path.join(REPO, "examples", "study_tiny.yaml")
 
 
 def _load_tool():
-    spec = importlib.util.spec_from_file_location(
-        "run_study", os.path.join(REPO, "tools", "run_study.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("tools/run_study.py")
 
 
 run_study = _load_tool()

@@ -1,6 +1,5 @@
 """The paper's protocol in a study config: batch sizes by size, held-out samples across the
 set, Figure 4, the cross-language summary and FLOPs saved with the source model's compute."""
-import importlib.util
 import json
 import os
 
@@ -12,16 +11,14 @@ from megacpt import study
 from megacpt.data.indexed import IndexedDataset, IndexedDatasetBuilder, bin_path, idx_path
 from megacpt.study.run import sample_heldout
 
+from _harness import load_script
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PAPER = os.path.join(REPO, "examples", "study_paper.yaml")
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location(
-        "run_study", os.path.join(REPO, "tools", "run_study.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("tools/run_study.py")
 
 
 def test_paper_config_plans_batch_sizes_budgets_and_slurm_scripts(tmp_path):

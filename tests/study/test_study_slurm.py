@@ -6,7 +6,6 @@ waits for the analysis job and checks the report. Resubmission only covers unfin
 is refused while the study's jobs are still queued. Outside CI the test skips when Slurm is
 not running; in CI (CI=true) a missing Slurm fails it.
 """
-import importlib.util
 import json
 import os
 import shutil
@@ -19,6 +18,8 @@ import yaml
 
 from megacpt import study
 from megacpt.study import slurm
+
+from _harness import load_script
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -43,11 +44,7 @@ def slurm_ready():
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location(
-        "run_study", os.path.join(REPO, "tools", "run_study.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("tools/run_study.py")
 
 
 def _config(tmp_path) -> str:
